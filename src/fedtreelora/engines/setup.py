@@ -80,32 +80,30 @@ class Federation:
         }
 
 
-def build_federation(config: ExperimentConfig) -> Federation:
-    """Load data and model, partition clients, inject adapters and set up the strategy."""
-    data_cfg, model_cfg = config.data, config.model
-    dataset = load_classification(
-        data_cfg.dataset,
-        text_column=data_cfg.text_column,
-        text_pair_column=data_cfg.text_pair_column,
-        label_column=data_cfg.label_column,
-        hub_config=data_cfg.hub_config,
-        train_split=data_cfg.train_split,
-        validation_split=data_cfg.validation_split,
-    )
-    clients = dirichlet_partition(
-        dataset.train.labels,
-        dataset.validation.labels,
-        num_clients=data_cfg.num_clients,
-        n_train=data_cfg.n_train,
-        n_val=data_cfg.n_val,
-        alpha=data_cfg.dirichlet_alpha,
-        seed=config.seed,
-        num_labels=dataset.train.num_labels,
-    )
+@dataclass
+class ModelSide:
+    """The backbone, its adapters and the strategy: what a server needs, with no data.
+
+    Built the same way on every side (in-process engine, Flower ServerApp, Flower ClientApp), so the
+    shared initialisation and every adapter key agree everywhere.
+    """
+
+    classifier: Classifier
+    bank: AdapterBank
+    strategy: Strategy
+    initial_state: dict[str, torch.Tensor]
+    settings: LocalTraining
+    device: torch.device
+
+
+def build_model_side(
+    config: ExperimentConfig, *, num_labels: int, num_examples: tuple[int, ...], num_slots: int | None = None
+) -> ModelSide:
+    """Load the backbone with ``num_labels`` outputs, inject adapters, and set up the strategy for
+    clients holding ``num_examples`` training examples each (their count is the number of clients)."""
+    model_cfg = config.model
     device = resolve_device(config.train.device)
-    classifier = load_classifier(
-        model_cfg.name, dataset.train.num_labels, num_layers=model_cfg.num_layers, seed=config.seed
-    )
+    classifier = load_classifier(model_cfg.name, num_labels, num_layers=model_cfg.num_layers, seed=config.seed)
     strategy_cls = get_strategy(config.method)
     bank = AdapterBank(
         classifier.model,
@@ -115,24 +113,16 @@ def build_federation(config: ExperimentConfig) -> Federation:
         alpha=model_cfg.alpha,
         dropout=model_cfg.dropout,
         local_modules=classifier.head_modules if model_cfg.head == "local" else (),
-        num_slots=clients_per_pass(config, device),
+        num_slots=clients_per_pass(config, device) if num_slots is None else num_slots,
     )
     classifier.model.to(device)
-    tok = classifier.tokenizer
-
-    def encoded(split, indices):  # type: ignore[no-untyped-def]
-        part = split.subset(indices)
-        return encode(tok, part.texts, part.text_pairs, part.labels, model_cfg.max_length)
-
-    train_data = [encoded(dataset.train, c.train_indices) for c in clients]
-    val_data = [encoded(dataset.validation, c.val_indices) for c in clients]
     context = FederationContext(
-        num_clients=len(clients),
+        num_clients=len(num_examples),
         sites=tuple(bank.sites),
         num_layers=bank.num_layers,
         module_names=tuple(model_cfg.target_modules),
         num_rounds=config.federation.rounds,
-        num_examples=tuple(len(d) for d in train_data),
+        num_examples=tuple(num_examples),
         seed=config.seed,
         rank=model_cfg.rank,
         state_shapes=bank.state_shapes(),
@@ -153,16 +143,61 @@ def build_federation(config: ExperimentConfig) -> Federation:
         weight_decay=t.weight_decay,
         precision=("fp32" if device.type == "cpu" else "bf16") if t.precision == "auto" else t.precision,
     )
+    return ModelSide(classifier, bank, strategy, initial_state, settings, device)
+
+
+def load_partitioned_data(config: ExperimentConfig) -> tuple[ClassificationDataset, list[ClientData]]:
+    """The configured dataset and its per-client partition."""
+    data_cfg = config.data
+    dataset = load_classification(
+        data_cfg.dataset,
+        text_column=data_cfg.text_column,
+        text_pair_column=data_cfg.text_pair_column,
+        label_column=data_cfg.label_column,
+        hub_config=data_cfg.hub_config,
+        train_split=data_cfg.train_split,
+        validation_split=data_cfg.validation_split,
+    )
+    clients = dirichlet_partition(
+        dataset.train.labels,
+        dataset.validation.labels,
+        num_clients=data_cfg.num_clients,
+        n_train=data_cfg.n_train,
+        n_val=data_cfg.n_val,
+        alpha=data_cfg.dirichlet_alpha,
+        seed=config.seed,
+        num_labels=dataset.train.num_labels,
+    )
+    return dataset, clients
+
+
+def build_federation(config: ExperimentConfig, *, num_slots: int | None = None) -> Federation:
+    """Load data and model, partition clients, inject adapters and set up the strategy.
+
+    ``num_slots`` overrides ``train.clients_per_pass`` (a Flower node trains one client).
+    """
+    dataset, clients = load_partitioned_data(config)
+    num_examples = tuple(len(c.train_indices) for c in clients)
+    side = build_model_side(config, num_labels=dataset.train.num_labels, num_examples=num_examples, num_slots=num_slots)
+    tok = side.classifier.tokenizer
+    max_length = config.model.max_length
+
+    def encoded(split, indices):  # type: ignore[no-untyped-def]
+        part = split.subset(indices)
+        return encode(tok, part.texts, part.text_pairs, part.labels, max_length)
+
+    train_data = [encoded(dataset.train, c.train_indices) for c in clients]
+    val_data = [encoded(dataset.validation, c.val_indices) for c in clients]
     return Federation(
         config,
         dataset,
         clients,
-        classifier,
-        bank,
-        strategy,
+        side.classifier,
+        side.bank,
+        side.strategy,
         train_data,
         val_data,
-        initial_state,
-        settings,
-        device,
+        side.initial_state,
+        side.settings,
+        side.device,
     )
