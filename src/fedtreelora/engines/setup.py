@@ -61,6 +61,23 @@ class Federation:
     def num_clients(self) -> int:
         return len(self.clients)
 
+    @property
+    def dataset_name(self) -> str:
+        return self.dataset.name
+
+    @property
+    def num_labels(self) -> int:
+        return self.dataset.train.num_labels
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.dataset.train.label_names)
+
+    @property
+    def label_counts(self) -> list[list[int]]:
+        """(clients, labels) training examples per label."""
+        return [c.train_label_counts.tolist() for c in self.clients]
+
     def partition_record(self) -> dict:
         """Each client's label counts and proportions (JSON-ready)."""
         return {

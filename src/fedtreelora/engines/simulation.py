@@ -57,13 +57,13 @@ class SimulationEngine:
         start = time.perf_counter()
         cfg = self.config
         with self.console.status("loading data and model"):
-            fed = build_federation(cfg)
+            fed = self.build_federation()
         run = self._start_state(fed)
         if run.next_round == 0:
             self.recorder.write_config(cfg)
             self.recorder.write_partition(fed.partition_record())
         self.console.print(
-            f"[bold]{cfg.method}[/] on {fed.dataset.name}: {fed.num_clients} clients, "
+            f"[bold]{cfg.method}[/] on {fed.dataset_name}: {fed.num_clients} clients, "
             f"{len(fed.bank.sites)} adapted modules in {fed.bank.num_layers} layers, device {fed.device}"
             + (f"; resuming at round {run.next_round + 1}" if run.next_round else "")
         )
@@ -73,7 +73,7 @@ class SimulationEngine:
         if self.recorder.out_dir is not None and (cfg.logging.tensorboard or cfg.logging.wandb):
             scalars = ScalarLogger(
                 self.recorder.out_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
-                run_name=f"{cfg.method}-{fed.dataset.name}-seed{cfg.seed}", config=cfg.model_dump(mode="json"),
+                run_name=f"{cfg.method}-{fed.dataset_name}-seed{cfg.seed}", config=cfg.model_dump(mode="json"),
             )  # fmt: skip
             if scalars.notice:
                 self.console.print(f"[yellow]{scalars.notice}[/]")
@@ -96,6 +96,7 @@ class SimulationEngine:
                     run.wall_seconds = run_wall
         if scalars is not None:
             scalars.close()
+        self.finish(fed, run)
         summary = self._summary(fed, run, run.wall_seconds + time.perf_counter() - start)
         self.recorder.write_client_states(run.client_states, self._model_meta(fed))
         self.recorder.write_summary(summary)
@@ -105,6 +106,11 @@ class SimulationEngine:
             html, _ = write_report(self.recorder.out_dir)
             self.console.print(f"report: {html}")
         return summary
+
+    def build_federation(self) -> Federation:
+        """Data, model, adapters and strategy for this run (an engine whose clients live elsewhere
+        builds only the model side)."""
+        return build_federation(self.config)
 
     def _start_state(self, fed: Federation) -> RunState:
         """A fresh state, or the latest checkpoint when resuming (metrics past it are dropped)."""
@@ -233,6 +239,10 @@ class SimulationEngine:
                 tick()
         return results
 
+    def finish(self, fed: Federation, run: RunState) -> None:
+        """Called after the last round, before states and summary are written. Nothing to do here:
+        every client's state is already in ``run.client_states``."""
+
     def tamper(self, rnd: int, client: int, upload: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The upload as it reaches the server. Identity here; fault-injection tests override it."""
         return upload
@@ -244,8 +254,8 @@ class SimulationEngine:
         return {
             "method": cfg.method,
             "model": cfg.model.model_dump(mode="json"),
-            "num_labels": fed.dataset.train.num_labels,
-            "label_names": fed.dataset.train.label_names,
+            "num_labels": fed.num_labels,
+            "label_names": fed.label_names,
             "seed": cfg.seed,
             "experts": list(fed.bank.expert_names),
             "final_phase": {
@@ -295,7 +305,7 @@ class SimulationEngine:
         per_client_best = [last_seen(acc[: best + 1]) for acc in run.per_client]
         return {
             "method": fed.config.method,
-            "dataset": fed.dataset.name,
+            "dataset": fed.dataset_name,
             "metric": "accuracy",
             "num_clients": fed.num_clients,
             "rounds": len(history),
@@ -306,7 +316,7 @@ class SimulationEngine:
             "per_client_best_round": per_client_best,
             "cuts": None if labels is None else [len({v for v in row if v >= 0}) for row in labels.tolist()],
             "labels": None if labels is None else labels.tolist(),
-            "label_counts": [c.train_label_counts.tolist() for c in fed.clients],
+            "label_counts": fed.label_counts,
             "trainable_params_per_client": trainable,
             "backbone_params": backbone,
             "trainable_percent": 100.0 * trainable / backbone,

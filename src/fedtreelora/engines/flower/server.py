@@ -1,0 +1,249 @@
+"""The server side on Flower: the in-process engine's rounds, with clients reached through a Grid.
+
+:class:`FlowerEngine` reuses :class:`~fedtreelora.engines.simulation.SimulationEngine` whole (participant
+sampling, payloads, update validation, aggregation, metrics, summary, report); only how a round's
+clients train differs: each chosen client's payload goes to its node as a Flower ``train`` message and
+the upload comes back. The server builds the model side only (adapter shapes, strategy); it never
+sees data.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedtreelora.config import ExperimentConfig
+from fedtreelora.engines.checkpoint import RunState
+from fedtreelora.engines.flower.records import from_array_record, to_array_record
+from fedtreelora.engines.recorder import write_json
+from fedtreelora.engines.setup import ModelSide, build_model_side
+from fedtreelora.engines.simulation import SimulationEngine
+from fedtreelora.train import ClientResult
+
+
+@dataclass
+class ServerFederation:
+    """What the server knows of a federation whose clients live on Flower nodes.
+
+    Quacks like :class:`~fedtreelora.engines.setup.Federation` for everything the engine's server
+    side reads; ``nodes`` maps client id -> Flower node id.
+    """
+
+    config: ExperimentConfig
+    side: ModelSide
+    infos: list[dict[str, Any]]
+    nodes: dict[int, int]
+    dataset_name: str = ""
+    accepted: dict[int, bool] = field(default_factory=dict)
+
+    @property
+    def classifier(self):  # type: ignore[no-untyped-def]
+        return self.side.classifier
+
+    @property
+    def bank(self):  # type: ignore[no-untyped-def]
+        return self.side.bank
+
+    @property
+    def strategy(self):  # type: ignore[no-untyped-def]
+        return self.side.strategy
+
+    @property
+    def initial_state(self):  # type: ignore[no-untyped-def]
+        return self.side.initial_state
+
+    @property
+    def settings(self):  # type: ignore[no-untyped-def]
+        return self.side.settings
+
+    @property
+    def device(self):  # type: ignore[no-untyped-def]
+        return self.side.device
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.infos)
+
+    @property
+    def num_labels(self) -> int:
+        return int(self.infos[0]["num-labels"])
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.infos[0]["label-names"])
+
+    @property
+    def label_counts(self) -> list[list[int]]:
+        return [list(i["train-label-counts"]) for i in self.infos]
+
+    def partition_record(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset_name,
+            "label_names": self.label_names,
+            "dirichlet_alpha": self.config.data.dirichlet_alpha,
+            "seed": self.config.seed,
+            "clients": [
+                {
+                    "client": i["client"],
+                    "node": self.nodes[i["client"]],
+                    "train_label_counts": list(i["train-label-counts"]),
+                    "val_label_counts": list(i["val-label-counts"]),
+                }
+                for i in self.infos
+            ],
+        }
+
+
+def _query(grid: Grid, node_ids: list[int], config: dict[str, Any], timeout: float | None) -> list[Message]:
+    messages = [
+        Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=n, message_type=MessageType.QUERY)
+        for n in node_ids
+    ]
+    return list(grid.send_and_receive(messages, timeout=timeout))
+
+
+class FlowerEngine(SimulationEngine):
+    """Runs a federation whose clients are Flower nodes, from a ServerApp's ``Grid``.
+
+    Args:
+        config: the experiment (its ``data.num_clients`` nodes must connect).
+        grid: the ServerApp's grid.
+        out_dir: where outputs go (as for the in-process engine), or None.
+        round_timeout: seconds to wait for a round's replies (None: wait for all); late clients miss
+            the round and keep their state.
+        node_wait_timeout: seconds to wait at start for every client's node.
+        collect_states: fetch every client's final personal adapters at the end (for ``export``).
+    """
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        grid: Grid,
+        out_dir: str | Path | None = None,
+        *,
+        round_timeout: float | None = None,
+        node_wait_timeout: float = 120.0,
+        collect_states: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        # Client states live on the nodes, so a server checkpoint could not restore them: resume is
+        # an in-process feature.
+        config = config.model_copy(update={"federation": config.federation.model_copy(update={"checkpoint_every": 0})})
+        super().__init__(config, out_dir, **kwargs)
+        self.grid = grid
+        self.round_timeout = round_timeout
+        self.node_wait_timeout = node_wait_timeout
+        self.collect_states = collect_states
+
+    # --- setup: who is out there ---------------------------------------------------------------------
+    def _wait_for_nodes(self, count: int) -> list[int]:
+        deadline = time.monotonic() + self.node_wait_timeout
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= count:
+                return nodes
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"only {len(nodes)} of data.num_clients={count} nodes connected within "
+                    f"{self.node_wait_timeout:.0f} s; start the missing SuperNodes or lower data.num_clients"
+                )
+            time.sleep(0.5)
+
+    def build_federation(self) -> ServerFederation:  # type: ignore[override]
+        cfg = self.config
+        count = cfg.data.num_clients
+        node_ids = self._wait_for_nodes(count)
+        replies = _query(self.grid, node_ids, {"action": "info"}, self.node_wait_timeout)
+        infos: dict[int, dict[str, Any]] = {}
+        nodes: dict[int, int] = {}
+        for reply in replies:
+            if reply.has_error():
+                raise RuntimeError(f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
+            info = dict(reply.content["info"])
+            client = int(info["client"])
+            if client in nodes:
+                raise ValueError(
+                    f"nodes {nodes[client]} and {reply.metadata.src_node_id} both claim client {client}; "
+                    "give every SuperNode its own --node-config client-id"
+                )
+            infos[client], nodes[client] = info, reply.metadata.src_node_id
+        missing = sorted(set(range(count)) - set(infos))
+        if missing:
+            raise ValueError(f"no node answered for clients {missing} (data.num_clients={count})")
+        names = {tuple(i["label-names"]) for i in infos.values()}
+        if len(names) > 1:
+            raise ValueError(f"the sites' label sets differ: {sorted(names)}; every site needs the same labels")
+        ordered = [infos[c] for c in range(count)]
+        side = build_model_side(
+            cfg,
+            num_labels=int(ordered[0]["num-labels"]),
+            num_examples=tuple(int(i["num-train"]) for i in ordered),
+            num_slots=1,
+        )
+        fed = ServerFederation(cfg, side, ordered, nodes, dataset_name=str(cfg.data.dataset))
+        if self.recorder.out_dir is not None:
+            write_json(self.recorder.out_dir / "nodes.json", {str(c): n for c, n in nodes.items()})
+        return fed
+
+    # --- one round ------------------------------------------------------------------------------------
+    def _train(self, fed, rnd, phase, chosen, payloads, keys, run: RunState, tick) -> dict[int, ClientResult]:  # type: ignore[no-untyped-def,override]
+        messages = []
+        for k in chosen:
+            config = {
+                "round": rnd,
+                "phase": phase.name,
+                "accepted": fed.accepted.get(k, False),
+                "upload-keys": list(keys[k]),
+            }
+            content = RecordDict({"config": ConfigRecord(config), "payload": to_array_record(payloads[k])})
+            messages.append(Message(content, dst_node_id=fed.nodes[k], message_type=MessageType.TRAIN))
+        client_of = {n: k for k, n in fed.nodes.items()}
+        results: dict[int, ClientResult] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.round_timeout):
+            k = client_of.get(reply.metadata.src_node_id)
+            if k is None:
+                continue
+            if reply.has_error():
+                self.console.print(f"[yellow]round {rnd + 1}: client {k} failed: {reply.error.reason}[/]")
+                continue
+            metrics = dict(reply.content["metrics"])
+            metrics.pop("client", None)
+            results[k] = ClientResult(state={}, upload=from_array_record(reply.content.get("upload")), metrics=metrics)
+            tick()
+        for k in sorted(set(chosen) - set(results)):
+            self.console.print(f"[yellow]round {rnd + 1}: no reply from client {k} in time; it keeps its state[/]")
+        return results
+
+    def _round(self, fed, rnd: int, run: RunState, tick) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+        chosen = self.participants(rnd, fed.num_clients)
+        record = super()._round(fed, rnd, run, tick)
+        for k in chosen:
+            # A node commits its pending state only when the server accepted the upload it came with.
+            fed.accepted[k] = k in record["clients"]
+        return record
+
+    def finish(self, fed, run: RunState) -> None:  # type: ignore[no-untyped-def,override]
+        """Tell every node whether its last upload counted; collect final states if asked."""
+        order = sorted(fed.nodes)
+        messages = [
+            Message(
+                RecordDict({"config": ConfigRecord({
+                    "action": "finish", "accepted": fed.accepted.get(k, False), "send-state": self.collect_states,
+                })}),
+                dst_node_id=fed.nodes[k],
+                message_type=MessageType.QUERY,
+            )
+            for k in order
+        ]  # fmt: skip
+        client_of = {n: k for k, n in fed.nodes.items()}
+        for reply in self.grid.send_and_receive(messages, timeout=self.round_timeout or self.node_wait_timeout):
+            k = client_of.get(reply.metadata.src_node_id)
+            if k is None or reply.has_error():
+                continue
+            if self.collect_states and "state" in reply.content:
+                run.client_states[k] = from_array_record(reply.content["state"])
