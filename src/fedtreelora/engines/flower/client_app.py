@@ -19,7 +19,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtreelora.engines.flower.node import NodeClient, node_client
+from fedtreelora.engines.flower.node import client_id, node_client, node_info
 from fedtreelora.engines.flower.records import from_array_record, to_array_record
 from fedtreelora.engines.flower.settings import FlowerRunSettings
 from fedtreelora.engines.setup import client_seed
@@ -29,11 +29,6 @@ from fedtreelora.train import run_client_round
 COMMITTED, PENDING = "fedtreelora.state", "fedtreelora.pending"
 
 app = ClientApp()
-
-
-def _node(context: Context) -> tuple[FlowerRunSettings, NodeClient]:
-    settings = FlowerRunSettings.from_run_config(context.run_config)
-    return settings, node_client(settings.experiment, settings.experiment_json, context.node_config)
 
 
 def _settle(context: Context, accepted: bool) -> None:
@@ -47,24 +42,26 @@ def _settle(context: Context, accepted: bool) -> None:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    settings, node = _node(context)
-    action = str(msg.content["config"]["action"])
+    settings = FlowerRunSettings.from_run_config(context.run_config)
+    config = msg.content["config"]
+    action = str(config["action"])
     if action == "info":
-        return Message(RecordDict({"info": ConfigRecord(node.info())}), reply_to=msg)
+        return Message(RecordDict({"info": ConfigRecord(node_info(settings.experiment, context.node_config))}), reply_to=msg)
     if action == "finish":
-        _settle(context, bool(msg.content["config"]["accepted"]))
-        content = RecordDict({"info": ConfigRecord({"client": node.client})})
-        if bool(msg.content["config"].get("send-state", False)):
-            state = context.state.get(COMMITTED)
-            content["state"] = state if isinstance(state, ArrayRecord) else to_array_record(node.fed.initial_state)
+        _settle(context, bool(config["accepted"]))
+        content = RecordDict({"info": ConfigRecord({"client": client_id(settings.experiment, context.node_config)})})
+        state = context.state.get(COMMITTED)
+        if bool(config.get("send-state", False)) and isinstance(state, ArrayRecord):
+            content["state"] = state
         return Message(content, reply_to=msg)
     raise ValueError(f"unknown query action {action!r}")
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    settings, node = _node(context)
+    settings = FlowerRunSettings.from_run_config(context.run_config)
     cfg = msg.content["config"]
+    node = node_client(settings.experiment, context.node_config, list(cfg["label-names"]))
     rnd = int(cfg["round"])
     _settle(context, bool(cfg["accepted"]))
     fed = node.fed

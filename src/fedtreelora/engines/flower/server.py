@@ -38,6 +38,7 @@ class ServerFederation:
     side: ModelSide
     infos: list[dict[str, Any]]
     nodes: dict[int, int]
+    label_names: list[str]
     dataset_name: str = ""
     accepted: dict[int, bool] = field(default_factory=dict)
 
@@ -71,15 +72,16 @@ class ServerFederation:
 
     @property
     def num_labels(self) -> int:
-        return int(self.infos[0]["num-labels"])
+        return len(self.label_names)
 
-    @property
-    def label_names(self) -> list[str]:
-        return list(self.infos[0]["label-names"])
+    def _counts(self, info: dict[str, Any], key: str) -> list[int]:
+        """A node's label counts in the federation's label order."""
+        counts = dict(zip(info["label-names"], info[key], strict=True))
+        return [int(counts.get(name, 0)) for name in self.label_names]
 
     @property
     def label_counts(self) -> list[list[int]]:
-        return [list(i["train-label-counts"]) for i in self.infos]
+        return [self._counts(i, "train-label-counts") for i in self.infos]
 
     def partition_record(self) -> dict[str, Any]:
         return {
@@ -91,8 +93,8 @@ class ServerFederation:
                 {
                     "client": i["client"],
                     "node": self.nodes[i["client"]],
-                    "train_label_counts": list(i["train-label-counts"]),
-                    "val_label_counts": list(i["val-label-counts"]),
+                    "train_label_counts": self._counts(i, "train-label-counts"),
+                    "val_label_counts": self._counts(i, "val-label-counts"),
                 }
                 for i in self.infos
             ],
@@ -175,17 +177,17 @@ class FlowerEngine(SimulationEngine):
         missing = sorted(set(range(count)) - set(infos))
         if missing:
             raise ValueError(f"no node answered for clients {missing} (data.num_clients={count})")
-        names = {tuple(i["label-names"]) for i in infos.values()}
-        if len(names) > 1:
-            raise ValueError(f"the sites' label sets differ: {sorted(names)}; every site needs the same labels")
         ordered = [infos[c] for c in range(count)]
+        vocabularies = {tuple(i["label-names"]) for i in ordered}
+        # Sites holding different subsets of the labels agree on their sorted union.
+        labels = list(vocabularies.pop()) if len(vocabularies) == 1 else sorted(set().union(*vocabularies))
         side = build_model_side(
             cfg,
-            num_labels=int(ordered[0]["num-labels"]),
+            num_labels=len(labels),
             num_examples=tuple(int(i["num-train"]) for i in ordered),
             num_slots=1,
         )
-        fed = ServerFederation(cfg, side, ordered, nodes, dataset_name=str(cfg.data.dataset))
+        fed = ServerFederation(cfg, side, ordered, nodes, labels, dataset_name=str(cfg.data.dataset))
         if self.recorder.out_dir is not None:
             write_json(self.recorder.out_dir / "nodes.json", {str(c): n for c, n in nodes.items()})
         return fed
@@ -199,6 +201,7 @@ class FlowerEngine(SimulationEngine):
                 "phase": phase.name,
                 "accepted": fed.accepted.get(k, False),
                 "upload-keys": list(keys[k]),
+                "label-names": fed.label_names,
             }
             content = RecordDict({"config": ConfigRecord(config), "payload": to_array_record(payloads[k])})
             messages.append(Message(content, dst_node_id=fed.nodes[k], message_type=MessageType.TRAIN))

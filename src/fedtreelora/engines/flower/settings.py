@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedtreelora.config import ExperimentConfig
+from fedtreelora.config import ExperimentConfig, experiment_config_model
 
 RUN_KEYS = ("experiment", "out-dir", "round-timeout", "node-wait-timeout", "collect-states")
 
@@ -54,7 +54,7 @@ class FlowerRunSettings:
             data = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise ValueError(f"the Flower run config's 'experiment' is not valid JSON: {exc}") from exc
-        experiment = ExperimentConfig.model_validate(data)
+        experiment = experiment_config_model().model_validate(data)
         out = str(run_config.get("out-dir", "") or "")
         timeout = float(run_config.get("round-timeout", 0.0) or 0.0)
         return cls(
