@@ -133,6 +133,75 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flower_simulate(args: argparse.Namespace) -> int:
+    from fedtreelora.engines.flower.launch import simulate
+
+    config = load_config(args.config, list(args.set or []), method=args.method, seed=args.seed)
+    out = Path(args.out)
+    summary = simulate(config, out, round_timeout=args.round_timeout, echo=not args.quiet)
+    print(
+        f"{summary['method']} on {summary['dataset']} (Flower simulation, {summary['num_clients']} nodes): "
+        f"final mean accuracy {summary['final_mean']:.4f}, best {summary['best_mean']:.4f}, cuts {summary['cuts']} -> {out}"
+    )
+    return 0
+
+
+def _flower_app(args: argparse.Namespace) -> int:
+    from fedtreelora.engines.flower.project import write_app
+    from fedtreelora.engines.flower.settings import FlowerRunSettings
+
+    config = load_config(args.config, list(args.set or []), method=args.method, seed=args.seed)
+    settings = FlowerRunSettings.for_experiment(
+        config,
+        out_dir=Path(args.run_dir).resolve() if args.run_dir else None,
+        round_timeout=args.round_timeout,
+        node_wait_timeout=args.node_wait_timeout,
+        collect_states=not args.keep_states_on_nodes,
+    )
+    folder = write_app(settings, args.out)
+    print(f"wrote the Flower app to {folder}; start it with `flwr run {folder} <superlink-connection> --stream`")
+    return 0
+
+
+def _flower_credentials(args: argparse.Namespace) -> int:
+    from fedtreelora.engines.flower.certs import make_credentials
+
+    creds = make_credentials(args.out, num_nodes=args.nodes, hosts=tuple(args.host or ("localhost", "127.0.0.1")))
+    print(f"wrote a test CA ({creds.ca_cert}), the SuperLink certificate and key, and {args.nodes} SuperNode key pairs")
+    return 0
+
+
+def _add_flower(sub: argparse._SubParsersAction, config_options) -> None:  # type: ignore[no-untyped-def]
+    flower = sub.add_parser("flower", help="run on Flower: its simulation engine, or a deployment across machines")
+    fsub = flower.add_subparsers(dest="flower_command", required=True)
+
+    sim = fsub.add_parser("simulate", help="run an experiment in Flower's simulation engine (one node per client)")
+    config_options(sim)
+    sim.add_argument("--out", default="runs/flower", help="output folder (default runs/flower)")
+    sim.add_argument("--round-timeout", type=float, help="seconds to wait for a round's replies (default: all)")
+    sim.add_argument("--quiet", action="store_true", help="do not stream the run's log")
+    sim.set_defaults(func=_flower_simulate)
+
+    app = fsub.add_parser("app", help="write a Flower app folder for an experiment (to `flwr run` on a SuperLink)")
+    config_options(app)
+    app.add_argument("--out", required=True, metavar="APP_DIR", help="folder for the app's pyproject.toml")
+    app.add_argument("--run-dir", help="folder on the SuperLink machine for the run's outputs")
+    app.add_argument("--round-timeout", type=float, help="seconds to wait for a round's replies (default: all)")
+    app.add_argument("--node-wait-timeout", type=float, default=120.0, help="seconds to wait for nodes at start")
+    app.add_argument(
+        "--keep-states-on-nodes", action="store_true", help="do not collect the final personal adapters at the end"
+    )
+    app.set_defaults(func=_flower_app)
+
+    creds = fsub.add_parser("credentials", help="make a test CA, a SuperLink TLS certificate and SuperNode keys")
+    creds.add_argument("--out", required=True, help="folder for the files")
+    creds.add_argument("--nodes", type=int, default=3, help="SuperNode key pairs to make (default 3)")
+    creds.add_argument(
+        "--host", action="append", help="a name or IP the SuperLink is reached by (repeatable; default localhost, 127.0.0.1)"
+    )
+    creds.set_defaults(func=_flower_credentials)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedtreelora",
@@ -194,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", help="output folder (default runs/compare-<suite>); finished runs in it are reused")
     compare.add_argument("--quiet", action="store_true", help="no progress bar (one line per run is still printed)")
     compare.set_defaults(func=_compare)
+    _add_flower(sub, config_options)
     return parser
 
 

@@ -8,7 +8,8 @@ from typing import Any
 
 
 class ScalarLogger:
-    """Per-round scalars: mean and per-client accuracy and loss, communication, the cuts.
+    """Per-round scalars: mean and per-client metric (accuracy, or rouge1 for generation) and loss,
+    communication, the cuts.
 
     TensorBoard event files go to ``out_dir/tensorboard``; ``wandb=True`` also logs to a W&B run
     (requires the ``wandb`` package and its own login; ignored with a notice if not installed).
@@ -31,15 +32,16 @@ class ScalarLogger:
                 self.wandb_run = wandb_module.init(name=run_name, config=config, dir=str(out_dir))
 
     def log_round(self, record: dict[str, Any], per_client: list[float | None]) -> None:
-        """One round's record (as in ``summary.json``'s history) and each client's accuracy."""
+        """One round's record (as in ``summary.json``'s history) and each client's metric."""
         step = record["round"] + 1
+        metric = record.get("metric", "accuracy")
         scalars = {
-            "accuracy/mean": record["mean_accuracy"],
+            f"{metric}/mean": record.get("mean_metric", record.get("mean_accuracy")),
             "train_loss/mean": record["mean_train_loss"],
             "communication/uplink_mb_per_client": record["uplink_mb_per_client"],
             "communication/downlink_mb_per_client": record["downlink_mb_per_client"],
         }
-        scalars.update({f"accuracy/client_{k:03d}": acc for k, acc in enumerate(per_client)})
+        scalars.update({f"{metric}/client_{k:03d}": value for k, value in enumerate(per_client)})
         scalars = {k: v for k, v in scalars.items() if v is not None}
         if self.writer is not None:
             for key, value in scalars.items():

@@ -81,6 +81,8 @@ class RunRecorder:
         folder = self.out_dir / "clients"
         folder.mkdir(exist_ok=True)
         for k, state in enumerate(states):
+            if not state:
+                continue  # held elsewhere (a Flower node that kept its personal state)
             tmp = folder / f"client_{k:03d}.safetensors.tmp"
             save_file({key: t.contiguous() for key, t in state.items()}, str(tmp))
             os.replace(tmp, folder / f"client_{k:03d}.safetensors")

@@ -12,10 +12,24 @@ import torch
 
 from fedtreelora.adapters import AdapterBank
 from fedtreelora.config import ExperimentConfig
-from fedtreelora.data import ClassificationDataset, ClientData, dirichlet_partition, load_classification
-from fedtreelora.models import Classifier, load_classifier
+from fedtreelora.data import (
+    ClassificationDataset,
+    ClientData,
+    InstructionColumns,
+    InstructionDataset,
+    dirichlet_partition,
+    load_classification,
+    load_instructions,
+    task_partition,
+)
+from fedtreelora.models import Backbone, load_causal_lm, load_classifier
+from fedtreelora.models.causal import is_quantized
 from fedtreelora.strategies import FederationContext, Strategy, get_strategy
 from fedtreelora.train import EncodedExamples, LocalTraining, encode
+from fedtreelora.train.generation import EncodedInstructions, GenerationSettings, encode_instructions
+from fedtreelora.train.metrics import PRIMARY_METRIC
+
+Classifier = Backbone  # the backbone's type before causal LMs; kept for readers of older code
 
 
 def resolve_device(name: str) -> torch.device:
@@ -43,19 +57,47 @@ def clients_per_pass(config: ExperimentConfig, device: torch.device) -> int:
 
 @dataclass
 class Federation:
-    """Everything a run needs, built once."""
+    """Everything a run needs, built once.
+
+    Classification: the dataset's labels are classes and clients are Dirichlet label-skewed.
+    Generation (instruction tuning): the "labels" are tasks and every client holds one task.
+    """
 
     config: ExperimentConfig
-    dataset: ClassificationDataset
+    dataset: ClassificationDataset | InstructionDataset
     clients: list[ClientData]
-    classifier: Classifier
+    classifier: Backbone
+    """The backbone: a classifier or a causal LM (the field's name predates generation)."""
     bank: AdapterBank
     strategy: Strategy
-    train_data: list[EncodedExamples]
-    val_data: list[EncodedExamples]
+    train_data: list[EncodedExamples] | list[EncodedInstructions]
+    val_data: list[EncodedExamples] | list[EncodedInstructions]
     initial_state: dict[str, torch.Tensor]
     settings: LocalTraining
     device: torch.device
+
+    @property
+    def backbone(self) -> Backbone:
+        """The loaded model and tokenizer."""
+        return self.classifier
+
+    @property
+    def task(self) -> str:
+        """``classification`` or ``generation``."""
+        return self.config.data.resolved_task()
+
+    @property
+    def metric(self) -> str:
+        """The per-client metric the run records and averages: ``accuracy`` or ``rouge1``."""
+        return PRIMARY_METRIC[self.task]
+
+    def client_categories(self) -> list[str] | None:
+        """Each client's category (generation: its task's category, e.g. ``Sentiment``); None for
+        classification."""
+        if not isinstance(self.dataset, InstructionDataset):
+            return None
+        names = self.label_names
+        return [self.dataset.task_category(names[int(c.train_label_counts.argmax())]) for c in self.clients]
 
     @property
     def num_clients(self) -> int:
@@ -67,10 +109,14 @@ class Federation:
 
     @property
     def num_labels(self) -> int:
-        return self.dataset.train.num_labels
+        """Classes (classification) or tasks (generation)."""
+        return len(self.label_names)
 
     @property
     def label_names(self) -> list[str]:
+        """Class names (classification) or task names (generation), as counted in the partition."""
+        if isinstance(self.dataset, InstructionDataset):
+            return self.dataset.task_names
         return list(self.dataset.train.label_names)
 
     @property
@@ -79,10 +125,13 @@ class Federation:
         return [c.train_label_counts.tolist() for c in self.clients]
 
     def partition_record(self) -> dict:
-        """Each client's label counts and proportions (JSON-ready)."""
+        """Each client's label (generation: task) counts and proportions (JSON-ready)."""
+        categories = self.client_categories()
+        extra = {} if categories is None else {"task": "generation", "client_categories": categories}
         return {
             "dataset": self.dataset.name,
-            "label_names": self.dataset.train.label_names,
+            "label_names": self.label_names,
+            **extra,
             "dirichlet_alpha": self.config.data.dirichlet_alpha,
             "seed": self.config.seed,
             "clients": [
@@ -105,7 +154,7 @@ class ModelSide:
     shared initialisation and every adapter key agree everywhere.
     """
 
-    classifier: Classifier
+    classifier: Backbone
     bank: AdapterBank
     strategy: Strategy
     initial_state: dict[str, torch.Tensor]
@@ -113,14 +162,34 @@ class ModelSide:
     device: torch.device
 
 
+def _generation_settings(config: ExperimentConfig) -> GenerationSettings | None:
+    """How answers are generated at evaluation; None for classification."""
+    if config.data.resolved_task() != "generation":
+        return None
+    gen = config.generation
+    return GenerationSettings(
+        max_new_tokens=gen.max_new_tokens,
+        num_beams=gen.num_beams,
+        do_sample=gen.do_sample,
+        temperature=gen.temperature,
+        top_p=gen.top_p,
+    )
+
+
 def build_model_side(
     config: ExperimentConfig, *, num_labels: int, num_examples: tuple[int, ...], num_slots: int | None = None
 ) -> ModelSide:
-    """Load the backbone with ``num_labels`` outputs, inject adapters, and set up the strategy for
-    clients holding ``num_examples`` training examples each (their count is the number of clients)."""
+    """Load the backbone (a classifier with ``num_labels`` outputs, or for generation a causal LM, which
+    ignores ``num_labels``), inject adapters, and set up the strategy for clients holding
+    ``num_examples`` training examples each (their count is the number of clients)."""
     model_cfg = config.model
     device = resolve_device(config.train.device)
-    classifier = load_classifier(model_cfg.name, num_labels, num_layers=model_cfg.num_layers, seed=config.seed)
+    if config.data.resolved_task() == "generation":
+        classifier = load_causal_lm(
+            model_cfg.name, num_layers=model_cfg.num_layers, quantization=model_cfg.quantization, device=device
+        )
+    else:
+        classifier = load_classifier(model_cfg.name, num_labels, num_layers=model_cfg.num_layers, seed=config.seed)
     strategy_cls = get_strategy(config.method)
     bank = AdapterBank(
         classifier.model,
@@ -132,7 +201,8 @@ def build_model_side(
         local_modules=classifier.head_modules if model_cfg.head == "local" else (),
         num_slots=clients_per_pass(config, device) if num_slots is None else num_slots,
     )
-    classifier.model.to(device)
+    if not is_quantized(classifier.model):  # a bitsandbytes model is placed while loading and cannot move
+        classifier.model.to(device)
     context = FederationContext(
         num_clients=len(num_examples),
         sites=tuple(bank.sites),
@@ -159,13 +229,19 @@ def build_model_side(
         mixer_lr=t.mixer_lr,
         weight_decay=t.weight_decay,
         precision=("fp32" if device.type == "cpu" else "bf16") if t.precision == "auto" else t.precision,
+        generation=_generation_settings(config),
     )
     return ModelSide(classifier, bank, strategy, initial_state, settings, device)
 
 
-def load_partitioned_data(config: ExperimentConfig) -> tuple[ClassificationDataset, list[ClientData]]:
-    """The configured dataset and its per-client partition."""
+def load_partitioned_data(
+    config: ExperimentConfig,
+) -> tuple[ClassificationDataset | InstructionDataset, list[ClientData]]:
+    """The configured dataset and its per-client partition: Dirichlet label skew for classification,
+    one task per client for generation."""
     data_cfg = config.data
+    if data_cfg.resolved_task() == "generation":
+        return _instruction_data(config)
     dataset = load_classification(
         data_cfg.dataset,
         text_column=data_cfg.text_column,
@@ -188,6 +264,35 @@ def load_partitioned_data(config: ExperimentConfig) -> tuple[ClassificationDatas
     return dataset, clients
 
 
+def _instruction_data(config: ExperimentConfig) -> tuple[InstructionDataset, list[ClientData]]:
+    data_cfg = config.data
+    dataset = load_instructions(
+        data_cfg.dataset,
+        columns=InstructionColumns(
+            instruction=data_cfg.instruction_column,
+            input=data_cfg.input_column,
+            output=data_cfg.output_column,
+            category=data_cfg.category_column,
+            task=data_cfg.task_column,
+        ),
+        tasks=data_cfg.tasks,
+        hub_config=data_cfg.hub_config,
+        train_split=data_cfg.train_split,
+        validation_split=data_cfg.validation_split,
+    )
+    tasks = dataset.task_names
+    clients = task_partition(
+        dataset.train.task_ids(tasks),
+        dataset.validation.task_ids(tasks),
+        num_clients=data_cfg.num_clients,
+        n_train=data_cfg.n_train,
+        n_val=data_cfg.n_val,
+        seed=config.seed,
+        num_tasks=len(tasks),
+    )
+    return dataset, clients
+
+
 def build_federation(config: ExperimentConfig, *, num_slots: int | None = None) -> Federation:
     """Load data and model, partition clients, inject adapters and set up the strategy.
 
@@ -195,12 +300,19 @@ def build_federation(config: ExperimentConfig, *, num_slots: int | None = None) 
     """
     dataset, clients = load_partitioned_data(config)
     num_examples = tuple(len(c.train_indices) for c in clients)
-    side = build_model_side(config, num_labels=dataset.train.num_labels, num_examples=num_examples, num_slots=num_slots)
+    generation = isinstance(dataset, InstructionDataset)
+    num_labels = 0 if generation else dataset.train.num_labels
+    side = build_model_side(config, num_labels=num_labels, num_examples=num_examples, num_slots=num_slots)
     tok = side.classifier.tokenizer
     max_length = config.model.max_length
+    max_new_tokens = config.generation.max_new_tokens
 
     def encoded(split, indices):  # type: ignore[no-untyped-def]
         part = split.subset(indices)
+        if generation:
+            return encode_instructions(
+                tok, part.instructions, part.inputs, part.outputs, max_length=max_length, max_new_tokens=max_new_tokens
+            )
         return encode(tok, part.texts, part.text_pairs, part.labels, max_length)
 
     train_data = [encoded(dataset.train, c.train_indices) for c in clients]

@@ -21,6 +21,18 @@ from fedtreelora.progress import progress_bars
 from fedtreelora.train import ClientResult, run_client_round, run_clients_round
 
 
+def run_metric(fed: Any) -> str:
+    """The per-client metric a federation is scored on (``accuracy``, ``rouge1``); a federation object
+    that does not say (e.g. one that only serves classification) is scored on accuracy."""
+    return str(getattr(fed, "metric", "accuracy"))
+
+
+def round_mean(record: dict[str, Any]) -> float | None:
+    """A round record's mean client metric (records written before ``mean_metric`` existed hold
+    ``mean_accuracy``)."""
+    return record.get("mean_metric", record.get("mean_accuracy"))
+
+
 def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
     """Bytes on the wire for a set of float32 tensors."""
     return sum(t.numel() * 4 for t in tensors.values())
@@ -167,7 +179,7 @@ class SimulationEngine:
                 continue
             run.client_states[k] = result.state
             uploads[k] = upload
-            run.per_client[k].append(result.metrics["accuracy"])
+            run.per_client[k].append(result.metrics[run_metric(fed)])
             records.append(
                 {
                     "round": rnd,
@@ -190,7 +202,9 @@ class SimulationEngine:
             "phase": phase.name,
             "clients": [r["client"] for r in records],
             "rejected": rejected,
-            "mean_accuracy": mean("accuracy"),
+            "metric": run_metric(fed),
+            "mean_metric": mean(run_metric(fed)),
+            f"mean_{run_metric(fed)}": mean(run_metric(fed)),
             "mean_train_loss": mean("train_loss"),
             "uplink_mb_per_client": (mean("uplink_bytes") or 0.0) / 1e6,
             "downlink_mb_per_client": (mean("downlink_bytes") or 0.0) / 1e6,
@@ -254,6 +268,7 @@ class SimulationEngine:
         return {
             "method": cfg.method,
             "model": cfg.model.model_dump(mode="json"),
+            "task": getattr(fed, "task", "classification"),
             "num_labels": fed.num_labels,
             "label_names": fed.label_names,
             "seed": cfg.seed,
@@ -276,17 +291,19 @@ class SimulationEngine:
         extra = f"  cuts {r['server']['cuts']}" if "cuts" in r.get("server", {}) else ""
         if r.get("rejected"):
             extra += f"  rejected {r['rejected']}"
-        if r["mean_accuracy"] is None:
+        value = round_mean(r)
+        if value is None:
             return f"round {r['round'] + 1:>2}/{total} {r['phase']:<9} no client update was accepted{extra}"
+        name = {"accuracy": "acc"}.get(r.get("metric", "accuracy"), r.get("metric"))
         return (
-            f"round {r['round'] + 1:>2}/{total} {r['phase']:<9} acc {r['mean_accuracy']:.4f}  "
+            f"round {r['round'] + 1:>2}/{total} {r['phase']:<9} {name} {value:.4f}  "
             f"loss {r['mean_train_loss']:.4f}  MB up {r['uplink_mb_per_client']:.2f} "
             f"down {r['downlink_mb_per_client']:.2f}{extra}"
         )
 
     def _summary(self, fed: Federation, run: RunState, wall: float) -> dict[str, Any]:
         history = run.history
-        means = [h["mean_accuracy"] if h["mean_accuracy"] is not None else -1.0 for h in history]
+        means = [round_mean(h) if round_mean(h) is not None else -1.0 for h in history]
         best = int(np.argmax(means))
         labels = fed.strategy.sharing_labels()
         fed.bank.configure(fed.strategy.phase(len(history) - 1))
@@ -301,22 +318,25 @@ class SimulationEngine:
         def last_seen(values: list[float | None]) -> float | None:
             return next((v for v in reversed(values) if v is not None), None)
 
+        categories_of = getattr(fed, "client_categories", None)
+        categories = categories_of() if callable(categories_of) else None
         per_client_final = [last_seen(acc) for acc in run.per_client]
         per_client_best = [last_seen(acc[: best + 1]) for acc in run.per_client]
         return {
             "method": fed.config.method,
             "dataset": fed.dataset_name,
-            "metric": "accuracy",
+            "metric": run_metric(fed),
             "num_clients": fed.num_clients,
             "rounds": len(history),
-            "final_mean": history[-1]["mean_accuracy"],
-            "best_mean": history[best]["mean_accuracy"],
+            "final_mean": round_mean(history[-1]),
+            "best_mean": round_mean(history[best]),
             "best_round": best,
             "per_client": per_client_final,
             "per_client_best_round": per_client_best,
             "cuts": None if labels is None else [len({v for v in row if v >= 0}) for row in labels.tolist()],
             "labels": None if labels is None else labels.tolist(),
             "label_counts": fed.label_counts,
+            **({"client_categories": categories} if categories is not None else {}),
             "trainable_params_per_client": trainable,
             "backbone_params": backbone,
             "trainable_percent": 100.0 * trainable / backbone,

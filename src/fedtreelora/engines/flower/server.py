@@ -41,6 +41,9 @@ class ServerFederation:
     label_names: list[str]
     dataset_name: str = ""
     accepted: dict[int, bool] = field(default_factory=dict)
+    """client -> whether the server accepted its last upload (its node commits the state it came with)."""
+    answered: dict[int, bool] = field(default_factory=dict)
+    """client -> whether its node answered the last message sent to it."""
 
     @property
     def classifier(self):  # type: ignore[no-untyped-def]
@@ -218,6 +221,8 @@ class FlowerEngine(SimulationEngine):
             metrics.pop("client", None)
             results[k] = ClientResult(state={}, upload=from_array_record(reply.content.get("upload")), metrics=metrics)
             tick()
+        for k in chosen:
+            fed.answered[k] = k in results
         for k in sorted(set(chosen) - set(results)):
             self.console.print(f"[yellow]round {rnd + 1}: no reply from client {k} in time; it keeps its state[/]")
         return results
@@ -231,8 +236,12 @@ class FlowerEngine(SimulationEngine):
         return record
 
     def finish(self, fed, run: RunState) -> None:  # type: ignore[no-untyped-def,override]
-        """Tell every node whether its last upload counted; collect final states if asked."""
-        order = sorted(fed.nodes)
+        """Tell every node whether its last upload counted; collect final states if asked.
+
+        A node that did not answer its last message is skipped (it may be gone); it never commits the
+        state of an upload the server did not accept, so it stays as it was.
+        """
+        order = [k for k in sorted(fed.nodes) if fed.answered.get(k, True)]
         messages = [
             Message(
                 RecordDict({"config": ConfigRecord({
