@@ -1,0 +1,141 @@
+"""What crosses the wire: the ServerApp's engine and the real ClientApp, joined by a loopback Grid
+that records every message both ways."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import pytest
+from flower_helpers import in_process, metrics_by_client_round, small_experiment
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fedtreelora.engines.flower import client_app
+from fedtreelora.engines.flower.server import FlowerEngine
+from fedtreelora.engines.flower.settings import FlowerRunSettings
+from fedtreelora.engines.setup import load_partitioned_data
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """The process identity Flower's runtime sets before a ServerApp runs (messages carry it)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+class LoopbackGrid(Grid):
+    """Delivers each message to the ClientApp of its node in this process, as a SuperNode would;
+    ``silent`` nodes never answer (a node that went away)."""
+
+    def __init__(self, settings: FlowerRunSettings, num_nodes: int) -> None:
+        run_config = settings.to_run_config()
+        self.contexts = {
+            1000 + i: Context(1, 1000 + i, {"partition-id": i, "num-partitions": num_nodes}, RecordDict(), run_config)
+            for i in range(num_nodes)
+        }
+        self.sent: list[Message] = []
+        self.received: list[Message] = []
+        self.silent: set[int] = set()
+
+    def set_run(self, run):  # type: ignore[no-untyped-def]
+        self._run = run
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages):  # type: ignore[no-untyped-def]
+        raise NotImplementedError("send_and_receive delivers directly")
+
+    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
+        raise NotImplementedError("send_and_receive delivers directly")
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        replies = []
+        for message in messages:
+            self.sent.append(message)
+            node = message.metadata.dst_node_id
+            if node in self.silent:
+                continue
+            reply = client_app.app(message, self.contexts[node])
+            self.received.append(reply)
+            replies.append(reply)
+        return replies
+
+
+def _records(message: Message) -> list[tuple[str, object]]:
+    return list(message.content.items())
+
+
+def test_only_adapter_tensors_and_scalars_cross_the_wire(tmp_path):
+    config = small_experiment("fedtreelora", rounds=2)
+    settings = FlowerRunSettings.for_experiment(config)
+    grid = LoopbackGrid(settings, num_nodes=3)
+    FlowerEngine(config, grid, tmp_path / "run", quiet=True, report=False).run()
+
+    dataset, clients = load_partitioned_data(config)
+    texts = {t for split in (dataset.train, dataset.validation) for t in split.texts}
+    words = {w for t in list(texts)[:2000] for w in t.split() if len(w) > 6}
+    assert grid.sent and grid.received
+    for message in grid.sent + grid.received:
+        for name, record in _records(message):
+            assert isinstance(record, (ArrayRecord, ConfigRecord, MetricRecord)), (name, type(record))
+            if isinstance(record, ArrayRecord):
+                for key in record:
+                    # adapter state keys only: "<site>.<expert>.lora_A|lora_B" or a mixer's parameters
+                    assert key.endswith((".lora_A", ".lora_B", ".mix_logit", ".router")), key
+                    assert np.issubdtype(record[key].numpy().dtype, np.floating), key
+            else:
+                for key, value in record.items():
+                    values = value if isinstance(value, list) else [value]
+                    for v in values:
+                        assert not isinstance(v, bytes), key
+                        if isinstance(v, str):
+                            # strings are keys, phase names and the label vocabulary, never example text
+                            assert v not in texts and not (set(v.split()) & words), (key, v)
+    # Nothing but per-client counts: the info replies carry as many numbers as labels, not examples.
+    info = [m.content["info"] for m in grid.received if "info" in m.content and "num-train" in m.content["info"]]
+    assert len(info) == 3
+    assert all(len(i["train-label-counts"]) == dataset.num_labels for i in info)
+
+
+def test_loopback_run_matches_in_process_and_a_silent_node_keeps_its_state(tmp_path):
+    config = small_experiment("fedit", rounds=3)
+    expected = metrics_by_client_round(_run_in_process(config, tmp_path))
+    settings = FlowerRunSettings.for_experiment(config)
+    grid = LoopbackGrid(settings, num_nodes=3)
+
+    class GoesSilent(FlowerEngine):
+        def _round(self, fed, rnd, run, tick):  # type: ignore[no-untyped-def]
+            if rnd == 2:
+                grid.silent.add(fed.nodes[2])  # client 2's node stops answering in the last round
+            return super()._round(fed, rnd, run, tick)
+
+    summary = GoesSilent(config, grid, tmp_path / "run", quiet=True, report=False).run()
+    got = metrics_by_client_round(tmp_path / "run")
+    assert summary["history"][2]["clients"] == [0, 1]
+    assert set(got) == set(expected) - {(2, 2)}
+    for key, record in got.items():
+        assert record["accuracy"] == pytest.approx(expected[key]["accuracy"], abs=1e-6), key
+    # client 2 keeps its last accuracy (round 2) and its node was not asked for a final state
+    assert summary["per_client"][2] == pytest.approx(expected[(1, 2)]["accuracy"], abs=1e-6)
+    assert not (tmp_path / "run" / "clients" / "client_002.safetensors").exists()
+    assert (tmp_path / "run" / "clients" / "client_000.safetensors").exists()
+
+
+def _run_in_process(config, tmp_path):  # type: ignore[no-untyped-def]
+    in_process(config, tmp_path / "in-process")
+    return tmp_path / "in-process"
