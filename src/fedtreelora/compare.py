@@ -15,11 +15,16 @@ Reuse: a run whose folder holds ``summary.json`` and a ``config.yaml`` equal to 
 methods) is read back instead of run again; a run with a matching config but no summary (an interrupted
 run) resumes from its last checkpoint; a run whose config differs is deleted and run again.
 
-Numbers: a run's score is the mean personalized accuracy over clients (each client on its own
-validation set) at the best round (``best_mean``, what the paper reports) and at the final round
-(``final_mean``). A cell is the mean +- sample standard deviation (ddof=1) over seeds, in percent; with
-one seed the std is shown as 0.00. ``Average`` is, per seed, the mean over datasets, then mean +- std
-over seeds. Cost columns are means over every run of the method: trainable parameters per client (and
+Numbers: a run's score is the mean personalized metric over clients (each client on its own
+validation set; accuracy for classification, ROUGE-1 for generation) at the best round (``best_mean``,
+what the paper reports) and at the final round (``final_mean``). A cell is the mean +- sample standard
+deviation (ddof=1) over seeds, in percent; with one seed the std is shown as 0.00.
+
+Columns: one per dataset; a dataset whose runs report client categories (instruction tuning, e.g. the
+``nlg`` suites) gets one column per category instead (the paper's NLG table: Text Edit, Struct2Text,
+Sentiment, Reasoning), each the mean over that category's clients, taken at the run's best round
+(chosen by the mean over all clients) or at its final round. ``Average`` is, per seed, the mean over
+the columns, then mean +- std over seeds. Cost columns are means over every run of the method: trainable parameters per client (and
 as % of the backbone), and uplink/downlink MB per client per round (mean over all rounds, warm-up
 rounds included).
 """
@@ -48,8 +53,19 @@ from fedtreelora.progress import progress_bars
 from fedtreelora.suites import Suite, check_same_partition
 
 AVERAGE = "Average"
-METRICS = (("best", "best_mean", "Mean personalized accuracy (%) at the best round (as the paper reports)"),
-           ("final", "final_mean", "Mean personalized accuracy (%) at the final round"))  # fmt: skip
+METRICS = (("best", "best_mean", "Mean personalized {metric} (%) at the best round (as the paper reports)"),
+           ("final", "final_mean", "Mean personalized {metric} (%) at the final round"))  # fmt: skip
+METRIC_NAMES = {"accuracy": "accuracy", "rouge1": "ROUGE-1"}
+"""A run's ``metric`` -> how tables name it."""
+
+
+@dataclass(frozen=True)
+class Column:
+    """One score column of the table: a dataset, or one category of a dataset's clients."""
+
+    label: str
+    dataset: str
+    category: str | None = None
 
 
 @dataclass(frozen=True)
@@ -223,9 +239,46 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
 
 
-def _score(summary: dict[str, Any], key: str) -> float:
-    value = summary.get(key)
-    return math.nan if value is None else 100.0 * float(value)
+def _score(summary: dict[str, Any], key: str, category: str | None = None) -> float:
+    """The run's ``best_mean`` / ``final_mean`` in %, or that of one category's clients (their mean at
+    the best / final round; clients that never reported are left out)."""
+    if category is None:
+        value = summary.get(key)
+        return math.nan if value is None else 100.0 * float(value)
+    per_client = summary.get("per_client_best_round" if key == "best_mean" else "per_client") or []
+    values = [
+        float(v)
+        for v, c in zip(per_client, summary.get("client_categories") or [], strict=False)
+        if c == category and v is not None
+    ]
+    return 100.0 * float(np.mean(values)) if values else math.nan
+
+
+def table_columns(runs: Sequence[RunResult], datasets: Sequence[str]) -> list[Column]:
+    """The score columns: per dataset one column, or one per client category when its runs report
+    ``client_categories`` (labelled by the category alone when the table has one dataset)."""
+    columns: list[Column] = []
+    for dataset in datasets:
+        categories: list[str] = []
+        for r in runs:
+            if r.spec.dataset == dataset:
+                categories += [c for c in r.summary.get("client_categories") or [] if c not in categories]
+        if not categories:
+            columns.append(Column(dataset, dataset))
+            continue
+        for category in categories:
+            label = category if len(datasets) == 1 else f"{dataset}/{category}"
+            columns.append(Column(label, dataset, category))
+    return columns
+
+
+def metric_name(runs: Sequence[RunResult]) -> str:
+    """How the table names the runs' metric (``accuracy``, ``ROUGE-1``; ``score`` when they differ)."""
+    metrics = {str(r.summary.get("metric", "accuracy")) for r in runs}
+    if len(metrics) != 1:
+        return "score"
+    (metric,) = metrics
+    return METRIC_NAMES.get(metric, metric)
 
 
 def _round_mean(summary: dict[str, Any], key: str) -> float:
@@ -233,16 +286,23 @@ def _round_mean(summary: dict[str, Any], key: str) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
-def summarise(runs: Sequence[RunResult], datasets: Sequence[str], methods: Sequence[str]) -> list[dict[str, Any]]:
+def summarise(
+    runs: Sequence[RunResult],
+    datasets: Sequence[str],
+    methods: Sequence[str],
+    columns: Sequence[Column] | None = None,
+) -> list[dict[str, Any]]:
     """One row per method (flat dict, the CSV row) from finished runs.
 
-    Keys: ``method``; for each label in ``datasets`` + ``Average`` and each of ``best``/``final``:
-    ``{label}_{best|final}_mean`` and ``{label}_{best|final}_std`` (accuracy in %, over seeds);
+    Keys: ``method``; for each column label (``columns``, default :func:`table_columns`) + ``Average``
+    and each of ``best``/``final``: ``{label}_{best|final}_mean`` and ``{label}_{best|final}_std``
+    (the metric in %, over seeds);
     ``seeds`` (how many); ``trainable_params_per_client``, ``trainable_percent``,
     ``uplink_mb_per_client_per_round``, ``downlink_mb_per_client_per_round``; ``wall_seconds`` (sum
     over the method's runs, as recorded by each run).
     """
     by_key = {(r.spec.method, r.spec.dataset, r.spec.seed): r.summary for r in runs}
+    columns = table_columns(runs, datasets) if columns is None else list(columns)
     rows = []
     for method in methods:
         mine = [r for r in runs if r.spec.method == method]
@@ -251,11 +311,19 @@ def summarise(runs: Sequence[RunResult], datasets: Sequence[str], methods: Seque
         for prefix, key, _ in METRICS:
             per_seed_average = []
             for seed in seeds:
-                values = [_score(by_key[(method, d, seed)], key) for d in datasets if (method, d, seed) in by_key]
-                per_seed_average.append(float(np.mean(values)) if len(values) == len(datasets) else math.nan)
-            for dataset in datasets:
-                values = [_score(by_key[(method, dataset, s)], key) for s in seeds if (method, dataset, s) in by_key]
-                row[f"{dataset}_{prefix}_mean"], row[f"{dataset}_{prefix}_std"] = mean_std(values)
+                values = [
+                    _score(by_key[(method, c.dataset, seed)], key, c.category)
+                    for c in columns
+                    if (method, c.dataset, seed) in by_key
+                ]
+                per_seed_average.append(float(np.mean(values)) if len(values) == len(columns) else math.nan)
+            for c in columns:
+                values = [
+                    _score(by_key[(method, c.dataset, s)], key, c.category)
+                    for s in seeds
+                    if (method, c.dataset, s) in by_key
+                ]
+                row[f"{c.label}_{prefix}_mean"], row[f"{c.label}_{prefix}_std"] = mean_std(values)
             row[f"{AVERAGE}_{prefix}_mean"], row[f"{AVERAGE}_{prefix}_std"] = mean_std(per_seed_average)
         summaries = [r.summary for r in mine]
         row["seeds"] = len(seeds)
@@ -292,15 +360,24 @@ def _markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
 def render_markdown(rows: list[dict[str, Any]], datasets: Sequence[str], meta: dict[str, Any]) -> str:
     """``table.md``: a header on what was run, then the best-round, final-round and cost tables.
 
-    The best mean of each accuracy column is in bold.
+    ``datasets`` are the score columns' labels (datasets, or categories; ``meta["datasets"]`` names the
+    datasets when they differ). The best mean of each score column is in bold.
     """
     labels = [*datasets, AVERAGE]
     seeds = meta["seeds"]
+    metric = meta.get("metric", "accuracy")
+    sourced = meta.get("datasets", datasets)
+    per_category = list(sourced) != list(datasets)
+    scope, split, over = (
+        ("the category's clients", "test split", "categories")
+        if per_category
+        else ("clients", "validation set", "datasets")
+    )
     lines = [
         f"# `fedtreelora compare`: suite {meta['suite']}",
         "",
         *([meta["description"], ""] if meta.get("description") else []),
-        "- datasets: " + ", ".join(f"{d} ({meta['sources'][d]})" for d in datasets),
+        "- datasets: " + ", ".join(f"{d} ({meta['sources'][d]})" for d in sourced),
         f"- methods: {', '.join(r['method'] for r in rows)}",
         f"- seeds: {', '.join(str(s) for s in seeds)}",
         *([f"- overrides: {' '.join(meta['overrides'])}"] if meta.get("overrides") else []),
@@ -308,10 +385,11 @@ def render_markdown(rows: list[dict[str, Any]], datasets: Sequence[str], meta: d
         f"- machine: {meta['machine']}; finished {meta['finished']}",
         "",
         f"Cells: mean ± sample std over {len(seeds)} seed(s) (0.00 with one seed) of the mean personalized "
-        "accuracy over clients, each client on its own validation set, in %. Average: per seed, the mean over "
-        "datasets; then mean ± std over seeds. Best mean per column in bold.",
+        f"{metric} over {scope}, each client on its own {split}, in %. Average: per seed, the mean over "
+        f"{over}; then mean ± std over seeds. Best mean per column in bold.",
     ]
-    for prefix, _, title in METRICS:
+    for prefix, _, template in METRICS:
+        title = template.format(metric=metric)
         best = {
             label: max(
                 (r[f"{label}_{prefix}_mean"] for r in rows if not math.isnan(r[f"{label}_{prefix}_mean"])),
@@ -373,19 +451,28 @@ def csv_columns(datasets: Sequence[str]) -> list[str]:
 
 
 def write_outputs(
-    out: Path, rows: list[dict[str, Any]], runs: Sequence[RunResult], datasets: Sequence[str], meta: dict[str, Any]
+    out: Path,
+    rows: list[dict[str, Any]],
+    runs: Sequence[RunResult],
+    datasets: Sequence[str],
+    meta: dict[str, Any],
+    columns: Sequence[str] | None = None,
 ) -> dict[str, Path]:
-    """Write ``table.md``, ``table.csv`` and ``compare.json``; returns their paths by name."""
+    """Write ``table.md``, ``table.csv`` and ``compare.json``; returns their paths by name.
+
+    ``columns`` are the score columns' labels (default: ``datasets``)."""
+    labels = list(datasets) if columns is None else list(columns)
     out.mkdir(parents=True, exist_ok=True)
     files = {"table.md": out / "table.md", "table.csv": out / "table.csv", "compare.json": out / "compare.json"}
-    files["table.md"].write_text(render_markdown(rows, datasets, meta))
+    files["table.md"].write_text(render_markdown(rows, labels, {**meta, "datasets": list(datasets)}))
     with files["table.csv"].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=csv_columns(datasets))
+        writer = csv.DictWriter(f, fieldnames=csv_columns(labels))
         writer.writeheader()
         writer.writerows(rows)
     record = {
         **meta,
         "datasets": list(datasets),
+        "columns": labels,
         "rows": rows,
         "runs": [
             {
@@ -409,8 +496,8 @@ def write_outputs(
 
 
 def plot_rows(rows: list[dict[str, Any]], datasets: Sequence[str], prefix: str = "best") -> list[dict[str, Any]]:
-    """The table in long form for :func:`fedtreelora.report.plot_compare`: one dict per (method, dataset
-    or Average) with ``mean`` and ``std`` of the accuracy over seeds as fractions (not %)."""
+    """The table in long form for :func:`fedtreelora.report.plot_compare`: one dict per (method, column
+    or Average) with ``mean`` and ``std`` of the metric over seeds as fractions (not %)."""
     return [
         {
             "method": r["method"],
@@ -423,15 +510,17 @@ def plot_rows(rows: list[dict[str, Any]], datasets: Sequence[str], prefix: str =
     ]
 
 
-def _plot(rows: list[dict[str, Any]], datasets: Sequence[str], path: Path, console: Console) -> bool:
-    """Draw ``compare.png`` (best-round accuracy) with the report helper when it is installed; a failure
+def _plot(
+    rows: list[dict[str, Any]], datasets: Sequence[str], path: Path, console: Console, metric: str = "accuracy"
+) -> bool:
+    """Draw ``compare.png`` (best-round scores) with the report helper when it is installed; a failure
     to plot is reported and never fails the comparison."""
     try:
         from fedtreelora.report import plot_compare
     except ImportError:
         return False
     try:
-        plot_compare(plot_rows(rows, datasets), path)
+        plot_compare(plot_rows(rows, datasets), path, metric)
     except Exception as exc:  # a plot must not cost the tables of a long comparison
         console.print(f"[yellow]compare.png not written: {type(exc).__name__}: {exc}[/]")
         return False
@@ -504,7 +593,8 @@ def run_compare(
             progress.advance(task)
             if on_run is not None:
                 on_run(result)
-    rows = summarise(results, labels, method_list)
+    columns = table_columns(results, labels)
+    rows = summarise(results, labels, method_list, columns)
     mismatched = partition_mismatches(results)
     for message in mismatched:
         console.print(f"[red]partition mismatch: {message}[/]")
@@ -522,9 +612,11 @@ def run_compare(
         "runs_executed": sum(not r.reused for r in results),
         "runs_reused": sum(r.reused for r in results),
         "partition_mismatches": mismatched,
+        "metric": metric_name(results),
     }
-    files = write_outputs(out, rows, results, labels, meta)
-    if _plot(rows, labels, out / "compare.png", console):
+    column_labels = [c.label for c in columns]
+    files = write_outputs(out, rows, results, labels, meta, column_labels)
+    if _plot(rows, column_labels, out / "compare.png", console, meta["metric"]):
         files["compare.png"] = out / "compare.png"
     return CompareResult(out, labels, method_list, seed_list, results, rows, files)
 

@@ -8,7 +8,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from fedtreelora.data.instructions import BUILTIN_INSTRUCTION_SOURCES
 from fedtreelora.strategies import STRATEGIES
+
+CLASSIFIER_TARGETS = ["query", "value"]
+"""LoRA targets when ``model.target_modules`` is not set and the task is classification (BERT names)."""
+CAUSAL_TARGETS = ["q_proj", "v_proj"]
+"""LoRA targets when ``model.target_modules`` is not set and the task is generation (LLaMA/Qwen/Mistral names)."""
 
 
 class Section(BaseModel):
@@ -17,11 +23,13 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     name: str = "minilm"
-    """Backbone: ``minilm`` (installed all-MiniLM-L6-v2), a hub id (e.g. ``roberta-large``) or a local path."""
+    """Backbone: ``minilm`` (installed all-MiniLM-L6-v2), ``smollm2`` (installed SmolLM2-135M-Instruct, a causal
+    LM for generation), a hub id (e.g. ``roberta-large``, ``meta-llama/Llama-2-7b-hf``) or a local path."""
     num_layers: int | None = Field(None, ge=1)
     """Keep only the first n transformer layers (fast tests); None keeps all."""
-    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
-    """Linear modules that get LoRA, matched by name suffix as in PEFT (``q_proj``/``v_proj`` for LLaMA)."""
+    target_modules: list[str] = Field(default_factory=lambda: list(CLASSIFIER_TARGETS))
+    """Linear modules that get LoRA, matched by name suffix as in PEFT. Unset: ``query``/``value`` for
+    classification, ``q_proj``/``v_proj`` for generation (LLaMA, Qwen, Mistral, SmolLM2 names)."""
     rank: int = Field(8, ge=1)
     """LoRA rank r."""
     alpha: float = Field(16.0, gt=0)
@@ -31,18 +39,39 @@ class ModelConfig(Section):
     head: Literal["frozen", "local"] = "frozen"
     """Classification head: a shared random initialisation kept frozen (the paper), or trained and kept by each client."""
     max_length: int = Field(64, ge=8)
-    """Tokens per example after truncation."""
+    """Tokens per example after truncation (generation: prompt plus answer; the prompt keeps its last
+    ``max_length - generation.max_new_tokens`` tokens)."""
+    quantization: Literal["none", "8bit", "4bit"] = "none"
+    """Load a causal LM's weights in 8 or 4 bits through bitsandbytes (CUDA only, ``pip install bitsandbytes``),
+    as the paper's 8-bit LLaMA-2-7B; ``none`` keeps float32 weights."""
 
 
 class DataConfig(Section):
     dataset: str = "sarcasm"
-    """Built-in short name (sarcasm, corr2cause, tweets, bbc), a CSV/TSV/JSONL/JSON/parquet file, a local dataset folder or a hub id."""
+    """Built-in short name (classification: sarcasm, corr2cause, tweets, bbc; generation: evals-nlg), a
+    CSV/TSV/JSONL/JSON/parquet file, a local dataset folder or a hub id."""
+    task: Literal["auto", "classification", "generation"] = "auto"
+    """``classification`` (a label per example, accuracy) or ``generation`` (instruction tuning of a causal
+    LM, ROUGE); ``auto``: generation for the builtin instruction sources (evals-nlg), else classification."""
     text_column: str = "text"
     """Column with the text (files and hub data)."""
     text_pair_column: str | None = None
     """Column with the second sentence of a pair task, if any."""
     label_column: str = "label"
-    """Column with the label."""
+    """Column with the label (classification)."""
+    instruction_column: str = "instruction"
+    """Column with the instruction (generation, files and hub data)."""
+    input_column: str = "input"
+    """Column with the optional input of an instruction (generation; absent: no inputs)."""
+    output_column: str = "output"
+    """Column with the reference answer (generation)."""
+    category_column: str = "category"
+    """Column with the category reported in the per-category table (generation; absent: the task)."""
+    task_column: str | None = None
+    """Column naming each example's task; one task per client (generation; None or absent: the category)."""
+    tasks: list[str] | None = None
+    """Generation: keep only these tasks, in this order (client k holds task k mod len(tasks)); for evals-nlg
+    any of its task names; None: all tasks (evals-nlg: its eight)."""
     hub_config: str | None = None
     """Configuration name of a hub dataset (e.g. ``sst2`` for ``glue``)."""
     train_split: str = "train"
@@ -54,9 +83,16 @@ class DataConfig(Section):
     n_train: int = Field(128, ge=1)
     """Training examples per client."""
     n_val: int = Field(64, ge=1)
-    """Validation examples per client, drawn with the client's own label proportions."""
+    """Validation examples per client, drawn with the client's own label proportions (generation: its
+    test split, from its own task)."""
     dirichlet_alpha: float = Field(0.5, gt=0)
-    """Concentration of the Dirichlet label skew; smaller is more skewed."""
+    """Concentration of the Dirichlet label skew; smaller is more skewed (classification only)."""
+
+    def resolved_task(self) -> str:
+        """``classification`` or ``generation`` (``auto`` resolved from the dataset)."""
+        if self.task != "auto":
+            return self.task
+        return "generation" if self.dataset in BUILTIN_INSTRUCTION_SOURCES else "classification"
 
 
 class TrainConfig(Section):
@@ -81,6 +117,19 @@ class TrainConfig(Section):
     """``bf16`` autocasts matmuls to bfloat16 (adapters and optimizer stay float32); ``auto``: bf16 on a GPU, fp32 on CPU."""
     device: str = "auto"
     """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda``, ``cuda:1`` ..."""
+
+
+class GenerationConfig(Section):
+    max_new_tokens: int = Field(32, ge=1)
+    """Longest generated answer in tokens (training answers are cut to this length too)."""
+    num_beams: int = Field(1, ge=1)
+    """Beam search width; 1 is greedy (the default) or sampling."""
+    do_sample: bool = False
+    """Sample answers instead of greedy/beam decoding (seeded by the client's round seed)."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature (with do_sample)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass (with do_sample)."""
 
 
 class FederationConfig(Section):
@@ -115,6 +164,8 @@ class ExperimentBase(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    """How answers are generated when evaluating a causal LM (data.task generation)."""
     federation: FederationConfig = Field(default_factory=FederationConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
@@ -131,6 +182,18 @@ class ExperimentBase(Section):
             raise ValueError("train.clients_per_pass must be >= 1 or 'auto'")
         if self.model.head == "local" and self.train.clients_per_pass not in (1, "auto"):
             raise ValueError("model.head=local trains whole head modules per client and needs train.clients_per_pass=1")
+        if self.data.resolved_task() == "generation":
+            if "target_modules" not in self.model.model_fields_set:
+                self.model.target_modules = list(CAUSAL_TARGETS)
+            if self.model.head != "frozen":
+                raise ValueError("model.head applies to classification heads; a causal LM has none (leave it 'frozen')")
+            if self.model.max_length <= self.generation.max_new_tokens:
+                raise ValueError(
+                    f"model.max_length ({self.model.max_length}) must exceed generation.max_new_tokens "
+                    f"({self.generation.max_new_tokens}) to leave room for the prompt"
+                )
+        elif self.model.quantization != "none":
+            raise ValueError("model.quantization applies to causal LMs (data.task generation); set it to 'none'")
         warmup = getattr(self.method_options(), "warmup_rounds", 0)
         if warmup >= self.federation.rounds:
             raise ValueError(

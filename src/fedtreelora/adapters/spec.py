@@ -43,8 +43,10 @@ class PhaseSpec:
         name: what the phase is called in logs and metrics (``warmup``, ``federated``, ...).
         evaluate: None to evaluate the client with the training configuration; else a callable that
             evaluates it its own way (e.g. FedDPA's instance-wise weighting), called as
-            ``evaluate(bank, tokenizer, train_data=..., val_data=..., batch_size=..., device=..., seed=...)``
-            with the client in slot 0, and returning at least ``accuracy`` and ``eval_loss``. It must
+            ``evaluate(bank, tokenizer, train_data=..., val_data=..., batch_size=..., device=..., seed=...,
+            settings=...)`` (``settings``: the client's ``LocalTraining``, whose ``generation`` is set for
+            instruction data) with the client in slot 0, and returning at least ``eval_loss`` and the task's
+            metric (``accuracy``, or ``rouge1`` for generation). It must
             leave the bank configured as it found it. Not part of equality.
     """
 

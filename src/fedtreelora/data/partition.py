@@ -177,3 +177,77 @@ def dirichlet_partition(
             )
         )
     return clients
+
+
+def task_partition(
+    train_tasks: np.ndarray,
+    val_tasks: np.ndarray,
+    *,
+    num_clients: int,
+    n_train: int,
+    n_val: int,
+    seed: int,
+    num_tasks: int | None = None,
+) -> list[ClientData]:
+    """One task per client: client k holds task ``k mod num_tasks`` (the paper's NLG federation).
+
+    Args:
+        train_tasks: (N_train,) int task id of every example of the train pool.
+        val_tasks: (N_val,) int task id of every example of the test pool.
+        num_clients: clients (>= num_tasks, so that every task has a client).
+        n_train, n_val: examples per client, drawn without replacement from its task's pools (clients
+            sharing a task get disjoint examples).
+        seed: seed of the draws.
+        num_tasks: number of tasks; default ``max(task) + 1``.
+
+    ``proportions`` is one-hot on the client's task, and the label counts count tasks.
+
+    Raises:
+        ValueError: fewer clients than tasks, or a task with too few examples for its clients.
+    """
+    train = _check_labels(train_tasks, "train_tasks", num_tasks)
+    val = _check_labels(val_tasks, "val_tasks", num_tasks)
+    if num_tasks is None:
+        num_tasks = int(max(train.max(initial=-1), val.max(initial=-1))) + 1
+    if num_clients < num_tasks:
+        raise ValueError(
+            f"data.num_clients={num_clients} is smaller than the {num_tasks} tasks of the data (one task per "
+            "client); raise data.num_clients or keep fewer tasks with data.tasks"
+        )
+    if n_train < 1 or n_val < 0:
+        raise ValueError(f"n_train must be >= 1 and n_val >= 0, got {n_train}, {n_val}")
+    rng = np.random.default_rng(seed)
+    train_pools = _ClassPools(train, num_tasks, rng)
+    val_pools = _ClassPools(val, num_tasks, rng)
+    owners = np.arange(num_clients) % num_tasks
+    for task in range(num_tasks):
+        sharing = int((owners == task).sum())
+        for pools, per, option, pool in (
+            (train_pools, n_train, "n_train", "train"),
+            (val_pools, n_val, "n_val", "test"),
+        ):
+            have = int(pools.remaining[task])
+            if sharing * per > have:
+                raise ValueError(
+                    f"task {task} has {have} {pool} examples but its {sharing} client(s) need data.{option}="
+                    f"{per} each; lower data.{option}"
+                )
+    clients = []
+    for k in range(num_clients):
+        counts_train = np.zeros(num_tasks, dtype=np.int64)
+        counts_val = np.zeros(num_tasks, dtype=np.int64)
+        counts_train[owners[k]] = n_train
+        counts_val[owners[k]] = n_val
+        onehot = np.zeros(num_tasks)
+        onehot[owners[k]] = 1.0
+        clients.append(
+            ClientData(
+                client=k,
+                train_indices=rng.permutation(train_pools.take(counts_train)),
+                val_indices=val_pools.take(counts_val),
+                proportions=onehot,
+                train_label_counts=counts_train,
+                val_label_counts=counts_val,
+            )
+        )
+    return clients

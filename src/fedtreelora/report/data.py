@@ -65,6 +65,11 @@ class RunData:
         return str(self.summary.get("method", "?"))
 
     @property
+    def metric(self) -> str:
+        """The per-client metric of the run: ``accuracy`` (classification) or ``rouge1`` (generation)."""
+        return str(self.summary.get("metric", "accuracy"))
+
+    @property
     def num_clients(self) -> int:
         return int(self.summary.get("num_clients") or len(self.summary.get("per_client") or []))
 
@@ -118,12 +123,14 @@ class RunData:
         return [int(h["round"]) for h in self.summary.get("history") or [] if h.get("phase") == "warmup"]
 
     def accuracy_matrix(self) -> np.ndarray:
-        """(clients, rounds) each client's accuracy after each round; NaN where it did not take part."""
+        """(clients, rounds) each client's metric (:attr:`metric`: accuracy, or ROUGE-1 for generation)
+        after each round; NaN where it did not take part."""
         out = np.full((self.num_clients, self.num_rounds), np.nan)
+        key = self.metric
         for row in self.metrics:
             r, k = int(row["round"]), int(row["client"])
-            if r < out.shape[1] and k < out.shape[0] and row.get("accuracy") is not None:
-                out[k, r] = float(row["accuracy"])
+            if r < out.shape[1] and k < out.shape[0] and row.get(key) is not None:
+                out[k, r] = float(row[key])
         return out
 
     def label_counts(self) -> tuple[np.ndarray, list[str]] | None:

@@ -204,7 +204,7 @@ def plot_accuracy(run: RunData) -> Figure:
     _shade_warmup(ax, run.warmup_rounds)
     for k in range(acc.shape[0]):
         ax.plot(rounds, acc[k], **_client_style(k, acc.shape[0]), markersize=3)
-    means = [h.get("mean_accuracy") for h in run.summary.get("history") or []]
+    means = [h.get("mean_metric", h.get("mean_accuracy")) for h in run.summary.get("history") or []]
     mean = np.asarray([np.nan if m is None else m for m in means], dtype=np.float64)
     ax.plot(rounds[: mean.size], mean, color="black", linewidth=2.2, marker="o", markersize=4, label="mean")
     best = run.summary.get("best_round")
@@ -216,7 +216,7 @@ def plot_accuracy(run: RunData) -> Figure:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title(f"Per-client (thin) and mean (bold) accuracy, {acc.shape[0]} clients", fontsize=10)
+    ax.set_title(f"Per-client (thin) and mean (bold) {run.metric}, {acc.shape[0]} clients", fontsize=10)
     return fig
 
 
@@ -293,7 +293,7 @@ def plot_communication(run: RunData) -> Figure:
 
 
 # --- comparisons ----------------------------------------------------------------------------------------
-def plot_compare(table_rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+def plot_compare(table_rows: Sequence[Mapping[str, Any]], path: str | Path, metric: str = "accuracy") -> Path:
     """Grouped bar chart of methods per dataset, with standard deviations as error bars.
 
     Args:
@@ -301,6 +301,7 @@ def plot_compare(table_rows: Sequence[Mapping[str, Any]], path: str | Path) -> P
             (e.g. mean and std over seeds of the best mean accuracy); methods and datasets keep the
             order they first appear in.
         path: the PNG to write (parent folders are created).
+        metric: what the means are (the y label says ``mean <metric>``).
     Returns:
         the path written.
     """
@@ -321,7 +322,7 @@ def plot_compare(table_rows: Sequence[Mapping[str, Any]], path: str | Path) -> P
         bars = ax.bar(x + offset, means, width * 0.95, yerr=stds, capsize=3, label=method, color=f"C{i % 10}")
         ax.bar_label(bars, labels=["" if np.isnan(m) else f"{m:.3f}" for m in means], fontsize=7, padding=2)
     ax.set_xticks(x, datasets)
-    ax.set_ylabel("mean accuracy")
+    ax.set_ylabel(f"mean {metric}")
     finite = [float(r["mean"]) for r in table_rows if r.get("mean") is not None]
     low = min(finite) if finite else 0.0
     ax.set_ylim(max(0.0, low - 0.1) if low > 0.2 else 0.0, 1.05 if not finite or max(finite) <= 1.0 else None)

@@ -141,8 +141,8 @@ def overview_rows(run: RunData) -> list[tuple[str, str]]:
         ("dataset", _fmt(s.get("dataset"))),
         ("clients", _fmt(run.num_clients)),
         ("rounds", f"{run.num_rounds} ({len(run.warmup_rounds)} warm-up)"),
-        ("final mean accuracy", _fmt(s.get("final_mean"))),
-        ("best mean accuracy", f"{_fmt(s.get('best_mean'))} (round {int(s.get('best_round', 0)) + 1})"),
+        (f"final mean {run.metric}", _fmt(s.get("final_mean"))),
+        (f"best mean {run.metric}", f"{_fmt(s.get('best_mean'))} (round {int(s.get('best_round', 0)) + 1})"),
         ("clusters per layer (cuts)", _fmt(s.get("cuts"))),
         ("backbone", f"{model.get('name', '?')}, {model.get('num_layers') or 'all'} layers"),
         (
@@ -177,7 +177,7 @@ def client_rows(run: RunData) -> tuple[list[str], list[list[str]]]:
     labels = run.labels
     found = run.label_counts()
     lambdas = run.lambdas()
-    header = ["client", "final accuracy", "accuracy at best round", "train examples", "cluster per layer"]
+    header = ["client", f"final {run.metric}", f"{run.metric} at best round", "train examples", "cluster per layer"]
     if lambdas is not None:
         header.append("mean lambda")
     rows = []

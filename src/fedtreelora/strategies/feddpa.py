@@ -17,7 +17,9 @@ from fedtreelora.adapters import AdapterBank, ExpertSpec, MultiClientLoraLinear,
 from fedtreelora.strategies.fedit import FedIT, FedITOptions
 from fedtreelora.strategies.registry import register
 from fedtreelora.train.batches import EncodedExamples, eval_batches
-from fedtreelora.train.metrics import evaluate_classifier
+from fedtreelora.train.client import LocalTraining
+from fedtreelora.train.generation import EncodedInstructions, iterate_prompts
+from fedtreelora.train.metrics import evaluate_client
 
 
 class FedDPAOptions(FedITOptions):
@@ -33,9 +35,10 @@ class FedDPAOptions(FedITOptions):
     num_reference: int | None = Field(5, ge=1)
     """Instance-wise weighting: local training instances drawn at random per test instance to
     compare it with (the authors' code: 5); None compares with all of them."""
-    pooling: Literal["mean", "cls"] = "mean"
-    """Instance representation: the last hidden layer averaged over the non-padding tokens, or its
-    first ([CLS]) token."""
+    pooling: Literal["mean", "cls", "last"] = "mean"
+    """Instance representation: the last hidden layer averaged over the non-padding tokens, its first
+    ([CLS]) token, or its last non-padding token (the authors' choice for decoders). For instruction data
+    the instance is the prompt."""
 
 
 @dataclass(frozen=True)
@@ -65,24 +68,32 @@ class InstanceWeighting:
         bank: AdapterBank,
         tokenizer: PreTrainedTokenizerBase,
         *,
-        train_data: EncodedExamples,
-        val_data: EncodedExamples,
+        train_data: EncodedExamples | EncodedInstructions,
+        val_data: EncodedExamples | EncodedInstructions,
         batch_size: int,
         device: torch.device,
         seed: int,
+        settings: LocalTraining | None = None,
     ) -> dict[str, Any]:
-        """Accuracy and eval_loss of the client in slot 0 under instance-wise weights, plus
-        ``local_weight_mean`` (the mean alpha over its validation instances)."""
+        """The scores of the client in slot 0 under instance-wise weights (accuracy, or ROUGE for
+        instruction data), plus ``local_weight_mean`` (the mean alpha over its validation instances)."""
+        settings = settings or LocalTraining(eval_batch_size=batch_size)
         alpha = self.alphas(bank, tokenizer, train_data, val_data, batch_size, device, seed)
         weights = torch.zeros(len(val_data), len(bank.expert_names))  # (n_val, experts)
         weights[:, self.global_slot] = 1.0 - alpha
         weights[:, self.local_slot] = alpha
         layers = list(bank.layers.values())
+
+        def set_weights(indices: np.ndarray) -> None:
+            for layer in layers:
+                layer.set_instance_weights(weights[None, torch.as_tensor(indices)])
+
         with _restoring(layers):
             for layer in layers:
                 layer.set_mixer("instance")
-            batches = _with_instance_weights(layers, eval_batches(tokenizer, val_data, batch_size), weights)
-            evaluation = evaluate_classifier(bank.model, batches, device)
+            if settings.generation is not None and settings.generation.do_sample:
+                torch.manual_seed(seed)
+            evaluation = evaluate_client(bank.model, tokenizer, val_data, settings, device, before_batch=set_weights)
         mean_alpha = float(alpha.mean()) if len(alpha) else float("nan")
         return {**evaluation, "local_weight_mean": mean_alpha}
 
@@ -90,8 +101,8 @@ class InstanceWeighting:
         self,
         bank: AdapterBank,
         tokenizer: PreTrainedTokenizerBase,
-        train_data: EncodedExamples,
-        val_data: EncodedExamples,
+        train_data: EncodedExamples | EncodedInstructions,
+        val_data: EncodedExamples | EncodedInstructions,
         batch_size: int,
         device: torch.device,
         seed: int,
@@ -114,18 +125,27 @@ class InstanceWeighting:
         self,
         model: nn.Module,
         tokenizer: PreTrainedTokenizerBase,
-        data: EncodedExamples,
+        data: EncodedExamples | EncodedInstructions,
         batch_size: int,
         device: torch.device,
     ) -> torch.Tensor:
-        """(n, hidden) pooled last hidden layer of every instance of ``data``, on CPU, float32."""
+        """(n, hidden) pooled last hidden layer of every instance of ``data`` (of its prompt, for
+        instruction data), on CPU, float32."""
         model.eval()
         out = []
-        for batch in eval_batches(tokenizer, data, batch_size):
+        batches = (
+            iterate_prompts(tokenizer, data, batch_size)
+            if isinstance(data, EncodedInstructions)
+            else eval_batches(tokenizer, data, batch_size)
+        )
+        for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
             hidden = model(**batch, output_hidden_states=True).hidden_states[-1].float()  # (b, T, hidden)
             if self.pooling == "cls":
                 out.append(hidden[:, 0])
+            elif self.pooling == "last":  # batches are right-padded: the last real token ends each row
+                last = batch["attention_mask"].sum(dim=1) - 1  # (b,)
+                out.append(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
             else:
                 mask = batch["attention_mask"][..., None].to(hidden.dtype)  # (b, T, 1)
                 out.append((hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0))
@@ -166,19 +186,6 @@ def _restoring(layers: Sequence[MultiClientLoraLinear]) -> Iterator[None]:
             layer.set_instance_weights(None)
 
 
-def _with_instance_weights(
-    layers: Sequence[MultiClientLoraLinear], batches: Iterator[dict[str, torch.Tensor]], weights: torch.Tensor
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Pass ``batches`` on, setting each batch's rows of ``weights`` (n, experts) on every layer first."""
-    start = 0
-    for batch in batches:
-        b = int(batch["labels"].shape[0])
-        for layer in layers:
-            layer.set_instance_weights(weights[None, start : start + b])
-        start += b
-        yield batch
-
-
 @register
 class FedDPA(FedIT):
     """FedDPA (Yang, Long, Shen, Jiang, Blumenstein, "Dual-Personalizing Adapter for Federated
@@ -205,7 +212,8 @@ class FedDPA(FedIT):
       global one frozen); FedDPA-F fine-tunes the local adapter after federated training.
     - e(x) is the backbone's last hidden layer with the local adapter alone (the authors' code also
       embeds with the local adapter), mean-pooled over non-padding tokens (their ``avg`` option; their
-      default, the last token, suits a decoder, not this encoder); ``pooling="cls"`` takes [CLS].
+      default, the last token, suits a decoder: ``pooling="last"``); ``pooling="cls"`` takes [CLS]. For
+      instruction data the instance is the prompt.
       Reference draws come from the client's round seed. As in the authors' code alpha can be
       negative for a dissimilar instance (the global weight then exceeds 1).
     - The instance-wise weighting runs in the client's evaluation (``PhaseSpec.evaluate``); a run

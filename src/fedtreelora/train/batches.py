@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from fedtreelora.train.generation import EncodedInstructions, collate_instructions
+
 
 @dataclass(frozen=True)
 class EncodedExamples:
@@ -44,8 +46,13 @@ def encode(
     )
 
 
-def collate(tokenizer: PreTrainedTokenizerBase, data: EncodedExamples, indices: np.ndarray) -> dict[str, torch.Tensor]:
-    """A padded batch: input_ids, attention_mask (and token_type_ids), labels; each (b, T) or (b,)."""
+def collate(
+    tokenizer: PreTrainedTokenizerBase, data: EncodedExamples | EncodedInstructions, indices: np.ndarray
+) -> dict[str, torch.Tensor]:
+    """A padded batch: input_ids, attention_mask (and token_type_ids), labels; each (b, T), labels (b,)
+    for classification and (b, T) for instruction data (see :func:`collate_instructions`)."""
+    if isinstance(data, EncodedInstructions):
+        return collate_instructions(tokenizer, [(data, indices)])
     features = []
     for i in indices:
         row = {"input_ids": data.input_ids[i]}
@@ -75,7 +82,7 @@ def batch_indices(
 
 def train_batches(
     tokenizer: PreTrainedTokenizerBase,
-    data: EncodedExamples,
+    data: EncodedExamples | EncodedInstructions,
     *,
     batch_size: int,
     epochs: int,
@@ -88,7 +95,7 @@ def train_batches(
 
 
 def collate_clients(
-    tokenizer: PreTrainedTokenizerBase, parts: list[tuple[EncodedExamples, np.ndarray]]
+    tokenizer: PreTrainedTokenizerBase, parts: list[tuple[EncodedExamples | EncodedInstructions, np.ndarray]]
 ) -> dict[str, torch.Tensor]:
     """One batch holding several clients' rows, client after client, padded to a common length.
 
@@ -97,6 +104,8 @@ def collate_clients(
     sizes = {len(idx) for _, idx in parts}
     if len(sizes) != 1:
         raise ValueError(f"clients trained together need equal batch sizes, got {sorted(sizes)}")
+    if all(isinstance(data, EncodedInstructions) for data, _ in parts):
+        return collate_instructions(tokenizer, parts)
     features, labels = [], []
     for data, idx in parts:
         for i in idx:

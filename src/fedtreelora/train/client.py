@@ -15,8 +15,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedtreelora.adapters import AdapterBank, PhaseSpec
-from fedtreelora.train.batches import EncodedExamples, eval_batches, train_batches
-from fedtreelora.train.metrics import evaluate_classifier
+from fedtreelora.train.batches import EncodedExamples, train_batches
+from fedtreelora.train.generation import EncodedInstructions, GenerationSettings
+from fedtreelora.train.metrics import evaluate_client
 from fedtreelora.train.precision import precision_context
 
 Tensors = dict[str, torch.Tensor]
@@ -34,6 +35,8 @@ class LocalTraining:
     mixer_lr: float = 5e-2
     weight_decay: float = 0.0
     precision: str = "fp32"
+    generation: GenerationSettings | None = None
+    """How a causal LM's answers are generated at evaluation; None for classification."""
 
 
 @dataclass
@@ -43,7 +46,8 @@ class ClientResult:
     Attributes:
         state: the client's whole adapter state after training (kept by the client).
         upload: the part of ``state`` it sends to the server.
-        metrics: train_loss, steps, accuracy, eval_loss, num_train, num_val.
+        metrics: train_loss, steps, the evaluation's scores (accuracy, or rouge1/rougeL/exact_match),
+            eval_loss, num_train, num_val.
     """
 
     state: Tensors
@@ -70,8 +74,8 @@ def _run_client_round(
     state: Mapping[str, torch.Tensor],
     payload: Mapping[str, torch.Tensor],
     upload_keys: Sequence[str],
-    train_data: EncodedExamples,
-    val_data: EncodedExamples,
+    train_data: EncodedExamples | EncodedInstructions,
+    val_data: EncodedExamples | EncodedInstructions,
     settings: LocalTraining,
     seed: int,
     device: torch.device,
@@ -110,10 +114,12 @@ def _run_client_round(
     if phase.evaluate is not None:  # the strategy evaluates its own way (e.g. FedDPA's instance-wise mixing)
         evaluation = phase.evaluate(
             bank, tokenizer, train_data=train_data, val_data=val_data,
-            batch_size=settings.eval_batch_size, device=device, seed=seed,
+            batch_size=settings.eval_batch_size, device=device, seed=seed, settings=settings,
         )  # fmt: skip
     else:
-        evaluation = evaluate_classifier(model, eval_batches(tokenizer, val_data, settings.eval_batch_size), device)
+        if settings.generation is not None and settings.generation.do_sample:
+            torch.manual_seed(seed)  # sampled answers depend on the client's round seed only
+        evaluation = evaluate_client(model, tokenizer, val_data, settings, device)
     new_state = bank.read_slot(0)
     upload = {k: new_state[k] for k in upload_keys}
     metrics = {

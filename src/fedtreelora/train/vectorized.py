@@ -20,11 +20,20 @@ from transformers import PreTrainedTokenizerBase
 from fedtreelora.adapters import AdapterBank, PhaseSpec
 from fedtreelora.train.batches import EncodedExamples, batch_indices, collate_clients
 from fedtreelora.train.client import ClientResult, LocalTraining, make_optimizer
+from fedtreelora.train.generation import EncodedInstructions, evaluate_generation, token_losses
 from fedtreelora.train.precision import precision_context
 
 
 def _per_client_loss(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """Mean cross-entropy of each client's rows. logits (k*b, C), labels (k*b,) -> (k,)."""
+    """Each client's training loss, as one client alone would compute it -> (k,).
+
+    Classification: logits (k*b, C), labels (k*b,), mean cross-entropy of the client's rows.
+    Generation: logits (k*b, T, vocab), labels (k*b, T), next-token cross-entropy averaged over the
+    client's scored (response) tokens, as a causal LM's own loss averages over its batch.
+    """
+    if labels.dim() == 2:
+        summed, counted = token_losses(logits, labels)
+        return summed.view(k, -1).sum(dim=1) / counted.view(k, -1).sum(dim=1).clamp_min(1)
     losses = nn.functional.cross_entropy(logits.float(), labels, reduction="none")
     return losses.view(k, -1).mean(dim=1)
 
@@ -33,11 +42,20 @@ def _per_client_loss(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torc
 def _evaluate_together(
     bank: AdapterBank,
     tokenizer: PreTrainedTokenizerBase,
-    val_data: Sequence[EncodedExamples],
-    batch_size: int,
+    val_data: Sequence[EncodedExamples | EncodedInstructions],
+    settings: LocalTraining,
     device: torch.device,
 ) -> list[dict[str, float]]:
-    """Accuracy and mean cross-entropy per client; validation sets of equal size, ``batch_size`` rows each per step."""
+    """Each client's scores; validation sets of equal size, ``settings.eval_batch_size`` rows each per step.
+
+    Classification: accuracy and mean cross-entropy. Instruction data: every client's answers are
+    generated in one left-padded batch (each row through its own client's adapters), then scored.
+    """
+    batch_size = settings.eval_batch_size
+    if all(isinstance(d, EncodedInstructions) for d in val_data):
+        if settings.generation is None:
+            raise ValueError("instruction data needs generation settings (LocalTraining.generation)")
+        return evaluate_generation(bank.model, tokenizer, list(val_data), settings.generation, batch_size, device)
     k = len(val_data)
     n = len(val_data[0])
     model = bank.model
@@ -64,8 +82,8 @@ def _run_clients_round(
     states: Sequence[Mapping[str, torch.Tensor]],
     payloads: Sequence[Mapping[str, torch.Tensor]],
     upload_keys: Sequence[Sequence[str]],
-    train_data: Sequence[EncodedExamples],
-    val_data: Sequence[EncodedExamples],
+    train_data: Sequence[EncodedExamples | EncodedInstructions],
+    val_data: Sequence[EncodedExamples | EncodedInstructions],
     settings: LocalTraining,
     seeds: Sequence[int],
     device: torch.device,
@@ -110,7 +128,9 @@ def _run_clients_round(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(per_client.detach().cpu().numpy())
-    evaluations = _evaluate_together(bank, tokenizer, val_data, settings.eval_batch_size, device)
+    if settings.generation is not None and settings.generation.do_sample:
+        torch.manual_seed(seeds[0])
+    evaluations = _evaluate_together(bank, tokenizer, val_data, settings, device)
     results = []
     for j in range(k):
         state = bank.read_slot(j)
