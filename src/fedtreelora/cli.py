@@ -171,6 +171,15 @@ def _flower_credentials(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flower_sites(args: argparse.Namespace) -> int:
+    from fedtreelora.engines.flower.sites import write_sites
+
+    config = load_config(args.config, list(args.set or []), method=args.method, seed=args.seed)
+    folders = write_sites(config, args.out)
+    print(f"wrote {len(folders)} site folders under {args.out} (train.csv, validation.csv each)")
+    return 0
+
+
 def _add_flower(sub: argparse._SubParsersAction, config_options) -> None:  # type: ignore[no-untyped-def]
     flower = sub.add_parser("flower", help="run on Flower: its simulation engine, or a deployment across machines")
     fsub = flower.add_subparsers(dest="flower_command", required=True)
@@ -192,6 +201,11 @@ def _add_flower(sub: argparse._SubParsersAction, config_options) -> None:  # typ
         "--keep-states-on-nodes", action="store_true", help="do not collect the final personal adapters at the end"
     )
     app.set_defaults(func=_flower_app)
+
+    sites = fsub.add_parser("sites", help="write each client's share of the partition as a site folder (to try a deployment)")
+    config_options(sites)
+    sites.add_argument("--out", required=True, help="folder for site0, site1, ...")
+    sites.set_defaults(func=_flower_sites)
 
     creds = fsub.add_parser("credentials", help="make a test CA, a SuperLink TLS certificate and SuperNode keys")
     creds.add_argument("--out", required=True, help="folder for the files")

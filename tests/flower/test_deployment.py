@@ -4,13 +4,11 @@ and stopped by the test."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from flower_helpers import in_process, metrics_by_client_round, small_experiment
@@ -19,30 +17,11 @@ from fedtreelora.engines.flower import launch
 from fedtreelora.engines.flower.certs import make_credentials
 from fedtreelora.engines.flower.project import write_app
 from fedtreelora.engines.flower.settings import FlowerRunSettings
-from fedtreelora.engines.setup import load_partitioned_data
+from fedtreelora.engines.flower.sites import write_sites
 
 pytestmark = pytest.mark.slow
 CONNECTION = "deployment"
 ROUND_TIMEOUT = 60.0
-
-
-def _write_sites(config, root: Path) -> list[Path]:  # type: ignore[no-untyped-def]
-    """Each client's share of the partition as its own site folder (train.csv, validation.csv)."""
-    dataset, clients = load_partitioned_data(config)
-    sites = []
-    for c in clients:
-        site = root / f"site{c.client}"
-        site.mkdir(parents=True)
-        for split, indices, pool in (
-            ("train", c.train_indices, dataset.train),
-            ("validation", c.val_indices, dataset.validation),
-        ):
-            with open(site / f"{split}.csv", "w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(["text", "label"])
-                writer.writerows([pool.texts[i], pool.label_names[pool.labels[i]]] for i in indices)
-        sites.append(site)
-    return sites
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +29,7 @@ def federation(tmp_path_factory):  # type: ignore[no-untyped-def]
     root = tmp_path_factory.mktemp("deployment")
     config = small_experiment("fedtreelora", rounds=3)
     creds = make_credentials(root / "certs", num_nodes=4)  # key 3 is never registered
-    sites = _write_sites(config, root / "sites")
+    sites = write_sites(config, root / "sites")
     home = root / "home"
     port = launch.free_port()
     address = f"127.0.0.1:{port}"
