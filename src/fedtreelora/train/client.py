@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedtreelora.adapters import AdapterBank, PhaseSpec
 from fedtreelora.train.batches import EncodedExamples, train_batches
-from fedtreelora.train.generation import EncodedInstructions, GenerationSettings
+from fedtreelora.train.generation import EncodedInstructions, GenerationSettings, response_losses
 from fedtreelora.train.metrics import evaluate_client
 from fedtreelora.train.precision import precision_context
 
@@ -53,6 +53,16 @@ class ClientResult:
     state: Tensors
     upload: Tensors
     metrics: dict[str, Any]
+
+
+def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The training loss of one batch: the model's own for classification (labels (b,)); for instruction
+    data (labels (b, T)) the mean over response tokens, as a causal LM's own loss, computed without
+    logits over the prompts (see :func:`~fedtreelora.train.generation.response_losses`)."""
+    if batch["labels"].dim() == 2:
+        summed, counted = response_losses(model, batch)
+        return summed.sum() / counted.sum().clamp_min(1)
+    return model(**batch).loss
 
 
 def make_optimizer(
@@ -103,7 +113,7 @@ def _run_client_round(
         rng=rng,
     ):
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss = model(**batch).loss
+        loss = batch_loss(model, batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"local training loss is {loss.item()} at step {len(losses)}; lower train.lr")
         loss.backward()

@@ -3,10 +3,15 @@
 A training example is ``prompt + response`` where the prompt is the model's chat template applied to
 the instruction (and input) with the assistant turn opened, and the response is the reference answer
 with the template's end-of-turn. Only response tokens carry labels; prompt and padding are -100.
+
+Batches are left-padded, so every row's response ends at the right edge: the LM head (a vocabulary-
+sized matmul, most of a small model's cost) then runs only over the last positions that hold answer
+tokens (``logits_to_keep``), not over the prompts.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -145,18 +150,49 @@ def pad_rows(rows: Sequence[Sequence[int]], value: int, *, left: bool) -> torch.
     return out
 
 
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """(rows, T) positions counted from each row's first real token (0 on left padding), so a left-padded
+    row sees the positions it would see alone."""
+    return (mask.long().cumsum(dim=-1) - 1).clamp_min(0)
+
+
 def collate_instructions(
     tokenizer: PreTrainedTokenizerBase, parts: Sequence[tuple[EncodedInstructions, np.ndarray]]
 ) -> dict[str, torch.Tensor]:
-    """A right-padded training batch of the examples ``idx`` of each part, part after part.
+    """A left-padded training batch of the examples ``idx`` of each part, part after part.
 
-    Returns input_ids, attention_mask and labels, each (rows, T); padded labels are IGNORE_INDEX.
+    Returns input_ids, attention_mask, position_ids and labels, each (rows, T); padded labels are
+    IGNORE_INDEX.
     """
     ids = [data.input_ids[i] for data, idx in parts for i in idx]
     labels = [data.labels[i] for data, idx in parts for i in idx]
-    input_ids = pad_rows(ids, tokenizer.pad_token_id, left=False)
-    mask = pad_rows([[1] * len(r) for r in ids], 0, left=False)
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": pad_rows(labels, IGNORE_INDEX, left=False)}
+    mask = pad_rows([[1] * len(r) for r in ids], 0, left=True)
+    return {
+        "input_ids": pad_rows(ids, tokenizer.pad_token_id, left=True),
+        "attention_mask": mask,
+        "position_ids": position_ids(mask),
+        "labels": pad_rows(labels, IGNORE_INDEX, left=True),
+    }
+
+
+def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def response_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed next-token loss over the response tokens, and their count; both (rows,).
+
+    ``batch`` is a left-padded batch of :func:`collate_instructions` (labels (rows, T)). Logits are
+    computed only from the position before the earliest answer token on (where the model supports
+    ``logits_to_keep``, as LLaMA, Qwen and Mistral do), which gives the same loss as full logits.
+    """
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    scored = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+    if scored.numel() and _takes_logits_to_keep(model):
+        inputs["logits_to_keep"] = labels.shape[1] - int(scored[0]) + 1
+    logits = model(**inputs).logits  # (rows, K, vocab), K <= T
+    return token_losses(logits, labels[:, labels.shape[1] - logits.shape[1] :])
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,9 +273,8 @@ def evaluate_generation(
             before_batch(idx)
         batch = collate_instructions(tokenizer, [(d, idx) for d in data])
         batch = {key: v.to(device) for key, v in batch.items()}
-        labels = batch.pop("labels")
         with torch.no_grad():
-            summed, counted = token_losses(model(**batch).logits, labels)
+            summed, counted = response_losses(model, batch)
         loss_sum += summed.view(k, -1).sum(dim=1).cpu().numpy()
         tokens += counted.view(k, -1).sum(dim=1).cpu().numpy()
         answers = generate(model, tokenizer, [d.prompt_ids[i] for d in data for i in idx], settings, device)

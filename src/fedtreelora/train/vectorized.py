@@ -20,21 +20,23 @@ from transformers import PreTrainedTokenizerBase
 from fedtreelora.adapters import AdapterBank, PhaseSpec
 from fedtreelora.train.batches import EncodedExamples, batch_indices, collate_clients
 from fedtreelora.train.client import ClientResult, LocalTraining, make_optimizer
-from fedtreelora.train.generation import EncodedInstructions, evaluate_generation, token_losses
+from fedtreelora.train.generation import EncodedInstructions, evaluate_generation, response_losses
 from fedtreelora.train.precision import precision_context
 
 
-def _per_client_loss(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """Each client's training loss, as one client alone would compute it -> (k,).
+def _per_client_loss(model: nn.Module, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
+    """Each client's training loss on its rows of ``batch``, as one client alone would compute it -> (k,).
 
-    Classification: logits (k*b, C), labels (k*b,), mean cross-entropy of the client's rows.
-    Generation: logits (k*b, T, vocab), labels (k*b, T), next-token cross-entropy averaged over the
-    client's scored (response) tokens, as a causal LM's own loss averages over its batch.
+    Classification: labels (k*b,), mean cross-entropy of the client's rows.
+    Generation: labels (k*b, T), next-token cross-entropy averaged over the client's scored (response)
+    tokens, as a causal LM's own loss averages over its batch.
     """
+    labels = batch["labels"]
     if labels.dim() == 2:
-        summed, counted = token_losses(logits, labels)
+        summed, counted = response_losses(model, batch)
         return summed.view(k, -1).sum(dim=1) / counted.view(k, -1).sum(dim=1).clamp_min(1)
-    losses = nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+    inputs = {key: v for key, v in batch.items() if key != "labels"}
+    losses = nn.functional.cross_entropy(model(**inputs).logits.float(), labels, reduction="none")
     return losses.view(k, -1).mean(dim=1)
 
 
@@ -118,8 +120,7 @@ def _run_clients_round(
         batch = {
             key: v.to(device) for key, v in collate_clients(tokenizer, list(zip(train_data, step, strict=True))).items()
         }
-        labels = batch.pop("labels")
-        per_client = _per_client_loss(model(**batch).logits, labels, k)
+        per_client = _per_client_loss(model, batch, k)
         if not torch.isfinite(per_client).all():
             raise FloatingPointError(
                 f"local training loss is {per_client.tolist()} at step {len(losses)}; lower train.lr"
