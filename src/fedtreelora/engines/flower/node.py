@@ -51,6 +51,11 @@ def site_dataset(config: ExperimentConfig, data: str, label_names: Sequence[str]
     """A site's own data, read with the config's column options; labels in ``label_names`` order
     when given (sites holding different subsets of the labels agree on one vocabulary)."""
     d = config.data
+    if d.resolved_task() != "classification":
+        raise ValueError(
+            f"data.task={d.resolved_task()!r}: deployment sites (--node-config data=...) read classification data "
+            "for now; run generation on Flower in simulation (`fedtreelora flower simulate`)"
+        )
     key = (config.model_dump_json(), data)
     if key not in _SITE_DATA:
         _SITE_DATA[key] = load_classification(

@@ -24,6 +24,7 @@ from fedtreelora.engines.recorder import write_json
 from fedtreelora.engines.setup import ModelSide, build_model_side
 from fedtreelora.engines.simulation import SimulationEngine
 from fedtreelora.train import ClientResult
+from fedtreelora.train.metrics import PRIMARY_METRIC
 
 
 @dataclass
@@ -72,6 +73,14 @@ class ServerFederation:
     @property
     def num_clients(self) -> int:
         return len(self.infos)
+
+    @property
+    def task(self) -> str:
+        return self.config.data.resolved_task()
+
+    @property
+    def metric(self) -> str:
+        return PRIMARY_METRIC[self.task]
 
     @property
     def num_labels(self) -> int:
