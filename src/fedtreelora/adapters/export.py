@@ -68,7 +68,14 @@ def read_meta(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / "clients" / "meta.json"
     if not path.is_file():
         raise ExportError(f"{str(path)!r} not found: the run has not finished or saved no client adapters")
-    return json.loads(path.read_text())
+    meta = json.loads(path.read_text())
+    if meta.get("task", "classification") != "classification":
+        # The PEFT export rebuilds a sequence classifier with its shared head; causal LMs are not wired up yet.
+        raise ExportError(
+            f"{str(run_dir)!r} is a {meta['task']} run; export writes classification adapters only. The clients' "
+            "LoRA tensors are in clients/client_NNN.safetensors (keys '<module>.<expert>.lora_A/lora_B')."
+        )
+    return meta
 
 
 def client_path(run_dir: str | Path, client: int) -> Path:
