@@ -92,8 +92,8 @@ def build_sections(run: RunData) -> list[Section]:
     sections.append(
         Section(
             "accuracy",
-            "Accuracy over rounds",
-            "Each client's accuracy on its own validation split (drawn with its own label skew) after every "
+            f"{run.metric.capitalize() if run.metric == 'accuracy' else 'ROUGE-1'} over rounds",
+            f"Each client's {run.metric} on its own validation split (drawn with its own label skew or task) after every "
             "round, and the mean over clients; grey bands mark warm-up rounds (local training only).",
             png=plots.figure_png(plots.plot_accuracy(run)),
         )
@@ -115,7 +115,7 @@ def build_sections(run: RunData) -> list[Section]:
         Section(
             "labels",
             "Label counts per client",
-            "How many training examples of each label every client holds (Dirichlet label skew).",
+            "How many training examples of each label (generation: of each task) every client holds.",
             png=None if counts is None else plots.figure_png(counts),
             note="The run folder holds no partition record.",
         )
