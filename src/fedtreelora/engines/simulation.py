@@ -15,6 +15,7 @@ from fedtreelora.config import ExperimentConfig
 from fedtreelora.engines.checkpoint import RunState, load_checkpoint, save_checkpoint
 from fedtreelora.engines.loggers import ScalarLogger
 from fedtreelora.engines.recorder import RunRecorder
+from fedtreelora.engines.round_table import RoundTable
 from fedtreelora.engines.setup import Federation, build_federation, client_seed
 from fedtreelora.engines.validation import RejectedUpdate, check_update
 from fedtreelora.progress import progress_bars
@@ -92,13 +93,16 @@ class SimulationEngine:
         with progress:
             rounds_task = progress.add_task("rounds", total=cfg.federation.rounds, completed=run.next_round)
             clients_task = progress.add_task("clients", total=fed.num_clients)
+            table = RoundTable(cfg.federation.rounds, fed.num_clients, run_metric(fed))
             for rnd in range(run.next_round, cfg.federation.rounds):
                 progress.reset(clients_task, total=fed.num_clients)
+                round_start = time.perf_counter()
                 record = self._round(fed, rnd, run, lambda: progress.advance(clients_task))
                 run.history.append(record)
                 run.next_round = rnd + 1
                 progress.advance(rounds_task)
-                progress.console.print(self._round_line(record, cfg.federation.rounds), soft_wrap=True)
+                values = [acc[-1] for k, acc in enumerate(run.per_client) if k in record["clients"]]
+                progress.console.print(table.row(record, values, time.perf_counter() - round_start))
                 if scalars is not None:
                     scalars.log_round(record, [acc[-1] for acc in run.per_client])
                 if self.recorder.out_dir is not None and every and (run.next_round % every == 0):
@@ -285,21 +289,6 @@ class SimulationEngine:
                 for s in fed.bank.sites
             ],
         }
-
-    @staticmethod
-    def _round_line(r: dict[str, Any], total: int) -> str:
-        extra = f"  cuts {r['server']['cuts']}" if "cuts" in r.get("server", {}) else ""
-        if r.get("rejected"):
-            extra += f"  rejected {r['rejected']}"
-        value = round_mean(r)
-        if value is None:
-            return f"round {r['round'] + 1:>2}/{total} {r['phase']:<9} no client update was accepted{extra}"
-        name = {"accuracy": "acc"}.get(r.get("metric", "accuracy"), r.get("metric"))
-        return (
-            f"round {r['round'] + 1:>2}/{total} {r['phase']:<9} {name} {value:.4f}  "
-            f"loss {r['mean_train_loss']:.4f}  MB up {r['uplink_mb_per_client']:.2f} "
-            f"down {r['downlink_mb_per_client']:.2f}{extra}"
-        )
 
     def _summary(self, fed: Federation, run: RunState, wall: float) -> dict[str, Any]:
         history = run.history
