@@ -101,7 +101,8 @@ class EvalsTask:
 EVALS_TASKS: dict[str, EvalsTask] = {
     # Text Edit
     "swap-words": EvalsTask("Text Edit", "swap-words/samples.jsonl"),
-    "decrypt-caesar": EvalsTask("Text Edit", "decrypt_caesar_cipher/samples.jsonl"),
+    "complex-replace": EvalsTask("Text Edit", "complex_replace_characters/samples.jsonl"),
+    "decrypt-caesar": EvalsTask("Text Edit", "decrypt_caesar_cipher/samples.jsonl"),  # barely learns: see docs
     "anagrams": EvalsTask("Text Edit", "anagrams/samples.jsonl"),
     # Struct2Text
     "date-to-string": EvalsTask("Struct2Text", "imperial_date_to_string/samples.jsonl"),
@@ -124,7 +125,7 @@ EVALS_TASKS: dict[str, EvalsTask] = {
 
 EVALS_NLG_DEFAULT: tuple[str, ...] = (
     "swap-words",
-    "decrypt-caesar",
+    "complex-replace",
     "date-to-string",
     "poker-hand",
     "sarcasm",
