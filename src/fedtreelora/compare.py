@@ -168,8 +168,10 @@ def plan_runs(
             # The partition is a function of the data section and the seed only: equal sections,
             # equal partitions for every method of this (dataset, seed).
             check_same_partition(configs, f"dataset {dataset!r}, seed {seed}")
+            # A row is a method or a suite variant (a method with its own overrides): runs are named by row.
             specs.extend(
-                RunSpec(dataset, cfg.method, seed, cfg, run_folder(out, dataset, cfg.method, seed)) for cfg in configs
+                RunSpec(dataset, row, seed, cfg, run_folder(out, dataset, row, seed))
+                for row, cfg in zip(methods, configs, strict=True)
             )
     return specs
 

@@ -27,6 +27,12 @@ File format (``version: 1``)
       sarcasm: {data: {dataset: sarcasm, n_train: 500}}
     method_overrides:          # optional: method -> config overrides, merged over base + dataset
       fedit: {fedit: {weighting: examples}}
+    variants:                  # optional: named table rows, each a method with its own option overrides
+      tau-0.1: {method: fedtreelora, overrides: {fedtreelora: {tau: 0.1}}}
+
+A variant is listed in ``methods`` (or ``--methods``) by its name, like a method; its runs use the
+variant's method with the method's overrides, then the variant's. Variants make a sensitivity sweep one
+comparison (``nlu-sweep``): every row sees the same partitions.
 
 A run's configuration is, deepest last: the config defaults, ``base``, the dataset's overrides, the
 suite-wide ``warmup_rounds``, the method's overrides, the command line's ``--set`` values, then
@@ -62,6 +68,17 @@ PAPER_ORDER = ("local", "fedit", "ffa", "fedsa", "feddpa", "fedalt", "fedlease",
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+class VariantFile(BaseModel):
+    """One named row of a comparison: a method run with extra config overrides."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    method: str
+    """The registered method the variant runs."""
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    """Config overrides of this row (e.g. ``{fedtreelora: {tau: 0.1}}``); never ``data`` or ``seed``."""
+
+
 class SuiteFile(BaseModel):
     """The schema of a suite file (unknown keys are errors)."""
 
@@ -85,6 +102,21 @@ class SuiteFile(BaseModel):
     """Dataset label -> config overrides (typically the ``data`` section and per-dataset sizes)."""
     method_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Method name -> config overrides for that method's runs only (never the ``data`` section)."""
+    variants: dict[str, VariantFile] = Field(default_factory=dict)
+    """Row name -> a method and option overrides (e.g. one value of a swept option)."""
+
+    @field_validator("variants")
+    @classmethod
+    def _variant_names(cls, value: dict[str, VariantFile]) -> dict[str, VariantFile]:
+        for name, variant in value.items():
+            if not _LABEL.match(name) or name in STRATEGIES:
+                raise ValueError(
+                    f"variant name {name!r} must be letters, digits, '_', '.', '-' (it names a folder) and not a "
+                    "registered method's name"
+                )
+            if "data" in variant.overrides or "seed" in variant.overrides:
+                raise ValueError(f"variants.{name} sets 'data' or 'seed': every row must see the same partition")
+        return value
 
     @field_validator("datasets")
     @classmethod
@@ -149,6 +181,8 @@ class Suite:
     seeds: tuple[int, ...]
     warmup_rounds: int | None = None
     method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    variants: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    """Row name -> (method, overrides)."""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], path: Path | None = None) -> Suite:
@@ -169,17 +203,30 @@ class Suite:
             seeds=tuple(parsed.seeds),
             warmup_rounds=parsed.warmup_rounds,
             method_overrides=parsed.method_overrides,
+            variants={name: (v.method, v.overrides) for name, v in parsed.variants.items()},
         )
 
     def default_methods(self) -> list[str]:
         """The suite's methods (every registered one for ``methods: all``), in table order."""
-        return order_methods(list(STRATEGIES) if self.methods is None else list(self.methods))
+        if self.methods is None:
+            return order_methods(list(STRATEGIES))
+        if any(m in self.variants for m in self.methods):
+            return list(dict.fromkeys(self.methods))  # a sweep reads in the order its file lists it
+        return order_methods(list(self.methods))
 
     def check_methods(self, methods: list[str] | tuple[str, ...]) -> None:
-        """Raise :class:`ConfigError` for a method that is not registered."""
-        unknown = [m for m in methods if m not in STRATEGIES]
+        """Raise :class:`ConfigError` for a name that is neither a registered method nor a variant."""
+        unknown = [m for m in methods if m not in STRATEGIES and m not in self.variants]
         if unknown:
-            raise ConfigError(f"unknown method(s) {unknown}; registered: {sorted(STRATEGIES)}")
+            extra = f"; this suite's variants: {sorted(self.variants)}" if self.variants else ""
+            raise ConfigError(f"unknown method(s) {unknown}; registered: {sorted(STRATEGIES)}{extra}")
+        bad = sorted({m for m, _ in self.variants.values()} - set(STRATEGIES))
+        if bad:
+            raise ConfigError(f"variants use unknown method(s) {bad}; registered: {sorted(STRATEGIES)}")
+
+    def method_of(self, row: str) -> str:
+        """The registered method a table row (a method or a variant name) runs."""
+        return self.variants[row][0] if row in self.variants else row
 
     def config_dict(
         self, method: str, dataset: str, seed: int, overrides: list[str] | tuple[str, ...] = ()
@@ -188,11 +235,14 @@ class Suite:
         if dataset not in self.datasets:
             raise ConfigError(f"suite {self.name!r} has no dataset {dataset!r}; it has {list(self.datasets)}")
         self.check_methods([method])
+        row, method = method, self.method_of(method)
         data = deep_merge(self.base, self.datasets[dataset])
         options = STRATEGIES[method].Options
         if self.warmup_rounds is not None and "warmup_rounds" in options.model_fields:
             data = deep_merge(data, {method: {"warmup_rounds": self.warmup_rounds}})
         data = deep_merge(data, self.method_overrides.get(method, {}))
+        if row in self.variants:
+            data = deep_merge(data, self.variants[row][1])
         for assignment in overrides:
             apply_override(data, assignment)
         data["method"] = method
