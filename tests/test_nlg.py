@@ -287,6 +287,23 @@ def test_nlg_suites_resolve_for_every_method(name: str) -> None:
         assert (first.model.rank, first.model.alpha, first.train.batch_size, first.train.lr) == (8, 32, 8, 3e-4)
 
 
+def test_category_columns_average_their_clients() -> None:
+    from fedtreelora.compare import RunResult, RunSpec, summarise, table_columns
+
+    config = load_config(overrides=["data.dataset=evals-nlg"])
+    summary = {
+        "metric": "rouge1", "best_mean": 0.5, "final_mean": 0.4, "trainable_params_per_client": 10,
+        "backbone_params": 100, "history": [], "client_categories": ["A", "A", "B", "B"],
+        "per_client_best_round": [0.2, 0.4, 0.6, 0.8], "per_client": [0.1, 0.3, 0.5, 0.7],
+    }  # fmt: skip
+    runs = [RunResult(RunSpec("evals-nlg", "fedit", 1, config, Path("x")), summary, "new", 0.0)]
+    columns = table_columns(runs, ["evals-nlg"])
+    assert [c.label for c in columns] == ["A", "B"]
+    (row,) = summarise(runs, ["evals-nlg"], ["fedit"], columns)
+    assert (row["A_best_mean"], row["B_best_mean"], row["Average_best_mean"]) == pytest.approx((30.0, 70.0, 50.0))
+    assert (row["A_final_mean"], row["B_final_mean"]) == pytest.approx((20.0, 60.0))
+
+
 # ----------------------------------------------------------------------------------------------
 # end to end
 # ----------------------------------------------------------------------------------------------

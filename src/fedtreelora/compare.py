@@ -264,7 +264,9 @@ def table_columns(runs: Sequence[RunResult], datasets: Sequence[str]) -> list[Co
         categories: list[str] = []
         for r in runs:
             if r.spec.dataset == dataset:
-                categories += [c for c in r.summary.get("client_categories") or [] if c not in categories]
+                for category in r.summary.get("client_categories") or []:
+                    if category not in categories:  # several clients share a category
+                        categories.append(category)
         if not categories:
             columns.append(Column(dataset, dataset))
             continue
