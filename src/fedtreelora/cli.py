@@ -27,7 +27,7 @@ def _run(args: argparse.Namespace) -> int:
 
     summary = SimulationEngine(config, out, quiet=args.quiet, resume=args.resume is not None).run()
     line = (
-        f"{summary['method']} on {summary['dataset']}: final mean accuracy {summary['final_mean']:.4f}, "
+        f"{summary['method']} on {summary['dataset']}: final mean {summary.get('metric', 'accuracy')} {summary['final_mean']:.4f}, "
         f"best {summary['best_mean']:.4f} (round {summary['best_round'] + 1}), cuts {summary['cuts']}, "
         f"{summary['wall_seconds']:.0f} s -> {out}"
     )
@@ -141,7 +141,8 @@ def _flower_simulate(args: argparse.Namespace) -> int:
     summary = simulate(config, out, round_timeout=args.round_timeout, echo=not args.quiet)
     print(
         f"{summary['method']} on {summary['dataset']} (Flower simulation, {summary['num_clients']} nodes): "
-        f"final mean accuracy {summary['final_mean']:.4f}, best {summary['best_mean']:.4f}, cuts {summary['cuts']} -> {out}"
+        f"final mean {summary.get('metric', 'accuracy')} {summary['final_mean']:.4f}, best {summary['best_mean']:.4f}, "
+        f"cuts {summary['cuts']} -> {out}"
     )
     return 0
 
@@ -266,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--suite",
         required=True,
-        help="suite name (nlu-smoke, nlu, nlu-paper; in src/fedtreelora/configs/suites/) or a suite YAML file",
+        help="suite name (nlu-smoke, nlu, nlu-sweep, nlu-paper, nlg-smoke, nlg, nlg-paper; in "
+        "src/fedtreelora/configs/suites/) or a suite YAML file",
     )
     compare.add_argument("--methods", metavar="A,B,...", help="methods to run (default: the suite's, usually all)")
     compare.add_argument("--seeds", metavar="1,2,...", help="seeds to run (default: the suite's)")
