@@ -14,15 +14,15 @@ from rich.text import Text
 
 #: (header, width, justify)
 COLUMNS: tuple[tuple[str, int, str], ...] = (
-    ("round", 7, "right"),
+    ("round", 5, "right"),
     ("phase", 9, "left"),
-    ("mean", 7, "right"),  # headed by the metric's short name: the clients' mean
-    ("clients min-max", 15, "right"),
-    ("loss", 7, "right"),
-    ("clients", 7, "right"),
-    ("MB up", 6, "right"),
-    ("MB down", 7, "right"),
-    ("s", 6, "right"),
+    ("mean", 6, "right"),  # headed by the metric's short name: the clients' mean
+    ("min-max", 11, "right"),
+    ("loss", 6, "right"),
+    ("n", 7, "right"),
+    ("MB up", 5, "right"),
+    ("down", 5, "right"),
+    ("s", 5, "right"),
 )
 
 
@@ -43,7 +43,8 @@ class RoundTable:
         self.header_shown = False
 
     def _table(self) -> Table:
-        table = Table(box=None, show_header=not self.header_shown, header_style="bold", pad_edge=False, padding=(0, 1))
+        # One space between columns keeps the fixed part within 70 characters (logs are 80 wide).
+        table = Table(box=None, show_header=not self.header_shown, header_style="bold", pad_edge=False, padding=(0, 1, 0, 0))
         for name, width, justify in COLUMNS:
             header = {"accuracy": "acc"}.get(self.metric, self.metric)[:width] if name == "mean" else name
             table.add_column(header, width=width, justify=justify, no_wrap=True)  # type: ignore[arg-type]
@@ -70,7 +71,7 @@ class RoundTable:
         notes = []
         server = record.get("server") or {}
         if "cuts" in server:
-            notes.append(f"cuts {server['cuts']}")
+            notes.append("cuts " + ",".join(str(c) for c in server["cuts"]))
         if record.get("rejected"):
             notes.append(f"rejected {record['rejected']}")
         if mean is None:
@@ -80,11 +81,11 @@ class RoundTable:
             record["phase"],
             mean_cell,
             spread,
-            "-" if loss is None else f"{loss:.4f}",
+            "-" if loss is None else f"{loss:.3f}",
             f"{len(record.get('clients', []))}/{self.num_clients}",
             f"{record.get('uplink_mb_per_client', 0.0):.2f}",
             f"{record.get('downlink_mb_per_client', 0.0):.2f}",
-            f"{seconds:.1f}",
+            f"{seconds:.0f}" if seconds >= 100 else f"{seconds:.1f}",
             Text(", ".join(notes), style="yellow" if record.get("rejected") or mean is None else "cyan"),
         )
         return table
