@@ -41,6 +41,7 @@ def flower_env(home: str | Path) -> dict[str, str]:
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no usage reports from our own processes unless asked
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
