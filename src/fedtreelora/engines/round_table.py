@@ -1,7 +1,8 @@
 """The per-round table on the console: a header once, then one aligned row per round.
 
 Each row is printed as it happens (above the progress bars), so the table also reads well in a log
-file or a Flower ``--stream`` where nothing can be redrawn. Columns have fixed widths for that reason.
+file or a Flower ``--stream`` where nothing can be redrawn: columns have fixed widths, and the last
+column (cuts, rejections) runs on instead of wrapping.
 """
 
 from __future__ import annotations
@@ -9,20 +10,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from rich.table import Table
 from rich.text import Text
 
-#: (header, width, justify)
+#: (header, width, align) of the fixed columns; "mean" is headed by the metric's short name.
 COLUMNS: tuple[tuple[str, int, str], ...] = (
-    ("round", 5, "right"),
-    ("phase", 9, "left"),
-    ("mean", 6, "right"),  # headed by the metric's short name: the clients' mean
-    ("min-max", 11, "right"),
-    ("loss", 6, "right"),
-    ("n", 7, "right"),
-    ("MB up", 5, "right"),
-    ("down", 5, "right"),
-    ("s", 5, "right"),
+    ("round", 5, ">"),
+    ("phase", 9, "<"),
+    ("mean", 6, ">"),
+    ("min-max", 11, ">"),
+    ("loss", 6, ">"),
+    ("n", 7, ">"),
+    ("MB up", 5, ">"),
+    ("down", 5, ">"),
+    ("s", 5, ">"),
 )
 
 
@@ -32,7 +32,7 @@ class RoundTable:
     Args:
         total_rounds: rounds in the run (for the ``r/N`` column).
         num_clients: clients in the federation (for the ``k/N`` column).
-        metric: the clients' metric (``accuracy``, ``rouge1``), named in the header.
+        metric: the clients' metric (``accuracy``, ``rouge1``), heading the mean column.
     """
 
     def __init__(self, total_rounds: int, num_clients: int, metric: str = "accuracy") -> None:
@@ -42,32 +42,33 @@ class RoundTable:
         self.best: float | None = None
         self.header_shown = False
 
-    def _table(self) -> Table:
-        # One space between columns keeps the fixed part within 70 characters (logs are 80 wide).
-        table = Table(box=None, show_header=not self.header_shown, header_style="bold", pad_edge=False, padding=(0, 1, 0, 0))
-        for name, width, justify in COLUMNS:
-            header = {"accuracy": "acc"}.get(self.metric, self.metric)[:width] if name == "mean" else name
-            table.add_column(header, width=width, justify=justify, no_wrap=True)  # type: ignore[arg-type]
-        table.add_column("notes", no_wrap=False)
-        return table
+    def header(self) -> Text:
+        names = [{"accuracy": "acc"}.get(self.metric, self.metric) if n == "mean" else n for n, _, _ in COLUMNS]
+        cells = [f"{name[:width]:{align}{width}}" for name, (_, width, align) in zip(names, COLUMNS, strict=True)]
+        return Text(" ".join([*cells, "notes"]), style="bold")
 
-    def row(self, record: dict[str, Any], client_values: Sequence[float], seconds: float) -> Table:
-        """A one-row table for ``record``; the first call also carries the header.
+    def row(self, record: dict[str, Any], client_values: Sequence[float], seconds: float) -> Text:
+        """The row of ``record``, preceded by the header on the first call.
 
         ``client_values`` are this round's per-client metric values (participants whose update was
         accepted); ``seconds`` is the round's wall time.
         """
-        table = self._table()
-        self.header_shown = True
         mean = record.get("mean_metric", record.get("mean_accuracy"))
-        if mean is None:
-            mean_cell = Text("-", style="yellow")
-        else:
-            improved = self.best is None or mean > self.best
-            self.best = mean if improved else self.best
-            mean_cell = Text(f"{mean:.4f}", style="bold green" if improved else "")
-        spread = f"{min(client_values):.3f}-{max(client_values):.3f}" if client_values else "-"
+        improved = mean is not None and (self.best is None or mean > self.best)
+        if improved:
+            self.best = mean
         loss = record.get("mean_train_loss")
+        values = [
+            f"{record['round'] + 1}/{self.total_rounds}",
+            str(record["phase"]),
+            "-" if mean is None else f"{mean:.4f}",
+            f"{min(client_values):.3f}-{max(client_values):.3f}" if client_values else "-",
+            "-" if loss is None else f"{loss:.3f}",
+            f"{len(record.get('clients', []))}/{self.num_clients}",
+            f"{record.get('uplink_mb_per_client', 0.0):.2f}",
+            f"{record.get('downlink_mb_per_client', 0.0):.2f}",
+            f"{seconds:.0f}" if seconds >= 100 else f"{seconds:.1f}",
+        ]
         notes = []
         server = record.get("server") or {}
         if "cuts" in server:
@@ -76,16 +77,13 @@ class RoundTable:
             notes.append(f"rejected {record['rejected']}")
         if mean is None:
             notes.append("no client update was accepted")
-        table.add_row(
-            f"{record['round'] + 1}/{self.total_rounds}",
-            record["phase"],
-            mean_cell,
-            spread,
-            "-" if loss is None else f"{loss:.3f}",
-            f"{len(record.get('clients', []))}/{self.num_clients}",
-            f"{record.get('uplink_mb_per_client', 0.0):.2f}",
-            f"{record.get('downlink_mb_per_client', 0.0):.2f}",
-            f"{seconds:.0f}" if seconds >= 100 else f"{seconds:.1f}",
-            Text(", ".join(notes), style="yellow" if record.get("rejected") or mean is None else "cyan"),
-        )
-        return table
+        text = Text()
+        if not self.header_shown:
+            text.append_text(self.header())
+            text.append("\n")
+            self.header_shown = True
+        for i, (value, (_, width, align)) in enumerate(zip(values, COLUMNS, strict=True)):
+            style = "bold green" if i == 2 and improved else ("yellow" if i == 2 and mean is None else "")
+            text.append(f"{value:{align}{width}}" + " ", style=style)
+        text.append(", ".join(notes), style="yellow" if record.get("rejected") or mean is None else "cyan")
+        return text

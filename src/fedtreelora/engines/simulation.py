@@ -102,7 +102,7 @@ class SimulationEngine:
                 run.next_round = rnd + 1
                 progress.advance(rounds_task)
                 values = [acc[-1] for k, acc in enumerate(run.per_client) if k in record["clients"]]
-                progress.console.print(table.row(record, values, time.perf_counter() - round_start))
+                progress.console.print(table.row(record, values, time.perf_counter() - round_start), soft_wrap=True)
                 if scalars is not None:
                     scalars.log_round(record, [acc[-1] for acc in run.per_client])
                 if self.recorder.out_dir is not None and every and (run.next_round % every == 0):
