@@ -42,6 +42,8 @@ def flower_env(home: str | Path) -> dict[str, str]:
     env.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no usage reports from our own processes unless asked
+    # Ray hides GPUs from workers given no GPU share; leave them visible so clients can use a GPU.
+    env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
