@@ -55,8 +55,24 @@ def clients_per_pass(config: ExperimentConfig, device: torch.device) -> int:
     return int(value)
 
 
+class RunTask:
+    """A run's task and metric, read from its ``config`` (shared by every view of a federation)."""
+
+    config: ExperimentConfig
+
+    @property
+    def task(self) -> str:
+        """``classification`` or ``generation``."""
+        return self.config.data.resolved_task()
+
+    @property
+    def metric(self) -> str:
+        """The per-client metric the run records and averages: ``accuracy`` or ``rouge1``."""
+        return PRIMARY_METRIC[self.task]
+
+
 @dataclass
-class Federation:
+class Federation(RunTask):
     """Everything a run needs, built once.
 
     Classification: the dataset's labels are classes and clients are Dirichlet label-skewed.
@@ -80,16 +96,6 @@ class Federation:
     def backbone(self) -> Backbone:
         """The loaded model and tokenizer."""
         return self.classifier
-
-    @property
-    def task(self) -> str:
-        """``classification`` or ``generation``."""
-        return self.config.data.resolved_task()
-
-    @property
-    def metric(self) -> str:
-        """The per-client metric the run records and averages: ``accuracy`` or ``rouge1``."""
-        return PRIMARY_METRIC[self.task]
 
     def client_categories(self) -> list[str] | None:
         """Each client's category (generation: its task's category, e.g. ``Sentiment``); None for

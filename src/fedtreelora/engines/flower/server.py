@@ -10,7 +10,7 @@ sees data.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +21,21 @@ from fedtreelora.config import ExperimentConfig
 from fedtreelora.engines.checkpoint import RunState
 from fedtreelora.engines.flower.records import from_array_record, to_array_record
 from fedtreelora.engines.recorder import write_json
-from fedtreelora.engines.setup import ModelSide, build_model_side
+from fedtreelora.engines.setup import ModelSide, RunTask, build_model_side
 from fedtreelora.engines.simulation import SimulationEngine
 from fedtreelora.train import ClientResult
-from fedtreelora.train.metrics import PRIMARY_METRIC
 
 
 @dataclass
-class ServerFederation:
-    """What the server knows of a federation whose clients live on Flower nodes.
+class ServerFederation(ModelSide, RunTask):
+    """What the server knows of a federation whose clients live on Flower nodes: the model side
+    (backbone, adapters, strategy) and what each node reported.
 
     Quacks like :class:`~fedtreelora.engines.setup.Federation` for everything the engine's server
     side reads; ``nodes`` maps client id -> Flower node id.
     """
 
     config: ExperimentConfig
-    side: ModelSide
     infos: list[dict[str, Any]]
     nodes: dict[int, int]
     label_names: list[str]
@@ -47,40 +46,8 @@ class ServerFederation:
     """client -> whether its node answered the last message sent to it."""
 
     @property
-    def classifier(self):  # type: ignore[no-untyped-def]
-        return self.side.classifier
-
-    @property
-    def bank(self):  # type: ignore[no-untyped-def]
-        return self.side.bank
-
-    @property
-    def strategy(self):  # type: ignore[no-untyped-def]
-        return self.side.strategy
-
-    @property
-    def initial_state(self):  # type: ignore[no-untyped-def]
-        return self.side.initial_state
-
-    @property
-    def settings(self):  # type: ignore[no-untyped-def]
-        return self.side.settings
-
-    @property
-    def device(self):  # type: ignore[no-untyped-def]
-        return self.side.device
-
-    @property
     def num_clients(self) -> int:
         return len(self.infos)
-
-    @property
-    def task(self) -> str:
-        return self.config.data.resolved_task()
-
-    @property
-    def metric(self) -> str:
-        return PRIMARY_METRIC[self.task]
 
     @property
     def num_labels(self) -> int:
@@ -199,7 +166,10 @@ class FlowerEngine(SimulationEngine):
             num_examples=tuple(int(i["num-train"]) for i in ordered),
             num_slots=1,
         )
-        fed = ServerFederation(cfg, side, ordered, nodes, labels, dataset_name=str(cfg.data.dataset))
+        model_side = {f.name: getattr(side, f.name) for f in fields(ModelSide)}
+        fed = ServerFederation(
+            **model_side, config=cfg, infos=ordered, nodes=nodes, label_names=labels, dataset_name=str(cfg.data.dataset)
+        )
         if self.recorder.out_dir is not None:
             write_json(self.recorder.out_dir / "nodes.json", {str(c): n for c, n in nodes.items()})
         return fed
