@@ -55,11 +55,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for rounds in (short, long):
             cfg = config(args, rounds)
-            t_in, s_in = timed(lambda: SimulationEngine(cfg, Path(tmp) / f"in-{rounds}", quiet=True, report=False).run())  # noqa: B023
+            t_in, s_in = timed(
+                lambda: SimulationEngine(cfg, Path(tmp) / f"in-{rounds}", quiet=True, report=False).run()
+            )  # noqa: B023
             t_fl, s_fl = timed(lambda: simulate(cfg, Path(tmp) / f"fl-{rounds}", echo=False))  # noqa: B023
             assert s_in["per_client"] == s_fl["per_client"], "the two engines disagree"
             rows[rounds] = (t_in, t_fl)
-            print(json.dumps({"rounds": rounds, "in_process_s": round(t_in, 2), "flower_s": round(t_fl, 2)}), flush=True)
+            print(
+                json.dumps({"rounds": rounds, "in_process_s": round(t_in, 2), "flower_s": round(t_fl, 2)}), flush=True
+            )
     (in_s, fl_s), (in_l, fl_l) = rows[short], rows[long]
     per_in, per_fl = (in_l - in_s) / (long - short), (fl_l - fl_s) / (long - short)
     print()

@@ -4,6 +4,7 @@ frozen (no gradient reaches it on a real MiniLM cut to 2 layers), and a run of e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterator, Sequence
@@ -392,6 +393,47 @@ def test_server_state_round_trips_to_identical_payloads(name: str, options: dict
         assert a and a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
     la, lb = first.sharing_labels(), second.sharing_labels()
     assert (la is None and lb is None) or np.array_equal(la, lb)
+
+
+@pytest.mark.parametrize(("name", "options"), ROUND_TRIP)
+def test_aggregating_with_torch_on_a_device_sends_what_numpy_sends(name: str, options: dict) -> None:
+    """``federation.server_device`` moves aggregation to torch float64 (here on the CPU, as CI has no
+    GPU); payloads and the sharing plan must match the numpy path. Client 3 misses warm-up and is
+    placed by its first upload, so the late-client path runs on torch too."""
+    servers = []
+    for device in (None, "cpu"):
+        cls = get_strategy(name)
+        opts = cls.Options(**options)
+        server = cls(opts, dataclasses.replace(context(cls.experts_for(opts)), server_device=device))
+        expert = cls.experts_for(opts)[0]
+        sent = uploads(
+            expert, [[[1.0, 0.1], [1.0, 0.0], [0.0, 1.0], [0.1, 1.0]], [[0.0, 0.3], [0.2, 0.3], [5, 0], [5, 1]]]
+        )
+        keys = server.upload_keys(0, 0)
+        server.aggregate(0, {k: {key: sent[k][key] for key in keys} for k in (0, 1, 2)})
+        server.aggregate(1, {k: {key: sent[k][key] * (k + 2) for key in keys} for k in range(N)})
+        servers.append(server)
+    numpy_server, torch_server = servers
+    labels_np, labels_torch = numpy_server.sharing_labels(), torch_server.sharing_labels()
+    assert (labels_np is None and labels_torch is None) or np.array_equal(labels_np, labels_torch)
+    for k in range(N):
+        a, b = numpy_server.payload(2, k), torch_server.payload(2, k)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key].dtype == torch.float32 and b[key].device.type == "cpu"
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+
+
+def test_server_device_names_the_field_when_unusable() -> None:
+    from fedtreelora.engines.setup import resolve_server_device
+
+    assert resolve_server_device(None) is None
+    assert resolve_server_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="federation.server_device='gpu0' is not a torch device"):
+        resolve_server_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="federation.server_device='cuda' but this machine has no CUDA"):
+            resolve_server_device("cuda")
 
 
 # --- the layer: mixers the baselines need ---------------------------------------------------------

@@ -71,7 +71,9 @@ def test_a_sweep_runs_as_one_comparison(tmp_path) -> None:
     result = run_compare(load_suite(path), tmp_path / "out", quiet=True)
     assert [r["method"] for r in result.rows] == ["fedit", "fedtreelora", "tau-0.9"]
     runs = tmp_path / "out" / "runs" / "sarcasm"
-    summaries = {row: json.loads((runs / row / "seed1" / "summary.json").read_text()) for row in ("fedtreelora", "tau-0.9")}
+    summaries = {
+        row: json.loads((runs / row / "seed1" / "summary.json").read_text()) for row in ("fedtreelora", "tau-0.9")
+    }
     assert yaml.safe_load((runs / "tau-0.9" / "seed1" / "config.yaml").read_text())["fedtreelora"]["tau"] == 0.9
     assert summaries["tau-0.9"]["method"] == "fedtreelora"
     # tau 0.9 is above any silhouette here, so nothing splits; identical partitions across rows

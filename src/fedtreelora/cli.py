@@ -203,7 +203,9 @@ def _add_flower(sub: argparse._SubParsersAction, config_options) -> None:  # typ
     )
     app.set_defaults(func=_flower_app)
 
-    sites = fsub.add_parser("sites", help="write each client's share of the partition as a site folder (to try a deployment)")
+    sites = fsub.add_parser(
+        "sites", help="write each client's share of the partition as a site folder (to try a deployment)"
+    )
     config_options(sites)
     sites.add_argument("--out", required=True, help="folder for site0, site1, ...")
     sites.set_defaults(func=_flower_sites)
@@ -212,7 +214,9 @@ def _add_flower(sub: argparse._SubParsersAction, config_options) -> None:  # typ
     creds.add_argument("--out", required=True, help="folder for the files")
     creds.add_argument("--nodes", type=int, default=3, help="SuperNode key pairs to make (default 3)")
     creds.add_argument(
-        "--host", action="append", help="a name or IP the SuperLink is reached by (repeatable; default localhost, 127.0.0.1)"
+        "--host",
+        action="append",
+        help="a name or IP the SuperLink is reached by (repeatable; default localhost, 127.0.0.1)",
     )
     creds.set_defaults(func=_flower_credentials)
 

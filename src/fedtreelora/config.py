@@ -141,6 +141,10 @@ class FederationConfig(Section):
     """Reject an uploaded tensor whose Frobenius norm exceeds this; None: no bound."""
     checkpoint_every: int = Field(1, ge=0)
     """Write a checkpoint every n rounds (0: never); `fedtreelora run --resume DIR` continues from it."""
+    server_device: str | None = None
+    """Where the server aggregates and plans: None (default) numpy float64 on the CPU; a torch device
+    (``cpu``, ``cuda``, ``cuda:1``) or ``auto`` (CUDA when available) for torch float64 there, which
+    pays off with hundreds of clients or LLaMA-sized adapters on a server with a GPU."""
 
 
 class LoggingConfig(Section):

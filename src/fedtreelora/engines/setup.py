@@ -39,6 +39,29 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_server_device(name: str | None) -> str | None:
+    """``federation.server_device`` as the strategies take it: None (numpy) or a torch device string.
+
+    Raises:
+        ValueError: the name is not a torch device, or names CUDA on a machine without it.
+    """
+    if name is None:
+        return None
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(
+            f"federation.server_device={name!r} is not a torch device; use cpu, cuda, cuda:N, auto or null"
+        ) from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"federation.server_device={name!r} but this machine has no CUDA device; use cpu, auto or null"
+        )
+    return str(device)
+
+
 def client_seed(seed: int, rnd: int, client: int) -> int:
     """A seed for one client's round, independent of the order clients run in."""
     return int(np.random.SeedSequence([seed, rnd, client]).generate_state(1)[0])
@@ -219,6 +242,7 @@ def build_model_side(
         seed=config.seed,
         rank=model_cfg.rank,
         state_shapes=bank.state_shapes(),
+        server_device=resolve_server_device(config.federation.server_device),
     )
     strategy = strategy_cls(config.method_options(), context)
     generator = torch.Generator().manual_seed(config.seed)

@@ -41,6 +41,10 @@ class FederationContext:
         num_rounds: rounds in the run.
         num_examples: (clients,) training examples per client (for example-weighted averages).
         seed: the run seed.
+        rank: LoRA rank.
+        state_shapes: every state key's tensor shape.
+        server_device: where aggregation runs: None for numpy float64 on the CPU; a torch device
+            (``"cpu"``, ``"cuda"``) for torch float64 on it (a server with a GPU and many clients).
     """
 
     num_clients: int
@@ -52,6 +56,7 @@ class FederationContext:
     seed: int = 0
     rank: int = 8
     state_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    server_device: str | None = None
 
 
 class Strategy(ABC):
@@ -167,10 +172,35 @@ class Strategy(ABC):
         """All keys of one expert, site by site."""
         return [f"{s.name}.{expert}.{f}" for s in self.context.sites for f in ("lora_A", "lora_B")]
 
+    def stack(self, uploads: Mapping[int, Tensors], clients: Sequence[int], key: str) -> np.ndarray | torch.Tensor:
+        """(clients, ...) float64 values of one key across uploads, where this server aggregates
+        (:attr:`FederationContext.server_device`)."""
+        return stack(uploads, clients, key, self.context.server_device)
 
-def stack(uploads: Mapping[int, Tensors], clients: Sequence[int], key: str) -> np.ndarray:
-    """(clients, ...) float64 array of one key across uploads."""
-    return np.stack([uploads[c][key].numpy().astype(np.float64) for c in clients])
+
+def stack(
+    uploads: Mapping[int, Tensors], clients: Sequence[int], key: str, device: str | None = None
+) -> np.ndarray | torch.Tensor:
+    """(clients, ...) float64 values of one key across uploads: a numpy array when ``device`` is None,
+    else a torch tensor on ``device`` (the :mod:`fedtreelora.core` functions compute where it lives)."""
+    if device is None:
+        return np.stack([uploads[c][key].numpy().astype(np.float64) for c in clients])
+    # Stack in float32 on the CPU, move once, widen there: half the bytes cross to the device.
+    return torch.stack([uploads[c][key] for c in clients]).to(device).double()
+
+
+def as_payload(value: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A server-side result (numpy array, or torch tensor on any device) as what crosses the wire: a
+    CPU float32 tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device="cpu", dtype=torch.float32)
+    return torch.from_numpy(np.ascontiguousarray(value)).float()
+
+
+def as_payloads(values: np.ndarray | torch.Tensor) -> list[torch.Tensor]:
+    """(rows, ...) server-side results as one CPU float32 tensor per row, each with its own storage
+    (a checkpoint saves them separately). One device-to-host copy for all rows, not one per row."""
+    return [row.clone() for row in as_payload(values)]
 
 
 def rename(tensors: Mapping[str, torch.Tensor], old: str, new: str) -> Tensors:

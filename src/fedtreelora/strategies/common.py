@@ -28,12 +28,13 @@ def unflatten_by_owner(tensors: Mapping[str, torch.Tensor]) -> dict[int, Tensors
 
 def b_matrices_by_module(
     uploads: Mapping[int, Tensors], clients: list[int], context: FederationContext, expert: str
-) -> list[np.ndarray]:
+) -> list[np.ndarray] | list[torch.Tensor]:
     """Every client's uploaded B factors of ``expert``, one array per target module, as
     :func:`fedtreelora.core.layer_distances` takes them.
 
     Returns:
-        per module in ``context.module_names`` order, a (clients, layers, d_out, rank) float64 array.
+        per module in ``context.module_names`` order, a (clients, layers, d_out, rank) float64 array
+        (a torch tensor on ``context.server_device`` when that is set).
     Raises:
         ValueError when a target module is not adapted in every layer.
     """
@@ -44,7 +45,8 @@ def b_matrices_by_module(
             raise ValueError(
                 f"target module {module!r} is not adapted in every layer; layer-wise distances need one per layer"
             )
-        per_module.append(np.stack([stack(uploads, clients, f"{s.name}.{expert}.lora_B") for s in sites], axis=1))
+        layers = [stack(uploads, clients, f"{s.name}.{expert}.lora_B", context.server_device) for s in sites]
+        per_module.append(np.stack(layers, axis=1) if context.server_device is None else torch.stack(layers, dim=1))
     return per_module
 
 

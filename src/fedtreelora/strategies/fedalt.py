@@ -10,7 +10,7 @@ import torch
 
 from fedtreelora.adapters import ExpertSpec, PhaseSpec
 from fedtreelora.core import group_means
-from fedtreelora.strategies.base import FederationContext, Strategy, StrategyOptions, Tensors, stack
+from fedtreelora.strategies.base import FederationContext, Strategy, StrategyOptions, Tensors, as_payload, as_payloads
 from fedtreelora.strategies.common import flatten_by_owner, unflatten_by_owner
 from fedtreelora.strategies.registry import register
 
@@ -71,13 +71,12 @@ class FedALT(Strategy):
         row = {c: i for i, c in enumerate(clients)}
         payloads: dict[int, Tensors] = {c: {} for c in range(self.context.num_clients)}
         for key in uploads[clients[0]]:
-            values = stack(uploads, clients, key)  # (participants, ...)
-            _, others = group_means(values, alone, weights)
-            everyone, _ = group_means(values, together, weights)
+            values = self.stack(uploads, clients, key)  # (participants, ...)
+            others = as_payloads(group_means(values, alone, weights)[1])
+            everyone = as_payload(group_means(values, together, weights)[0][0])
             rest_key = key.replace(".individual.", ".rest.")
             for c in payloads:
-                value = others[row[c]] if c in row else everyone[0]
-                payloads[c][rest_key] = torch.from_numpy(value).float()
+                payloads[c][rest_key] = others[row[c]] if c in row else everyone.clone()
         self._payloads = payloads
         return {"aggregated": len(clients)}
 

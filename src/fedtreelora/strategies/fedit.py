@@ -10,7 +10,7 @@ import torch
 
 from fedtreelora.adapters import ExpertSpec, PhaseSpec
 from fedtreelora.core import group_means
-from fedtreelora.strategies.base import Strategy, StrategyOptions, Tensors, stack
+from fedtreelora.strategies.base import Strategy, StrategyOptions, Tensors, as_payload
 from fedtreelora.strategies.registry import register
 
 
@@ -57,8 +57,8 @@ class FedIT(Strategy):
         weights = self.weights(clients, self.options.weighting)
         labels = np.zeros(len(clients), dtype=np.int64)
         for key in uploads[clients[0]]:
-            inside, _ = group_means(stack(uploads, clients, key), labels, weights)
-            self._global[key] = torch.from_numpy(inside[0]).float()
+            inside, _ = group_means(self.stack(uploads, clients, key), labels, weights)
+            self._global[key] = as_payload(inside[0])
         return {"aggregated": len(clients)}
 
     def state_dict(self) -> tuple[Tensors, dict[str, Any]]:

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from fedtreelora.adapters import ExpertSpec, PhaseSpec
 from fedtreelora.core import build_tree, cut_exact, group_means, layer_distances, mean_silhouette
-from fedtreelora.strategies.base import FederationContext, Strategy, StrategyOptions, Tensors, rename, stack
+from fedtreelora.strategies.base import FederationContext, Strategy, StrategyOptions, Tensors, as_payloads, rename
 from fedtreelora.strategies.common import (
     b_matrices_by_module,
     distances_to_members,
@@ -156,9 +156,9 @@ class FedLEASE(Strategy):
         labels = self.labels[clients]
         weights = self.weights(clients, self.options.weighting)
         for key in uploads[clients[0]]:
-            inside, _ = group_means(stack(uploads, clients, key), labels, weights)
+            inside = as_payloads(group_means(self.stack(uploads, clients, key), labels, weights)[0])
             for i, cluster in enumerate(labels.tolist()):
-                self._experts.setdefault(cluster, {})[key] = torch.from_numpy(inside[i]).float()
+                self._experts.setdefault(cluster, {})[key] = inside[i]
         return info
 
     def _place(self, client: int, upload: Tensors) -> None:

@@ -20,7 +20,7 @@ from fedtreelora.core import (
     mean_silhouette,
     plan_sharing,
 )
-from fedtreelora.strategies.base import FederationContext, Strategy, StrategyOptions, Tensors, stack
+from fedtreelora.strategies.base import FederationContext, Strategy, StrategyOptions, Tensors, as_payloads
 from fedtreelora.strategies.common import (
     b_matrices_by_module,
     distances_to_members,
@@ -241,18 +241,20 @@ class FedTreeLoRA(Strategy):
         payloads: dict[int, Tensors] = {c: dict(self._payloads.get(c, {})) for c in targets}
         for key in uploads[clients[0]]:
             layer = self.site_of(key).layer
-            values = stack(uploads, clients, key)
+            values = self.stack(uploads, clients, key)
             inside, outside, has_inside, _ = group_means_for(
                 values, labels[layer][clients], labels[layer][targets], weights
             )
+            inside = as_payloads(inside)
+            outside = as_payloads(outside) if self.options.external == "mean" else []
             external_key = key.replace(".cluster.", ".external.")
             for i, c in enumerate(targets):
                 if has_inside[i]:  # else no cluster member took part: the client keeps its own cluster expert
-                    payloads[c][key] = torch.from_numpy(inside[i]).float()
+                    payloads[c][key] = inside[i]
                 if self.options.external == "mean":
-                    payloads[c][external_key] = torch.from_numpy(outside[i]).float()
+                    payloads[c][external_key] = outside[i]
             if self.options.external == "per_cluster":
-                own, _ = group_means(values, labels[layer][clients], weights)
+                own = as_payloads(group_means(values, labels[layer][clients], weights)[0])
                 self._add_other_clusters(payloads, key, clients, own, targets)
         self._payloads.update(payloads)
         return info
@@ -290,13 +292,13 @@ class FedTreeLoRA(Strategy):
         remember_b(self._warmup_b, {client: upload})
 
     def _add_other_clusters(
-        self, payloads: dict[int, Tensors], key: str, clients: list[int], inside: np.ndarray, targets: list[int]
+        self, payloads: dict[int, Tensors], key: str, clients: list[int], inside: list[torch.Tensor], targets: list[int]
     ) -> None:
         """``external="per_cluster"``: put every other cluster's expert factor ``key`` into slots
         ``other_1, other_2, ...`` (other clusters of the layer in id order) of each client's payload.
 
         Args:
-            inside: (participants, ...) each participant's own-cluster mean of ``key``.
+            inside: per participant, its own-cluster mean of ``key`` (a CPU float32 tensor).
         """
         labels = self.plan.labels[self.site_of(key).layer]  # (clients,) over the whole federation
         share = np.ones(self.context.num_clients)
@@ -316,7 +318,7 @@ class FedTreeLoRA(Strategy):
                 value = inside[first[cluster]]
                 if scale_b:
                     value = value * (share[placed & (labels == cluster)].sum() / outside_total)
-                payloads[c][key.replace(".cluster.", f".other_{slot}.")] = torch.from_numpy(value).float()
+                payloads[c][key.replace(".cluster.", f".other_{slot}.")] = value.clone()
 
     def state_dict(self) -> tuple[Tensors, dict[str, Any]]:
         tensors = flatten_by_owner(self._payloads)

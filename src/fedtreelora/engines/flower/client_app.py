@@ -46,7 +46,9 @@ def query(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     action = str(config["action"])
     if action == "info":
-        return Message(RecordDict({"info": ConfigRecord(node_info(settings.experiment, context.node_config))}), reply_to=msg)
+        return Message(
+            RecordDict({"info": ConfigRecord(node_info(settings.experiment, context.node_config))}), reply_to=msg
+        )
     if action == "finish":
         _settle(context, bool(config["accepted"]))
         content = RecordDict({"info": ConfigRecord({"client": client_id(settings.experiment, context.node_config)})})
@@ -89,4 +91,6 @@ def train(msg: Message, context: Context) -> Message:
     context.state[PENDING] = to_array_record(result.state)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     metrics["client"] = node.client
-    return Message(RecordDict({"upload": to_array_record(result.upload), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    return Message(
+        RecordDict({"upload": to_array_record(result.upload), "metrics": MetricRecord(metrics)}), reply_to=msg
+    )

@@ -138,7 +138,9 @@ def write_connection(home: str | Path, name: str, address: str, root_certificate
     return path
 
 
-def flwr(home: str | Path, *args: str, timeout: float | None = None, log: Path | None = None) -> subprocess.CompletedProcess:
+def flwr(
+    home: str | Path, *args: str, timeout: float | None = None, log: Path | None = None
+) -> subprocess.CompletedProcess:
     """Run a ``flwr`` CLI command with ``FLWR_HOME=home``; output captured (and appended to ``log``)."""
     done = subprocess.run(
         [executable("flwr"), *args], env=flower_env(home), capture_output=True, text=True, timeout=timeout, check=False
@@ -194,7 +196,9 @@ def run_app(
         command += ["--federation-config", f"num-supernodes={num_supernodes}"]
     sink = sys.stderr if echo else (open(log, "ab") if log is not None else subprocess.DEVNULL)  # noqa: SIM115
     try:
-        done = subprocess.run(command, env=flower_env(home), stdout=sink, stderr=subprocess.STDOUT, timeout=timeout, check=False)
+        done = subprocess.run(
+            command, env=flower_env(home), stdout=sink, stderr=subprocess.STDOUT, timeout=timeout, check=False
+        )
     finally:
         if sink not in (sys.stderr, subprocess.DEVNULL):
             sink.close()  # type: ignore[union-attr]
@@ -242,5 +246,7 @@ def simulate(
         stop(superlink)
     summary = out / "summary.json"
     if not summary.exists():
-        raise RuntimeError(f"the Flower run ended (exit code {code}) without a summary; see {work}/run.log and superlink.log")
+        raise RuntimeError(
+            f"the Flower run ended (exit code {code}) without a summary; see {work}/run.log and superlink.log"
+        )
     return json.loads(summary.read_text())

@@ -47,7 +47,9 @@ def _relabel(split: LabeledTexts, names: Sequence[str]) -> LabeledTexts:
     return LabeledTexts(split.texts, split.text_pairs, mapping[split.labels], list(names))
 
 
-def site_dataset(config: ExperimentConfig, data: str, label_names: Sequence[str] | None = None) -> ClassificationDataset:
+def site_dataset(
+    config: ExperimentConfig, data: str, label_names: Sequence[str] | None = None
+) -> ClassificationDataset:
     """A site's own data, read with the config's column options; labels in ``label_names`` order
     when given (sites holding different subsets of the labels agree on one vocabulary)."""
     d = config.data
@@ -69,7 +71,9 @@ def site_dataset(config: ExperimentConfig, data: str, label_names: Sequence[str]
     dataset = _SITE_DATA[key]
     if label_names is None or list(label_names) == list(dataset.label_names):
         return dataset
-    return ClassificationDataset(dataset.name, _relabel(dataset.train, label_names), _relabel(dataset.validation, label_names))
+    return ClassificationDataset(
+        dataset.name, _relabel(dataset.train, label_names), _relabel(dataset.validation, label_names)
+    )
 
 
 def _site_federation(config: ExperimentConfig, dataset: ClassificationDataset, client: int) -> Federation:

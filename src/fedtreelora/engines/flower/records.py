@@ -12,7 +12,9 @@ Tensors = dict[str, torch.Tensor]
 
 def to_array_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """Float32 CPU tensors keyed as in :class:`fedtreelora.adapters.AdapterBank` -> an ``ArrayRecord``."""
-    return ArrayRecord(torch_state_dict={k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()})
+    return ArrayRecord(
+        torch_state_dict={k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+    )
 
 
 def from_array_record(record: ArrayRecord | None) -> Tensors:
