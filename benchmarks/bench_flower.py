@@ -55,10 +55,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for rounds in (short, long):
             cfg = config(args, rounds)
-            t_in, s_in = timed(
-                lambda: SimulationEngine(cfg, Path(tmp) / f"in-{rounds}", quiet=True, report=False).run()
-            )  # noqa: B023
-            t_fl, s_fl = timed(lambda: simulate(cfg, Path(tmp) / f"fl-{rounds}", echo=False))  # noqa: B023
+            in_dir, fl_dir = Path(tmp) / f"in-{rounds}", Path(tmp) / f"fl-{rounds}"
+            t_in, s_in = timed(lambda c=cfg, d=in_dir: SimulationEngine(c, d, quiet=True, report=False).run())
+            t_fl, s_fl = timed(lambda c=cfg, d=fl_dir: simulate(c, d, echo=False))
             assert s_in["per_client"] == s_fl["per_client"], "the two engines disagree"
             rows[rounds] = (t_in, t_fl)
             print(

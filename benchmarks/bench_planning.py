@@ -6,8 +6,10 @@ Shapes (LoRA on two projections per layer): RoBERTa-large 24 layers, d 1024, ran
 d 4096, rank 8. Work is done the way the FedTreeLoRA strategy does it: distances from every client's B
 (one Gram matrix per layer and module), one tree, the layer-wise cut search, then cluster and external
 means for every A and B tensor. Where all clients' tensors at once exceed memory, the script streams
-layer by layer (as stated in its output). ``--backend torch`` passes float32 torch tensors (on
-``--device``), which the core computes on that device; numpy computes in float64 on the CPU.
+layer by layer (as stated in its output). ``--backend torch`` passes float64 torch tensors on
+``--device`` (what a strategy does under ``federation.server_device``), which the core computes on
+that device; numpy computes in float64 on the CPU. Expert times include copying every client's
+cluster and external expert back to the host as float32, as the server sends them.
 """
 
 from __future__ import annotations
@@ -53,13 +55,21 @@ def bench(
         b = (
             blocks[layer]
             if not streamed
-            else [rng.standard_normal((n, 1, d_out, rank), dtype=np.float32) for _ in range(MODULES)]
+            else [
+                to_backend(rng.standard_normal((n, 1, d_out, rank), dtype=np.float32), backend, device)
+                for _ in range(MODULES)
+            ]
         )
-        a = [rng.standard_normal((n, rank, d_in), dtype=np.float32) for _ in range(MODULES)]
+        a = [
+            to_backend(rng.standard_normal((n, rank, d_in), dtype=np.float32), backend, device) for _ in range(MODULES)
+        ]
+        sync(device)
         t0 = time.perf_counter()
         for m in range(MODULES):
-            group_means(b[m][:, 0], plan.labels[layer])
-            group_means(a[m], plan.labels[layer])
+            for values in (b[m][:, 0], a[m]):
+                inside, outside = group_means(values, plan.labels[layer])
+                # What the server sends: every client's two experts back on the host as float32.
+                to_host(inside), to_host(outside)
         t_expert += time.perf_counter() - t0
     return {
         "distances": t_dist,
@@ -71,7 +81,13 @@ def bench(
 
 
 def to_backend(x: np.ndarray, backend: str, device: str) -> np.ndarray | torch.Tensor:
-    return torch.from_numpy(x).to(device) if backend == "torch" else x
+    """Numpy stays float32 (the core widens to float64); torch goes to ``device`` in float64, as the
+    strategies stack uploads under ``federation.server_device``."""
+    return torch.from_numpy(x).to(device).double() if backend == "torch" else x
+
+
+def to_host(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    return x.to(device="cpu", dtype=torch.float32) if isinstance(x, torch.Tensor) else torch.from_numpy(x).float()
 
 
 def sync(device: str) -> None:
