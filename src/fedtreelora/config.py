@@ -117,6 +117,9 @@ class TrainConfig(Section):
     """``bf16`` autocasts matmuls to bfloat16 (adapters and optimizer stay float32); ``auto``: bf16 on a GPU, fp32 on CPU."""
     device: str = "auto"
     """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda``, ``cuda:1`` ..."""
+    compile: bool = False
+    """Compile the model's forward with ``torch.compile`` (inductor). The first steps of each new shape
+    pay the compile (tens of seconds); it pays off on a GPU over long runs. Needs a C++ compiler on CPU."""
 
 
 class GenerationConfig(Section):

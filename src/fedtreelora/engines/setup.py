@@ -232,6 +232,9 @@ def build_model_side(
     )
     if not is_quantized(classifier.model):  # a bitsandbytes model is placed while loading and cannot move
         classifier.model.to(device)
+    if config.train.compile:
+        # In place: the bank, the optimizer and generate() keep the same module; only its call is compiled.
+        classifier.model.compile()
     context = FederationContext(
         num_clients=len(num_examples),
         sites=tuple(bank.sites),
