@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from flower_helpers import in_process, metrics_by_client_round, small_experiment
 
 from fedtreelora.engines.flower.launch import simulate
@@ -27,13 +28,14 @@ def test_flower_simulation_matches_in_process(tmp_path, method):
     for key in a:
         for field in ("accuracy", "train_loss", "eval_loss", "uplink_bytes", "downlink_bytes"):
             assert b[key][field] == pytest.approx(a[key][field], abs=1e-5), (key, field)
-    # The nodes' final personal adapters come back for export: every client, the in-process keys and
-    # shapes, finite. (Their values matched the in-process ones bitwise in most runs; one full-suite run
-    # differed, so values are not asserted here until that is understood.)
+    # The nodes' final personal adapters come back for export: every client, the in-process values.
+    # Observed bitwise; a different torch thread count on either side reorders float32 sums and moves
+    # them by ~2.5e-6 after three rounds (measured, 1 vs 2 threads), hence the tolerance.
     from safetensors.torch import load_file
 
     for k in range(4):
         mine = load_file(tmp_path / "flower" / "clients" / f"client_{k:03d}.safetensors")
         theirs = load_file(tmp_path / "in-process" / "clients" / f"client_{k:03d}.safetensors")
-        assert {n: t.shape for n, t in mine.items()} == {n: t.shape for n, t in theirs.items()}
-        assert all(bool(t.isfinite().all()) for t in mine.values())
+        assert mine.keys() == theirs.keys()
+        for name, value in theirs.items():
+            torch.testing.assert_close(mine[name], value, rtol=0, atol=2e-5, msg=f"client {k} {name}")
