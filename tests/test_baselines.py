@@ -424,6 +424,13 @@ def test_aggregating_with_torch_on_a_device_sends_what_numpy_sends(name: str, op
             torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["fedtreelora", "fedlease"])
+def test_clustering_without_any_warmup_upload_says_so(name: str) -> None:
+    server = make(name, warmup_rounds=1)
+    with pytest.raises(ValueError, match=f"no client update was accepted during warm-up; {name} cannot cluster"):
+        server.aggregate(0, {})
+
+
 def test_server_device_names_the_field_when_unusable() -> None:
     from fedtreelora.engines.setup import resolve_server_device
 

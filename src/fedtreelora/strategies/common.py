@@ -4,11 +4,12 @@ module for the distance computations of :mod:`fedtreelora.core`."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-from fedtreelora.strategies.base import FederationContext, Tensors, stack
+from fedtreelora.strategies.base import FederationContext, Strategy, StrategyOptions, Tensors, stack
 
 
 def flatten_by_owner(per_owner: Mapping[int, Mapping[str, torch.Tensor]]) -> Tensors:
@@ -81,3 +82,58 @@ def nearest_group(groups: np.ndarray, distances: np.ndarray) -> int:
         distances: (members,) distance of the newcomer to each member.
     """
     return int(min(np.unique(groups), key=lambda g: float(distances[groups == g].mean())))
+
+
+class ClusteredAfterWarmup(Strategy):
+    """A strategy that clusters clients from the B matrices they upload during warm-up (FedTreeLoRA,
+    FedLEASE): it keeps each client's latest warm-up B, and places a client that missed warm-up by
+    its distances to those.
+
+    Subclasses set :attr:`trained_expert` and give their options ``warmup_rounds`` and ``distance``.
+    """
+
+    #: the expert whose B factors the clustering compares
+    trained_expert: ClassVar[str]
+
+    def __init__(self, options: StrategyOptions, context: FederationContext) -> None:
+        super().__init__(options, context)
+        self._warmup_b: dict[int, Tensors] = {}  # latest warm-up B per client (and per placed newcomer)
+
+    def is_warmup(self, rnd: int) -> bool:
+        return rnd < self.options.warmup_rounds  # type: ignore[attr-defined]
+
+    def remember_warmup(self, rnd: int, uploads: Mapping[int, Tensors]) -> bool:
+        """Keep warm-up uploads' B; True while warm-up continues after round ``rnd`` (nothing to aggregate).
+
+        The latest B of every client counts, so a client that missed the last warm-up round (not
+        sampled, or its update rejected) still joins the clustering.
+        """
+        if not self.is_warmup(rnd):
+            return False
+        remember_b(self._warmup_b, uploads)
+        return rnd < self.options.warmup_rounds - 1  # type: ignore[attr-defined]
+
+    def warmup_members(self) -> list[int]:
+        """Clients with a warm-up B, sorted.
+
+        Raises:
+            ValueError: nobody's update was accepted during warm-up.
+        """
+        members = sorted(self._warmup_b)
+        if not members:
+            raise ValueError(f"no client update was accepted during warm-up; {self.name} cannot cluster the clients")
+        return members
+
+    def newcomer_distances(self, client: int, upload: Tensors, members: list[int]) -> np.ndarray:
+        """(layers, members) distances of a newcomer's uploaded B to the members' warm-up B; the
+        newcomer's B is kept from now on."""
+        d = distances_to_members(
+            self._warmup_b,
+            members,
+            upload,
+            self.context,
+            self.trained_expert,
+            self.options.distance,  # type: ignore[attr-defined]
+        )
+        remember_b(self._warmup_b, {client: upload})
+        return d

@@ -11,13 +11,12 @@ from pydantic import Field
 
 from fedtreelora.adapters import ExpertSpec, PhaseSpec
 from fedtreelora.core import build_tree, cut_exact, group_means, layer_distances, mean_silhouette
-from fedtreelora.strategies.base import FederationContext, Strategy, StrategyOptions, Tensors, as_payloads, rename
+from fedtreelora.strategies.base import FederationContext, StrategyOptions, Tensors, as_payloads, rename
 from fedtreelora.strategies.common import (
+    ClusteredAfterWarmup,
     b_matrices_by_module,
-    distances_to_members,
     flatten_by_owner,
     nearest_group,
-    remember_b,
     unflatten_by_owner,
 )
 from fedtreelora.strategies.registry import register
@@ -37,7 +36,7 @@ class FedLEASEOptions(StrategyOptions):
 
 
 @register
-class FedLEASE(Strategy):
+class FedLEASE(ClusteredAfterWarmup):
     """FedLEASE (Wang, Bian, Zhang, Xu, "Adaptive LoRA Experts Allocation and Selection for Federated
     Fine-Tuning", NeurIPS 2025, arXiv 2509.15087).
 
@@ -66,6 +65,7 @@ class FedLEASE(Strategy):
 
     name = "fedlease"
     expert_names = ("own", "other_1", "other_2", "other_3")
+    trained_expert = "own"
     paper = (
         "Wang, Bian, Zhang, Xu, Adaptive LoRA Experts Allocation and Selection for Federated Fine-Tuning, NeurIPS 2025"
     )
@@ -78,14 +78,10 @@ class FedLEASE(Strategy):
         self.scores: dict[int, float] = {}  # k -> mean silhouette
         self.distances: np.ndarray | None = None  # (layers, clients, clients)
         self._experts: dict[int, Tensors] = {}  # cluster -> its expert, under ".own." keys
-        self._warmup_b: dict[int, Tensors] = {}  # latest warm-up B per client (clusters are built from these)
 
     @classmethod
     def experts_for(cls, options: StrategyOptions) -> tuple[str, ...]:
         return ("own", *(f"other_{j}" for j in range(1, options.max_clusters)))  # type: ignore[attr-defined]
-
-    def is_warmup(self, rnd: int) -> bool:
-        return rnd < self.options.warmup_rounds
 
     @property
     def num_clusters(self) -> int:
@@ -133,15 +129,11 @@ class FedLEASE(Strategy):
         return cut_exact(tree, n, best_k)
 
     def aggregate(self, rnd: int, uploads: Mapping[int, Tensors]) -> dict[str, Any]:
-        if self.is_warmup(rnd):
-            remember_b(self._warmup_b, uploads)
-            if rnd < self.options.warmup_rounds - 1:
-                return {}
+        if self.remember_warmup(rnd, uploads):
+            return {}
         info: dict[str, Any] = {"aggregated": len(uploads)}
         if self.labels is None:
-            members = sorted(self._warmup_b)
-            if not members:
-                raise ValueError("no client update was accepted during warm-up; clients cannot be clustered")
+            members = self.warmup_members()
             self.labels = np.full(self.context.num_clients, -1, dtype=np.int64)
             self.labels[members] = self.cluster({c: self._warmup_b[c] for c in members})
             info["clusters"] = self.num_clusters
@@ -164,9 +156,8 @@ class FedLEASE(Strategy):
     def _place(self, client: int, upload: Tensors) -> None:
         """A client that missed warm-up joins the cluster at the smallest average (layer-mean) B distance."""
         members = [c for c in range(self.context.num_clients) if self.labels[c] >= 0]
-        d = distances_to_members(self._warmup_b, members, upload, self.context, "own", self.options.distance)
+        d = self.newcomer_distances(client, upload, members)
         self.labels[client] = nearest_group(self.labels[members], d.mean(axis=0))
-        remember_b(self._warmup_b, {client: upload})
 
     def sharing_labels(self) -> np.ndarray | None:
         return None if self.labels is None else np.tile(self.labels, (self.context.num_layers, 1))

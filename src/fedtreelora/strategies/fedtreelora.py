@@ -20,13 +20,12 @@ from fedtreelora.core import (
     mean_silhouette,
     plan_sharing,
 )
-from fedtreelora.strategies.base import FederationContext, Strategy, StrategyOptions, Tensors, as_payloads
+from fedtreelora.strategies.base import FederationContext, StrategyOptions, Tensors, as_payloads
 from fedtreelora.strategies.common import (
+    ClusteredAfterWarmup,
     b_matrices_by_module,
-    distances_to_members,
     flatten_by_owner,
     nearest_group,
-    remember_b,
     unflatten_by_owner,
 )
 from fedtreelora.strategies.registry import register
@@ -78,7 +77,7 @@ class FedTreeLoRAOptions(StrategyOptions):
 
 
 @register
-class FedTreeLoRA(Strategy):
+class FedTreeLoRA(ClusteredAfterWarmup):
     """FedTreeLoRA (Bian, Wang, Zhang, Xu, ICML 2026, arXiv 2603.13282).
 
     Warm-up: every client trains its own LoRA; nothing is shared. After the last warm-up round the
@@ -115,6 +114,7 @@ class FedTreeLoRA(Strategy):
 
     name = "fedtreelora"
     expert_names = ("cluster", "external")
+    trained_expert = "cluster"
     paper = "Bian, Wang, Zhang, Xu, FedTreeLoRA, ICML 2026 (arXiv 2603.13282)"
     Options = FedTreeLoRAOptions
     zero_init_experts = ("external",)
@@ -126,7 +126,6 @@ class FedTreeLoRA(Strategy):
         self.plan: SharingPlan | None = None
         self.distances: np.ndarray | None = None
         self._payloads: dict[int, Tensors] = {}
-        self._warmup_b: dict[int, Tensors] = {}  # latest B per client from warm-up (and placement)
 
     @property
     def lambda_init(self) -> float:
@@ -140,9 +139,6 @@ class FedTreeLoRA(Strategy):
         if external == "per_cluster":
             return ("cluster", *(f"other_{j}" for j in range(1, options.max_clusters)))  # type: ignore[attr-defined]
         return cls.expert_names
-
-    def is_warmup(self, rnd: int) -> bool:
-        return rnd < self.options.warmup_rounds
 
     def phase(self, rnd: int) -> PhaseSpec:
         names = self.experts_for(self.options)
@@ -217,12 +213,8 @@ class FedTreeLoRA(Strategy):
         return SharingPlan(cuts=cuts, labels=labels, tree=tree, scores=scores, tau=opts.tau, window=opts.window)
 
     def aggregate(self, rnd: int, uploads: Mapping[int, Tensors]) -> dict[str, Any]:
-        if self.is_warmup(rnd):
-            # Remember each client's latest warm-up B: the tree is built from these, so a client that
-            # missed the last warm-up round (not sampled, or its update rejected) is still placed.
-            remember_b(self._warmup_b, uploads)
-            if rnd < self.options.warmup_rounds - 1:
-                return {}
+        if self.remember_warmup(rnd, uploads):
+            return {}
         info: dict[str, Any] = {"aggregated": len(uploads)}
         if self.plan is None:
             self.plan = self._plan_from_warmup()
@@ -262,9 +254,7 @@ class FedTreeLoRA(Strategy):
     def _plan_from_warmup(self) -> SharingPlan:
         """The plan over every client that uploaded in warm-up; the others get label -1 until their
         first upload places them (:meth:`_place`)."""
-        members = sorted(self._warmup_b)
-        if not members:
-            raise ValueError("no client update was accepted during warm-up; the sharing plan cannot be built")
+        members = self.warmup_members()
         plan = self.build_plan({c: self._warmup_b[c] for c in members})
         n = self.context.num_clients
         if len(members) == n:
@@ -280,7 +270,7 @@ class FedTreeLoRA(Strategy):
         each layer picks its nearest cluster on its own distances."""
         labels = self.plan.labels
         members = [c for c in range(self.context.num_clients) if labels[0, c] >= 0]
-        d = distances_to_members(self._warmup_b, members, upload, self.context, "cluster", self.options.distance)
+        d = self.newcomer_distances(client, upload, members)
         if self.options.cut_mode == "independent":
             for layer in range(labels.shape[0]):
                 labels[layer, client] = nearest_group(labels[layer, members], d[layer])
@@ -289,7 +279,6 @@ class FedTreeLoRA(Strategy):
             group = nearest_group(labels[deepest, members], d.mean(axis=0))
             anchor = members[int(np.flatnonzero(labels[deepest, members] == group)[0])]
             labels[:, client] = labels[:, anchor]
-        remember_b(self._warmup_b, {client: upload})
 
     def _add_other_clusters(
         self, payloads: dict[int, Tensors], key: str, clients: list[int], inside: list[torch.Tensor], targets: list[int]
