@@ -177,7 +177,8 @@ def _flower_sites(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, list(args.set or []), method=args.method, seed=args.seed)
     folders = write_sites(config, args.out)
-    print(f"wrote {len(folders)} site folders under {args.out} (train.csv, validation.csv each)")
+    files = ", ".join(sorted(f.name for f in folders[0].iterdir())) if folders else ""
+    print(f"wrote {len(folders)} site folders under {args.out} ({files} each)")
     return 0
 
 

@@ -34,12 +34,11 @@ class LoopbackGrid(Grid):
     """Delivers each message to the ClientApp of its node in this process, as a SuperNode would;
     ``silent`` nodes never answer (a node that went away)."""
 
-    def __init__(self, settings: FlowerRunSettings, num_nodes: int) -> None:
+    def __init__(self, settings: FlowerRunSettings, num_nodes: int, node_configs: list[dict] | None = None) -> None:
+        """Simulation-style nodes (``partition-id``), or deployment-style ones from ``node_configs``."""
         run_config = settings.to_run_config()
-        self.contexts = {
-            1000 + i: Context(1, 1000 + i, {"partition-id": i, "num-partitions": num_nodes}, RecordDict(), run_config)
-            for i in range(num_nodes)
-        }
+        configs = node_configs or [{"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)]
+        self.contexts = {1000 + i: Context(1, 1000 + i, c, RecordDict(), run_config) for i, c in enumerate(configs)}
         self.sent: list[Message] = []
         self.received: list[Message] = []
         self.silent: set[int] = set()
@@ -139,3 +138,34 @@ def test_loopback_run_matches_in_process_and_a_silent_node_keeps_its_state(tmp_p
 def _run_in_process(config, tmp_path):  # type: ignore[no-untyped-def]
     in_process(config, tmp_path / "in-process")
     return tmp_path / "in-process"
+
+
+def test_generation_sites_read_their_own_files_and_match_in_process(tmp_path):
+    """Deployment-style nodes holding instruction data: each site reads its own JSONL files (written
+    by ``fedtreelora flower sites``) and the run gives the in-process engine's ROUGE, round by round."""
+    from fedtreelora.engines.flower.sites import write_sites
+
+    config = small_experiment(
+        "fedit",
+        rounds=2,
+        num_clients=2,
+        model={"name": "smollm2", "num_layers": 2, "max_length": 96},
+        data={"dataset": "evals-nlg", "tasks": ["swap-words", "sarcasm"], "num_clients": 2, "n_train": 4, "n_val": 2},
+        generation={"max_new_tokens": 6},
+        train={"local_epochs": 1, "batch_size": 2, "eval_batch_size": 2},
+    )
+    expected = in_process(config, tmp_path / "in-process")
+    sites = write_sites(config, tmp_path / "sites")
+    assert sorted(p.name for p in sites[0].iterdir()) == ["train.jsonl", "validation.jsonl"]
+    node_configs = [{"client-id": k, "data": str(site)} for k, site in enumerate(sites)]
+    grid = LoopbackGrid(FlowerRunSettings.for_experiment(config), 2, node_configs)
+    summary = FlowerEngine(config, grid, tmp_path / "run", quiet=True, report=False).run()
+
+    assert summary["client_categories"] == expected["client_categories"] == ["Text Edit", "Sentiment"]
+    a, b = metrics_by_client_round(tmp_path / "in-process"), metrics_by_client_round(tmp_path / "run")
+    assert a.keys() == b.keys() and len(a) == 2 * 2
+    for key in a:
+        for field in ("rouge1", "train_loss", "eval_loss"):
+            assert b[key][field] == pytest.approx(a[key][field], abs=1e-5), (key, field)
+    info = [m.content["info"] for m in grid.received if "info" in m.content and "num-train" in m.content["info"]]
+    assert [list(i["task-categories"]) for i in info] == [["Text Edit"], ["Sentiment"]]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from fedtreelora.adapters import AdapterBank
 from fedtreelora.config import ExperimentConfig
@@ -17,6 +18,8 @@ from fedtreelora.data import (
     ClientData,
     InstructionColumns,
     InstructionDataset,
+    InstructionSet,
+    LabeledTexts,
     dirichlet_partition,
     load_classification,
     load_instructions,
@@ -297,22 +300,56 @@ def load_partitioned_data(
     return dataset, clients
 
 
+def load_configured_instructions(
+    config: ExperimentConfig, source: str | None = None, *, task_column: str | None = None, select_tasks: bool = True
+) -> InstructionDataset:
+    """Instruction data read with the config's ``data.*_column`` and split options.
+
+    Args:
+        source: what to read (default ``data.dataset``), e.g. a deployment site's own folder.
+        task_column: the task column when ``data.task_column`` is unset (a site's files carry one).
+        select_tasks: keep only ``data.tasks`` (a site keeps all of its own: it holds some of them).
+    """
+    d = config.data
+    return load_instructions(
+        d.dataset if source is None else source,
+        columns=InstructionColumns(
+            instruction=d.instruction_column,
+            input=d.input_column,
+            output=d.output_column,
+            category=d.category_column,
+            task=d.task_column or task_column,
+        ),
+        tasks=d.tasks if select_tasks else None,
+        hub_config=d.hub_config,
+        train_split=d.train_split,
+        validation_split=d.validation_split,
+    )
+
+
+def encode_split(
+    config: ExperimentConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    split: LabeledTexts | InstructionSet,
+    indices: np.ndarray,
+) -> EncodedExamples | EncodedInstructions:
+    """Tokenize the examples of ``split`` at ``indices`` ((k,) int array) once, as local training takes them."""
+    part = split.subset(indices)
+    if isinstance(part, InstructionSet):
+        return encode_instructions(
+            tokenizer,
+            part.instructions,
+            part.inputs,
+            part.outputs,
+            max_length=config.model.max_length,
+            max_new_tokens=config.generation.max_new_tokens,
+        )
+    return encode(tokenizer, part.texts, part.text_pairs, part.labels, config.model.max_length)
+
+
 def _instruction_data(config: ExperimentConfig) -> tuple[InstructionDataset, list[ClientData]]:
     data_cfg = config.data
-    dataset = load_instructions(
-        data_cfg.dataset,
-        columns=InstructionColumns(
-            instruction=data_cfg.instruction_column,
-            input=data_cfg.input_column,
-            output=data_cfg.output_column,
-            category=data_cfg.category_column,
-            task=data_cfg.task_column,
-        ),
-        tasks=data_cfg.tasks,
-        hub_config=data_cfg.hub_config,
-        train_split=data_cfg.train_split,
-        validation_split=data_cfg.validation_split,
-    )
+    dataset = load_configured_instructions(config)
     tasks = dataset.task_names
     clients = task_partition(
         dataset.train.task_ids(tasks),
@@ -333,23 +370,11 @@ def build_federation(config: ExperimentConfig, *, num_slots: int | None = None) 
     """
     dataset, clients = load_partitioned_data(config)
     num_examples = tuple(len(c.train_indices) for c in clients)
-    generation = isinstance(dataset, InstructionDataset)
-    num_labels = 0 if generation else dataset.train.num_labels
+    num_labels = 0 if isinstance(dataset, InstructionDataset) else dataset.train.num_labels
     side = build_model_side(config, num_labels=num_labels, num_examples=num_examples, num_slots=num_slots)
     tok = side.classifier.tokenizer
-    max_length = config.model.max_length
-    max_new_tokens = config.generation.max_new_tokens
-
-    def encoded(split, indices):  # type: ignore[no-untyped-def]
-        part = split.subset(indices)
-        if generation:
-            return encode_instructions(
-                tok, part.instructions, part.inputs, part.outputs, max_length=max_length, max_new_tokens=max_new_tokens
-            )
-        return encode(tok, part.texts, part.text_pairs, part.labels, max_length)
-
-    train_data = [encoded(dataset.train, c.train_indices) for c in clients]
-    val_data = [encoded(dataset.validation, c.val_indices) for c in clients]
+    train_data = [encode_split(config, tok, dataset.train, c.train_indices) for c in clients]
+    val_data = [encode_split(config, tok, dataset.validation, c.val_indices) for c in clients]
     return Federation(
         config,
         dataset,

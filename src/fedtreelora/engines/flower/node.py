@@ -13,12 +13,17 @@ from typing import Any
 import numpy as np
 
 from fedtreelora.config import ExperimentConfig
-from fedtreelora.data import ClassificationDataset, ClientData, LabeledTexts, load_classification
-from fedtreelora.engines.setup import Federation, build_federation, build_model_side
-from fedtreelora.train import encode
+from fedtreelora.data import ClassificationDataset, ClientData, InstructionDataset, LabeledTexts, load_classification
+from fedtreelora.engines.setup import (
+    Federation,
+    build_federation,
+    build_model_side,
+    encode_split,
+    load_configured_instructions,
+)
 
 _FEDERATIONS: dict[tuple[str, ...], Federation] = {}
-_SITE_DATA: dict[tuple[str, ...], ClassificationDataset] = {}
+_SITE_DATA: dict[tuple[str, ...], ClassificationDataset | InstructionDataset] = {}
 
 
 @dataclass(frozen=True)
@@ -47,53 +52,93 @@ def _relabel(split: LabeledTexts, names: Sequence[str]) -> LabeledTexts:
     return LabeledTexts(split.texts, split.text_pairs, mapping[split.labels], list(names))
 
 
+#: the column a site's instruction files name their task in when ``data.task_column`` is unset
+SITE_TASK_COLUMN = "task"
+
+
 def site_dataset(
     config: ExperimentConfig, data: str, label_names: Sequence[str] | None = None
-) -> ClassificationDataset:
-    """A site's own data, read with the config's column options; labels in ``label_names`` order
-    when given (sites holding different subsets of the labels agree on one vocabulary)."""
+) -> ClassificationDataset | InstructionDataset:
+    """A site's own data, read with the config's column options.
+
+    Classification: labels in ``label_names`` order when given (sites holding different subsets of
+    the labels agree on one vocabulary). Instruction data: every task the site holds (``data.tasks``
+    selects tasks of a shared source, not of a site), named by ``data.task_column``, else a ``task``
+    column when the files have one, else the category.
+    """
     d = config.data
-    if d.resolved_task() != "classification":
-        raise ValueError(
-            f"data.task={d.resolved_task()!r}: deployment sites (--node-config data=...) read classification data "
-            "for now; run generation on Flower in simulation (`fedtreelora flower simulate`)"
-        )
     key = (config.model_dump_json(), data)
     if key not in _SITE_DATA:
-        _SITE_DATA[key] = load_classification(
-            data,
-            text_column=d.text_column,
-            text_pair_column=d.text_pair_column,
-            label_column=d.label_column,
-            train_split=d.train_split,
-            validation_split=d.validation_split,
-        )
+        if d.resolved_task() == "generation":
+            _SITE_DATA[key] = load_configured_instructions(
+                config, data, task_column=SITE_TASK_COLUMN, select_tasks=False
+            )
+        else:
+            _SITE_DATA[key] = load_classification(
+                data,
+                text_column=d.text_column,
+                text_pair_column=d.text_pair_column,
+                label_column=d.label_column,
+                train_split=d.train_split,
+                validation_split=d.validation_split,
+            )
     dataset = _SITE_DATA[key]
-    if label_names is None or list(label_names) == list(dataset.label_names):
+    if isinstance(dataset, InstructionDataset) or label_names is None or list(label_names) == list(dataset.label_names):
         return dataset
     return ClassificationDataset(
         dataset.name, _relabel(dataset.train, label_names), _relabel(dataset.validation, label_names)
     )
 
 
-def _site_federation(config: ExperimentConfig, dataset: ClassificationDataset, client: int) -> Federation:
+@dataclass(frozen=True)
+class SiteCounts:
+    """What a site's data amounts to, by label (classification) or task (instruction data).
+
+    Attributes:
+        names: the labels or tasks, in the site's order.
+        train, validation: (names,) examples of each.
+        categories: (names,) each task's category; None for classification.
+    """
+
+    names: list[str]
+    train: np.ndarray
+    validation: np.ndarray
+    categories: list[str] | None = None
+
+
+def site_counts(dataset: ClassificationDataset | InstructionDataset) -> SiteCounts:
+    """Per-label (or per-task) example counts of a site's two pools."""
+    if isinstance(dataset, InstructionDataset):
+        names = dataset.task_names
+        return SiteCounts(
+            names,
+            np.bincount(dataset.train.task_ids(names), minlength=len(names)),
+            np.bincount(dataset.validation.task_ids(names), minlength=len(names)),
+            [dataset.task_category(t) for t in names],
+        )
+    return SiteCounts(list(dataset.label_names), dataset.train.label_counts(), dataset.validation.label_counts())
+
+
+def _site_federation(
+    config: ExperimentConfig, dataset: ClassificationDataset | InstructionDataset, client: int
+) -> Federation:
     """A one-client federation over a site's own data (every example of it; no partitioning)."""
-    train_labels, val_labels = dataset.train.labels, dataset.validation.labels
-    counts = np.bincount(train_labels, minlength=dataset.num_labels)
+    counts = site_counts(dataset)
     share = ClientData(
         client=client,
-        train_indices=np.arange(len(train_labels), dtype=np.int64),
-        val_indices=np.arange(len(val_labels), dtype=np.int64),
-        proportions=counts / max(1, counts.sum()),
-        train_label_counts=counts,
-        val_label_counts=np.bincount(val_labels, minlength=dataset.num_labels),
+        train_indices=np.arange(len(dataset.train), dtype=np.int64),
+        val_indices=np.arange(len(dataset.validation), dtype=np.int64),
+        proportions=counts.train / max(1, counts.train.sum()),
+        train_label_counts=counts.train,
+        val_label_counts=counts.validation,
     )
     # The client-side strategy only answers phase(rnd); a full-size context keeps option checks equal.
-    num_examples = (len(train_labels),) * config.data.num_clients
-    side = build_model_side(config, num_labels=dataset.num_labels, num_examples=num_examples, num_slots=1)
-    tok, max_length = side.classifier.tokenizer, config.model.max_length
-    train = encode(tok, dataset.train.texts, dataset.train.text_pairs, train_labels, max_length)
-    val = encode(tok, dataset.validation.texts, dataset.validation.text_pairs, val_labels, max_length)
+    num_examples = (len(dataset.train),) * config.data.num_clients
+    num_labels = 0 if isinstance(dataset, InstructionDataset) else dataset.num_labels
+    side = build_model_side(config, num_labels=num_labels, num_examples=num_examples, num_slots=1)
+    tok = side.classifier.tokenizer
+    train = encode_split(config, tok, dataset.train, share.train_indices)
+    val = encode_split(config, tok, dataset.validation, share.val_indices)
     return Federation(
         config, dataset, [share], side.classifier, side.bank, side.strategy, [train], [val],
         side.initial_state, side.settings, side.device,
@@ -132,14 +177,14 @@ def node_info(config: ExperimentConfig, node_config: Mapping[str, Any]) -> dict[
     per-example labels."""
     client = client_id(config, node_config)
     if "client-id" in node_config:
-        dataset = site_dataset(config, str(node_config.get("data", "") or config.data.dataset))
-        train_counts, val_counts = dataset.train.label_counts(), dataset.validation.label_counts()
-        names = list(dataset.label_names)
+        counts = site_counts(site_dataset(config, str(node_config.get("data", "") or config.data.dataset)))
+        names, train_counts, val_counts, categories = counts.names, counts.train, counts.validation, counts.categories
     else:
         fed = node_client(config, node_config).fed
         train_counts, val_counts = fed.clients[client].train_label_counts, fed.clients[client].val_label_counts
         names = list(fed.label_names)
-    return {
+        categories = [fed.dataset.task_category(t) for t in names] if fed.task == "generation" else None
+    info: dict[str, Any] = {
         "client": client,
         "num-train": int(train_counts.sum()),
         "num-val": int(val_counts.sum()),
@@ -147,6 +192,9 @@ def node_info(config: ExperimentConfig, node_config: Mapping[str, Any]) -> dict[
         "train-label-counts": [int(v) for v in train_counts],
         "val-label-counts": [int(v) for v in val_counts],
     }
+    if categories is not None:
+        info["task-categories"] = categories
+    return info
 
 
 def node_client(

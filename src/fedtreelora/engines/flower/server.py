@@ -62,10 +62,27 @@ class ServerFederation(ModelSide, RunTask):
     def label_counts(self) -> list[list[int]]:
         return [self._counts(i, "train-label-counts") for i in self.infos]
 
+    def client_categories(self) -> list[str] | None:
+        """Generation: each client's category (that of the task it holds most examples of), as its
+        node reported it; None for classification."""
+        if self.task != "generation":
+            return None
+        out = []
+        for info in self.infos:
+            counts = list(info["train-label-counts"])
+            categories = list(info.get("task-categories") or info["label-names"])
+            out.append(str(categories[counts.index(max(counts))]) if counts else "")
+        return out
+
     def partition_record(self) -> dict[str, Any]:
         return {
             "dataset": self.dataset_name,
             "label_names": self.label_names,
+            **(
+                {"task": "generation", "client_categories": self.client_categories()}
+                if self.task == "generation"
+                else {}
+            ),
             "dirichlet_alpha": self.config.data.dirichlet_alpha,
             "seed": self.config.seed,
             "clients": [
