@@ -278,15 +278,7 @@ def load_partitioned_data(
     data_cfg = config.data
     if data_cfg.resolved_task() == "generation":
         return _instruction_data(config)
-    dataset = load_classification(
-        data_cfg.dataset,
-        text_column=data_cfg.text_column,
-        text_pair_column=data_cfg.text_pair_column,
-        label_column=data_cfg.label_column,
-        hub_config=data_cfg.hub_config,
-        train_split=data_cfg.train_split,
-        validation_split=data_cfg.validation_split,
-    )
+    dataset = load_configured_classification(config)
     clients = dirichlet_partition(
         dataset.train.labels,
         dataset.validation.labels,
@@ -298,6 +290,24 @@ def load_partitioned_data(
         num_labels=dataset.train.num_labels,
     )
     return dataset, clients
+
+
+def load_configured_classification(config: ExperimentConfig, source: str | None = None) -> ClassificationDataset:
+    """Labelled texts read with the config's ``data.*_column`` and split options.
+
+    Args:
+        source: what to read (default ``data.dataset``), e.g. a deployment site's own folder.
+    """
+    d = config.data
+    return load_classification(
+        d.dataset if source is None else source,
+        text_column=d.text_column,
+        text_pair_column=d.text_pair_column,
+        label_column=d.label_column,
+        hub_config=d.hub_config,
+        train_split=d.train_split,
+        validation_split=d.validation_split,
+    )
 
 
 def load_configured_instructions(

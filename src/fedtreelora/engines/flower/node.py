@@ -13,12 +13,13 @@ from typing import Any
 import numpy as np
 
 from fedtreelora.config import ExperimentConfig
-from fedtreelora.data import ClassificationDataset, ClientData, InstructionDataset, LabeledTexts, load_classification
+from fedtreelora.data import ClassificationDataset, ClientData, InstructionDataset, LabeledTexts
 from fedtreelora.engines.setup import (
     Federation,
     build_federation,
     build_model_side,
     encode_split,
+    load_configured_classification,
     load_configured_instructions,
 )
 
@@ -74,14 +75,7 @@ def site_dataset(
                 config, data, task_column=SITE_TASK_COLUMN, select_tasks=False
             )
         else:
-            _SITE_DATA[key] = load_classification(
-                data,
-                text_column=d.text_column,
-                text_pair_column=d.text_pair_column,
-                label_column=d.label_column,
-                train_split=d.train_split,
-                validation_split=d.validation_split,
-            )
+            _SITE_DATA[key] = load_configured_classification(config, data)
     dataset = _SITE_DATA[key]
     if isinstance(dataset, InstructionDataset) or label_names is None or list(label_names) == list(dataset.label_names):
         return dataset
