@@ -25,9 +25,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedtreelora.config import ExperimentConfig, experiment_config_model
+from fedtreelora.config import ConfigError, ExperimentConfig, validate_config
 
 RUN_KEYS = ("experiment", "out-dir", "round-timeout", "node-wait-timeout", "collect-states")
+
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no")
+
+
+def _run_bool(run_config: Mapping[str, Any], key: str, default: bool) -> bool:
+    """A boolean run-config value; strings are parsed strictly, since ``bool("false")`` is True."""
+    value = run_config.get(key, default)
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(f"the Flower run config's {key!r} must be a boolean (true/false, 1/0 or yes/no), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -46,15 +62,18 @@ class FlowerRunSettings:
         """Parse Flower's run config; a missing or malformed ``experiment`` is a clear error."""
         raw = run_config.get("experiment")
         if not isinstance(raw, str) or not raw.strip():
-            raise ValueError(
+            raise ConfigError(
                 "the Flower run config has no 'experiment' (the experiment config as JSON); write the app with "
                 "`fedtreelora flower app --config FILE --out APP_DIR`"
             )
         try:
             data = json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"the Flower run config's 'experiment' is not valid JSON: {exc}") from exc
-        experiment = experiment_config_model().model_validate(data)
+            raise ConfigError(f"the Flower run config's 'experiment' is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError("the Flower run config's 'experiment' must be a JSON object (the experiment config)")
+        # The same validation as `fedtreelora run`, so a bad key reads the same on both engines.
+        experiment = validate_config(data)
         out = str(run_config.get("out-dir", "") or "")
         timeout = float(run_config.get("round-timeout", 0.0) or 0.0)
         return cls(
@@ -63,7 +82,7 @@ class FlowerRunSettings:
             out_dir=Path(out) if out else None,
             round_timeout=timeout if timeout > 0 else None,
             node_wait_timeout=float(run_config.get("node-wait-timeout", 120.0)),
-            collect_states=bool(run_config.get("collect-states", True)),
+            collect_states=_run_bool(run_config, "collect-states", True),
         )
 
     def to_run_config(self) -> dict[str, Any]:
