@@ -108,3 +108,34 @@ def test_a_fresh_run_in_a_used_folder_drops_the_old_checkpoint(tmp_path: Path) -
     SimulationEngine(fresh, tmp_path, quiet=True, report=False).run()
     assert not (tmp_path / "checkpoints").exists(), "an older run's checkpoint could be resumed into this one"
     assert json.loads((tmp_path / "summary.json").read_text())["rounds"] == 1
+
+
+@pytest.mark.slow
+def test_resumed_run_logs_each_tensorboard_step_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fedtreelora.config import load_config
+    from fedtreelora.engines import SimulationEngine
+
+    tiny = ["model.num_layers=1", "data.num_clients=2", "data.n_train=16", "data.n_val=8", "method=fedit"]
+    # The checkpoint follows round 2; round 3 reaches TensorBoard and is lost in the crash, so the
+    # resumed process logs it again.
+    config = load_config(overrides=[*tiny, "federation.rounds=3", "federation.checkpoint_every=2"])
+    assert config.logging.tensorboard
+
+    def crash(*_: object) -> None:
+        raise RuntimeError("killed after the last round")
+
+    monkeypatch.setattr(SimulationEngine, "finish", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        SimulationEngine(config, tmp_path, quiet=True, report=False).run()
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["round"] == 2
+    SimulationEngine(config, tmp_path, quiet=True, report=False, resume=True).run()
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "train_loss/mean" in tags
+    for tag in tags:
+        assert [e.step for e in events.Scalars(tag)] == [1, 2, 3], tag

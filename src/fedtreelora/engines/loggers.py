@@ -13,16 +13,32 @@ class ScalarLogger:
 
     TensorBoard event files go to ``out_dir/tensorboard``; ``wandb=True`` also logs to a W&B run
     (requires the ``wandb`` package and its own login; ignored with a notice if not installed).
+
+    ``first_step`` is the 1-based step of the first round this process logs (a resumed run: the
+    checkpoint's round + 1). From it on, TensorBoard hides what an earlier process of the run logged,
+    so rounds it logged after its last checkpoint appear once, as ``metrics.jsonl`` has them; 0 keeps
+    every earlier event.
     """
 
-    def __init__(self, out_dir: Path, *, tensorboard: bool, wandb: bool, run_name: str, config: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        *,
+        tensorboard: bool,
+        wandb: bool,
+        run_name: str,
+        config: dict[str, Any],
+        first_step: int = 0,
+    ) -> None:
         self.writer = None
         self.wandb_run = None
         self.notice = ""
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+            # purge_step writes a restart marker: readers drop older events at or after that step.
+            purge_step = first_step if first_step > 0 else None
+            self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=purge_step)
         if wandb:
             if importlib.util.find_spec("wandb") is None:
                 self.notice = "logging.wandb is set but the wandb package is not installed; skipping W&B"

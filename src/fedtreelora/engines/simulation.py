@@ -87,6 +87,7 @@ class SimulationEngine:
             scalars = ScalarLogger(
                 self.recorder.out_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                 run_name=f"{cfg.method}-{fed.dataset_name}-seed{cfg.seed}", config=cfg.model_dump(mode="json"),
+                first_step=run.next_round + 1,
             )  # fmt: skip
             if scalars.notice:
                 self.console.print(f"[yellow]{scalars.notice}[/]")
