@@ -14,6 +14,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from fedtreelora.adapters.slot_dropout import SlotDropout
+
 MixerKind = Literal["single", "lambda", "fixed", "router", "instance"]
 MIXERS: tuple[str, ...] = ("single", "lambda", "fixed", "router", "instance")
 
@@ -79,7 +81,8 @@ class MultiClientLoraLinear(nn.Module):
         self.mix_logit = nn.Parameter(torch.full((num_slots,), logit, **factory))
         self.router = nn.Parameter(torch.zeros(num_slots, num_experts, d_in, **factory))
         self.register_buffer("fixed_weights", torch.full((num_experts,), 1.0 / num_experts, **factory))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Per-slot masks: each client's rows draw from its own seed (fedtreelora.adapters.slot_dropout).
+        self.dropout = SlotDropout(dropout) if dropout > 0 else nn.Identity()
         self.mixer: MixerKind = "single"
         self.active_slots = 1
         self.instance_weights: torch.Tensor | None = None
