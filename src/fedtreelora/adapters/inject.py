@@ -73,7 +73,9 @@ class AdapterBank:
 
     A client's state is a flat dict of CPU tensors without the slot axis; keys are
     ``"{site}.{expert}.lora_A"`` (rank, d_in), ``"{site}.{expert}.lora_B"`` (d_out, rank),
-    ``"{site}.mix_logit"`` () and ``"{site}.router"`` (experts, d_in).
+    ``"{site}.mix_logit"`` (), ``"{site}.router"`` (experts, d_in), ``"{site}.topm_router"``
+    (2 * experts - 1, d_in) and ``"{site}.expert_mask"`` (experts,) (which experts exist for the
+    ``topm`` mixer; not trainable).
     """
 
     def __init__(
@@ -131,7 +133,7 @@ class AdapterBank:
         """All state keys of one expert, site by site (A then B)."""
         return [f"{s.name}.{expert}.{f}" for s in self.sites for f in ("lora_A", "lora_B")]
 
-    def _tensors(self) -> Iterator[tuple[str, nn.Parameter]]:
+    def _tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for site in self.sites:
             layer = self.layers[site.name]
             for e, expert in enumerate(self.expert_names):
@@ -139,6 +141,8 @@ class AdapterBank:
                 yield f"{site.name}.{expert}.lora_B", layer.lora_B[e]
             yield f"{site.name}.mix_logit", layer.mix_logit
             yield f"{site.name}.router", layer.router
+            yield f"{site.name}.topm_router", layer.topm_router
+            yield f"{site.name}.expert_mask", layer.expert_mask
 
     def _items(self) -> Iterator[tuple[str, torch.Tensor, bool]]:
         """(key, tensor, has slot axis) for everything a client's state holds."""
@@ -194,6 +198,7 @@ class AdapterBank:
                 layer.lora_B[e].requires_grad_(bool(spec and spec.train_b))
             layer.mix_logit.requires_grad_(phase.train_mixer and phase.mixer == "lambda")
             layer.router.requires_grad_(phase.train_mixer and phase.mixer == "router")
+            layer.topm_router.requires_grad_(phase.train_mixer and layer.mixer == "topm")
             trainable.extend(p for p in layer.parameters() if p.requires_grad)
         for p in self.local_parameters.values():
             p.requires_grad_(True)
@@ -206,4 +211,4 @@ class AdapterBank:
 
     def mixer_parameters(self) -> list[nn.Parameter]:
         """The lambda logits and routers of every layer (they may use their own learning rate)."""
-        return [p for layer in self.layers.values() for p in (layer.mix_logit, layer.router)]
+        return [p for layer in self.layers.values() for p in (layer.mix_logit, layer.router, layer.topm_router)]
