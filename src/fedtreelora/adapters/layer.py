@@ -16,8 +16,8 @@ from torch import nn
 
 from fedtreelora.adapters.slot_dropout import SlotDropout
 
-MixerKind = Literal["single", "lambda", "fixed", "router", "instance"]
-MIXERS: tuple[str, ...] = ("single", "lambda", "fixed", "router", "instance")
+MixerKind = Literal["single", "lambda", "fixed", "router", "instance", "topm"]
+MIXERS: tuple[str, ...] = ("single", "lambda", "fixed", "router", "instance", "topm")
 
 
 class MultiClientLoraLinear(nn.Module):
@@ -30,10 +30,20 @@ class MultiClientLoraLinear(nn.Module):
         expert after the first gets ``1 - lambda`` (the caller scales those experts so that they sum
         to what one external expert would be, e.g. FedTreeLoRA's ``external="per_cluster"``).
       - ``fixed``: constant weights per expert, e.g. FedDPA's fixed mix.
-      - ``router``: per-token softmax of a learnable linear map ``d_in -> experts`` (FedALT, FedLEASE).
+      - ``router``: per-token softmax of a learnable linear map ``d_in -> experts`` (FedALT,
+        FedTreeLoRA's router ablation).
       - ``instance``: weights given per input row (instance) from outside through
         :meth:`set_instance_weights` before each forward, e.g. FedDPA's instance-wise weighting at
         inference; nothing trains.
+      - ``topm``: FedLEASE's adaptive top-M router over the M experts that exist (``expert_mask``;
+        expert 0, the client's own, always exists). A learnable linear map scores every token
+        against 2M - 1 outputs: one per existing expert (rows ``[0, experts)`` of ``topm_router``,
+        absent experts' rows unused) and M - 1 extra outputs that all stand for expert 0 (rows
+        ``experts .. experts + M - 2``). Softmax over those 2M - 1 outputs, keep the M largest,
+        renormalise them to sum to 1, and give each expert the sum of its kept outputs. Expert 0
+        is therefore always selected (M - 1 non-own outputs cannot fill M places), and a token uses
+        between 1 and M distinct experts: that number adapts to the input. Absent experts get
+        exactly zero weight.
 
     Attributes:
         base: the wrapped, frozen ``nn.Linear`` (d_out x d_in).
@@ -41,6 +51,10 @@ class MultiClientLoraLinear(nn.Module):
         lora_B: one Parameter per expert, (slots, d_out, rank).
         mix_logit: (slots,) the lambda logit of each slot.
         router: (slots, experts, d_in) router weights of each slot.
+        topm_router: (slots, 2 * experts - 1, d_in) weights of the ``topm`` mixer of each slot: row
+            e < experts scores expert e, rows from ``experts`` on are the extra outputs for expert 0.
+        expert_mask: (slots, experts) buffer, 1 where an expert exists for the ``topm`` mixer (the
+            column of expert 0 is ignored: it always exists); all ones at construction.
         fixed_weights: (experts,) buffer for the ``fixed`` mixer.
         instance_weights: (slots, b, experts) weights of the ``instance`` mixer for the next forward
             (b rows per slot), or None.
@@ -80,6 +94,8 @@ class MultiClientLoraLinear(nn.Module):
         logit = math.log(lambda_init / (1.0 - lambda_init))
         self.mix_logit = nn.Parameter(torch.full((num_slots,), logit, **factory))
         self.router = nn.Parameter(torch.zeros(num_slots, num_experts, d_in, **factory))
+        self.topm_router = nn.Parameter(torch.zeros(num_slots, 2 * num_experts - 1, d_in, **factory))
+        self.register_buffer("expert_mask", torch.ones(num_slots, num_experts, **factory))
         self.register_buffer("fixed_weights", torch.full((num_experts,), 1.0 / num_experts, **factory))
         # Per-slot masks: each client's rows draw from its own seed (fedtreelora.adapters.slot_dropout).
         self.dropout = SlotDropout(dropout) if dropout > 0 else nn.Identity()
@@ -121,7 +137,7 @@ class MultiClientLoraLinear(nn.Module):
         Args:
             x: (slots, n, d_in) input rows grouped by slot.
         Returns:
-            (slots, n, experts) for the router and the instance mixer, else (slots, 1, experts).
+            (slots, n, experts) for the router, topm and instance mixers, else (slots, 1, experts).
         """
         k = x.shape[0]
         if self.mixer == "single":
@@ -143,8 +159,35 @@ class MultiClientLoraLinear(nn.Module):
                     f"{x.shape[1]} tokens"
                 )
             return w.to(x.device, x.dtype).repeat_interleave(x.shape[1] // w.shape[1], dim=1)
+        if self.mixer == "topm":
+            return self.topm_weights(x)
         logits = torch.bmm(x, self.router[:k].to(x.dtype).transpose(1, 2))  # (slots, n, experts)
         return torch.softmax(logits, dim=-1)
+
+    def topm_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Expert weights of the ``topm`` mixer (FedLEASE's adaptive top-M router).
+
+        Args:
+            x: (slots, n, d_in) input rows grouped by slot (before dropout).
+        Returns:
+            (slots, n, experts): per token, nonnegative weights summing to 1, zero for absent experts.
+        """
+        k, e = x.shape[0], self.num_experts
+        present = self.expert_mask[:k] > 0  # (slots, experts)
+        present = torch.cat([torch.ones_like(present[:, :1]), present[:, 1:]], dim=1)  # the own expert is always there
+        m = present.sum(dim=1)  # (slots,) M, the number of existing experts
+        extra = torch.arange(e - 1, device=x.device) < (m - 1)[:, None]  # (slots, experts - 1): M - 1 extra outputs
+        active = torch.cat([present, extra], dim=1)  # (slots, 2 * experts - 1), 2M - 1 true per slot
+        logits = torch.bmm(x, self.topm_router[:k].to(x.dtype).transpose(1, 2)).float()  # (slots, n, 2E - 1)
+        # Softmax in float32 as the authors do; -inf keeps unused outputs at exactly zero probability.
+        probs = torch.softmax(logits.masked_fill(~active[:, None, :], float("-inf")), dim=-1)
+        # topk over E >= M outputs then keep each slot's first M, so slots with different M need no host sync.
+        _, idx = probs.topk(e, dim=-1)  # (slots, n, experts), largest first
+        keep = (torch.arange(e, device=x.device) < m[:, None, None]).to(probs.dtype).expand_as(idx)
+        chosen = probs * torch.zeros_like(probs).scatter(-1, idx, keep)
+        chosen = chosen / chosen.sum(dim=-1, keepdim=True)
+        own = chosen[..., :1] + chosen[..., e:].sum(dim=-1, keepdim=True)  # extra outputs all count for expert 0
+        return torch.cat([own, chosen[..., 1:e]], dim=-1).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x (slots * b, ..., d_in). Returns: (slots * b, ..., d_out)."""
