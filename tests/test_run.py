@@ -96,6 +96,31 @@ def test_cli_rejects_unknown_key_and_method(capsys: pytest.CaptureFixture[str], 
     assert not (tmp_path / "summary.json").exists()
 
 
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [("data.num_clients=0", "data.num_clients"), ("data.dataset=sarcasmm", "did you mean 'sarcasm'")],
+    ids=["invalid-value", "unknown-dataset"],
+)
+def test_cli_reports_a_config_error_in_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, assignment: str, message: str
+) -> None:
+    assert main(["run", "--set", "model.num_layers=1", "--set", assignment, "--out", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert "Traceback" not in err
+
+
+def test_cli_lets_an_internal_error_propagate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A ValueError that is not about the user's config is a bug: it must keep its traceback."""
+
+    def broken(self: SimulationEngine) -> dict:
+        raise ValueError("internal")
+
+    monkeypatch.setattr(SimulationEngine, "run", broken)
+    with pytest.raises(ValueError, match="internal"):
+        main(["run", "--set", "model.num_layers=1", "--out", str(tmp_path), "--quiet"])
+
+
 def test_yaml_config_file_and_overrides_compose(tmp_path: Path) -> None:
     path = tmp_path / "exp.yaml"
     path.write_text("method: fedit\ndata:\n  num_clients: 7\nfedtreelora:\n  tau: 0.3\n")

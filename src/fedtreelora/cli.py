@@ -6,7 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedtreelora.config import ConfigError, load_config
+from pydantic import ValidationError
+
+from fedtreelora.config import load_config
+from fedtreelora.errors import ConfigError
 
 DEFAULT_OUT = "runs/default"
 
@@ -78,17 +81,23 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from fedtreelora.adapters.export import export_client, export_trunk
+    from fedtreelora.adapters.export import ExportError, export_client, export_trunk
 
     if args.trunk:
         if args.client is not None:
             raise ConfigError("--trunk exports the trunk shared by all clients; drop --client")
-        out = export_trunk(args.run_dir, args.out)
+        try:
+            out = export_trunk(args.run_dir, args.out)
+        except ExportError as exc:  # a run that cannot be exported as asked: the user's request, not a bug
+            raise ConfigError(str(exc)) from None
         print(f"wrote the shared trunk of {args.run_dir} as a PEFT LoRA adapter to {out}")
         return 0
     if args.client is None:
         raise ConfigError("name the client to export with --client K (or export the shared trunk with --trunk)")
-    out = export_client(args.run_dir, args.client, args.out)
+    try:
+        out = export_client(args.run_dir, args.client, args.out)
+    except ExportError as exc:
+        raise ConfigError(str(exc)) from None
     print(f"wrote client {args.client} of {args.run_dir} as a PEFT LoRA adapter to {out}")
     return 0
 
@@ -292,10 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:
+    except (ConfigError, ValidationError) as exc:
+        # Only the user's configuration or input; any other error is a bug and keeps its traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

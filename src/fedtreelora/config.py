@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from fedtreelora.data.instructions import BUILTIN_INSTRUCTION_SOURCES
+from fedtreelora.errors import ConfigError
 from fedtreelora.strategies import STRATEGIES
 
 CLASSIFIER_TARGETS = ["query", "value"]
@@ -231,10 +232,6 @@ def experiment_config_model() -> type[ExperimentBase]:
 
 
 ExperimentConfig = ExperimentBase  # type of a validated config (its class is experiment_config_model())
-
-
-class ConfigError(ValueError):
-    """A configuration that does not validate; the message names each bad field and the fix."""
 
 
 def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:

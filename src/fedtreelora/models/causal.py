@@ -9,6 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers import logging as hf_logging
 
+from fedtreelora.errors import ConfigError
 from fedtreelora.models.classifier import Backbone, cut_layers
 from fedtreelora.models.installed import resolve_model_path
 
@@ -20,20 +21,20 @@ def quantization_config(quantization: str, device: torch.device):  # type: ignor
     """A ``BitsAndBytesConfig`` for ``8bit``/``4bit`` (None for ``none``), after checking that it can run.
 
     Raises:
-        ValueError: unknown value, no CUDA device, or bitsandbytes not installed; the message says how
+        ConfigError: unknown value, no CUDA device, or bitsandbytes not installed; the message says how
             to fix it.
     """
     if quantization not in QUANTIZATIONS:
-        raise ValueError(f"model.quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+        raise ConfigError(f"model.quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     if quantization == "none":
         return None
     if device.type != "cuda" or not torch.cuda.is_available():
-        raise ValueError(
+        raise ConfigError(
             f"model.quantization={quantization} loads weights through bitsandbytes, which needs a CUDA GPU "
             f"(the run's device is {device}); set model.quantization=none to run in full precision"
         )
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError(
+        raise ConfigError(
             f"model.quantization={quantization} needs the package 'bitsandbytes', which is not installed; "
             "install it with `pip install bitsandbytes` (or set model.quantization=none)"
         )

