@@ -69,6 +69,20 @@ def test_a_client_without_fresh_uploads_still_gets_its_cluster_experts() -> None
     assert torch.allclose(strategy.payload(2, 2)[key][0, 0], expected)
 
 
+def test_a_client_whose_outside_all_sat_out_keeps_its_external_expert() -> None:
+    cls = get_strategy("fedtreelora")
+    strategy = cls(cls.Options(warmup_rounds=1, tau=-1.0, window=2), _context())
+    strategy.aggregate(0, {c: _upload(PROFILES[c]) for c in range(N)})
+    labels = strategy.plan.labels
+    deep = LAYERS - 1
+    assert labels[deep, 0] != labels[deep, 3] == labels[deep, 4], "two groups at the deepest layer"
+    key = "enc.2.q.external.lora_B"
+    before = strategy.payload(1, 0)[key].clone()
+    assert before.abs().sum() > 0, "an external expert from the other group"
+    strategy.aggregate(1, {c: _upload(PROFILES[c]) for c in (0, 1, 2)})  # the other group (3, 4) sat out
+    assert torch.equal(strategy.payload(2, 0)[key], before), "the last external expert is kept, not zeroed"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["fedtreelora", "fedit", "fedlease"])
 def test_partial_participation_runs_and_keeps_absent_clients(method: str) -> None:

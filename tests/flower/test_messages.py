@@ -111,8 +111,14 @@ def test_only_adapter_tensors_and_scalars_cross_the_wire(tmp_path):
     assert all(len(i["train-label-counts"]) == dataset.num_labels for i in info)
 
 
-def test_loopback_run_matches_in_process_and_a_silent_node_keeps_its_state(tmp_path):
-    config = small_experiment("fedit", rounds=3)
+@pytest.mark.parametrize(
+    "method, options",
+    [("fedit", {}), ("fedtreelora", {"fedtreelora": {"warmup_rounds": 1, "tau": -1.0}}), ("feddpa", {})],
+)
+def test_loopback_run_matches_in_process_and_a_silent_node_keeps_its_state(tmp_path, method, options):
+    """Trained and received scores, round by round, as the in-process engine gives them (FedTreeLoRA:
+    the nodes learn the shared layers from the server; FedDPA: its own instance-wise evaluation)."""
+    config = small_experiment(method, rounds=3, **options)
     expected = metrics_by_client_round(_run_in_process(config, tmp_path))
     settings = FlowerRunSettings.for_experiment(config)
     grid = LoopbackGrid(settings, num_nodes=3)
@@ -128,9 +134,13 @@ def test_loopback_run_matches_in_process_and_a_silent_node_keeps_its_state(tmp_p
     assert summary["history"][2]["clients"] == [0, 1]
     assert set(got) == set(expected) - {(2, 2)}
     for key, record in got.items():
-        assert record["accuracy"] == pytest.approx(expected[key]["accuracy"], abs=1e-6), key
-    # client 2 keeps its last accuracy (round 2) and its node was not asked for a final state
-    assert summary["per_client"][2] == pytest.approx(expected[(1, 2)]["accuracy"], abs=1e-6)
+        # The last round's aggregate lacks client 2 here, so what the others receive then differs.
+        received = ("received_accuracy", "received_eval_loss") if key[0] < 2 else ()
+        for field in ("accuracy", "eval_loss", *received):
+            assert record[field] == pytest.approx(expected[key][field], abs=1e-6), (key, field)
+    # client 2 keeps its last score (round 2) and its node was not asked for a final state
+    assert summary["per_client"][2] == pytest.approx(expected[(1, 2)]["received_accuracy"], abs=1e-6)
+    assert [m.metadata.message_type for m in grid.sent].count("evaluate") == 3 + 3 + 2, "one per accepted client"
     assert not (tmp_path / "run" / "clients" / "client_002.safetensors").exists()
     assert (tmp_path / "run" / "clients" / "client_000.safetensors").exists()
 

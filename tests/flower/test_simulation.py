@@ -26,7 +26,8 @@ def test_flower_simulation_matches_in_process(tmp_path, method):
     b = metrics_by_client_round(tmp_path / "flower")
     assert a.keys() == b.keys() and len(a) == 3 * 4
     for key in a:
-        for field in ("accuracy", "train_loss", "eval_loss", "uplink_bytes", "downlink_bytes"):
+        fields = ("accuracy", "train_loss", "eval_loss", "received_accuracy", "received_eval_loss")
+        for field in (*fields, "uplink_bytes", "downlink_bytes"):
             assert b[key][field] == pytest.approx(a[key][field], abs=1e-5), (key, field)
     # The nodes' final personal adapters come back for export: every client, the in-process values.
     # Observed bitwise; a different torch thread count on either side reorders float32 sums and moves

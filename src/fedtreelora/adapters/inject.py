@@ -187,8 +187,10 @@ class AdapterBank:
         if phase.expert_names != self.expert_names[: len(phase.experts)]:
             raise ValueError(f"phase experts {phase.expert_names} do not match the model's {self.expert_names}")
         trainable: list[nn.Parameter] = []
-        for layer in self.layers.values():
-            layer.set_mixer(phase.mixer)
+        layer_of = {s.name: s.layer for s in self.sites}
+        for name, layer in self.layers.items():
+            mixer = phase.mixer_at(layer_of[name])
+            layer.set_mixer(mixer)
             layer.active_slots = active_slots
             if phase.fixed_weights is not None:
                 layer.fixed_weights.copy_(torch.tensor(phase.fixed_weights, dtype=torch.float32))
@@ -196,8 +198,8 @@ class AdapterBank:
                 spec = phase.experts[e] if e < len(phase.experts) else None
                 layer.lora_A[e].requires_grad_(bool(spec and spec.train_a))
                 layer.lora_B[e].requires_grad_(bool(spec and spec.train_b))
-            layer.mix_logit.requires_grad_(phase.train_mixer and phase.mixer == "lambda")
-            layer.router.requires_grad_(phase.train_mixer and phase.mixer == "router")
+            layer.mix_logit.requires_grad_(phase.train_mixer and mixer == "lambda")
+            layer.router.requires_grad_(phase.train_mixer and mixer == "router")
             layer.topm_router.requires_grad_(phase.train_mixer and layer.mixer == "topm")
             trainable.extend(p for p in layer.parameters() if p.requires_grad)
         for p in self.local_parameters.values():

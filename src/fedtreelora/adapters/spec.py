@@ -41,6 +41,9 @@ class PhaseSpec:
         train_mixer: whether the mixer's own parameters (lambda logit, router) train.
         fixed_weights: weights per expert for the ``fixed`` mixer.
         name: what the phase is called in logs and metrics (``warmup``, ``federated``, ...).
+        single_layers: layers (0-based) whose adapters use expert 0 alone at weight 1 whatever ``mixer``
+            says, with no mixer parameter trained there (FedTreeLoRA's layers where a client's cluster
+            is everyone: no external expert, so lambda would only scale the shared adapter).
         evaluate: None to evaluate the client with the training configuration; else a callable that
             evaluates it its own way (e.g. FedDPA's instance-wise weighting), called as
             ``evaluate(bank, tokenizer, train_data=..., val_data=..., batch_size=..., device=..., seed=...,
@@ -55,6 +58,7 @@ class PhaseSpec:
     train_mixer: bool = False
     fixed_weights: tuple[float, ...] | None = None
     name: str = "federated"
+    single_layers: frozenset[int] = frozenset()
     evaluate: Evaluator | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -68,3 +72,7 @@ class PhaseSpec:
     @property
     def expert_names(self) -> tuple[str, ...]:
         return tuple(e.name for e in self.experts)
+
+    def mixer_at(self, layer: int) -> MixerKind:
+        """The mixer of the adapters in ``layer`` (``single`` in :attr:`single_layers`)."""
+        return "single" if layer in self.single_layers else self.mixer

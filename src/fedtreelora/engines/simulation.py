@@ -20,6 +20,7 @@ from fedtreelora.engines.setup import Federation, build_federation, client_seed
 from fedtreelora.engines.validation import RejectedUpdate, check_update
 from fedtreelora.progress import progress_bars
 from fedtreelora.train import ClientResult, run_client_round, run_clients_round
+from fedtreelora.train.received import evaluate_received, evaluate_received_together
 
 
 def run_metric(fed: Any) -> str:
@@ -37,6 +38,17 @@ def round_mean(record: dict[str, Any]) -> float | None:
 def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
     """Bytes on the wire for a set of float32 tensors."""
     return sum(t.numel() * 4 for t in tensors.values())
+
+
+def _headline(history: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """``final_mean``, ``best_mean`` and ``best_round`` of the per-round means under ``key`` (one
+    evaluation convention); None where no round recorded it."""
+    means = [h.get(key) for h in history]
+    scored = [(m, r) for r, m in enumerate(means) if m is not None]
+    if not scored:
+        return {"final_mean": None, "best_mean": None, "best_round": None}
+    best, best_round = max(scored, key=lambda pair: (pair[0], -pair[1]))
+    return {"final_mean": means[-1], "best_mean": best, "best_round": best_round}
 
 
 class SimulationEngine:
@@ -168,10 +180,7 @@ class SimulationEngine:
         uploads: dict[int, dict[str, torch.Tensor]] = {}
         records: list[dict[str, Any]] = []
         rejected: list[int] = []
-        for k in range(fed.num_clients):
-            if k not in results:
-                run.per_client[k].append(None)
-                continue
+        for k in sorted(results):
             result = results[k]
             upload = self.tamper(rnd, k, result.upload)
             try:
@@ -180,11 +189,9 @@ class SimulationEngine:
                 # The client keeps its state from before this round; the others aggregate without it.
                 self.console.print(f"[yellow]round {rnd + 1}: rejected update: {exc}[/]")
                 rejected.append(k)
-                run.per_client[k].append(None)
                 continue
             run.client_states[k] = result.state
             uploads[k] = upload
-            run.per_client[k].append(result.metrics[run_metric(fed)])
             records.append(
                 {
                     "round": rnd,
@@ -196,10 +203,18 @@ class SimulationEngine:
                 }
             )
         info = strategy.aggregate(rnd, uploads)
+        metric = run_metric(fed)
+        received = self._evaluate_received(fed, rnd, [r["client"] for r in records], run)
+        for r in records:
+            r.update({f"received_{key}": value for key, value in received.get(r["client"], {}).items()})
+        headline = metric if self.config.federation.evaluate == "trained" else f"received_{metric}"
+        scores = {r["client"]: r.get(headline) for r in records}
+        for k in range(fed.num_clients):
+            run.per_client[k].append(scores.get(k))
         self.recorder.log_clients(records)
 
         def mean(key: str) -> float | None:
-            values = [r[key] for r in records]
+            values = [r[key] for r in records if r.get(key) is not None]
             return float(np.mean(values)) if values else None
 
         return {
@@ -207,9 +222,12 @@ class SimulationEngine:
             "phase": phase.name,
             "clients": [r["client"] for r in records],
             "rejected": rejected,
-            "metric": run_metric(fed),
-            "mean_metric": mean(run_metric(fed)),
-            f"mean_{run_metric(fed)}": mean(run_metric(fed)),
+            "metric": metric,
+            "evaluate": self.config.federation.evaluate,
+            "mean_metric": mean(headline),
+            f"mean_{metric}": mean(headline),
+            "trained_mean_metric": mean(metric),
+            "received_mean_metric": mean(f"received_{metric}"),
             "mean_train_loss": mean("train_loss"),
             "uplink_mb_per_client": (mean("uplink_bytes") or 0.0) / 1e6,
             "downlink_mb_per_client": (mean("downlink_bytes") or 0.0) / 1e6,
@@ -257,6 +275,35 @@ class SimulationEngine:
                 results[k] = result
                 tick()
         return results
+
+    def _evaluate_received(self, fed: Federation, rnd: int, clients: list[int], run: RunState) -> dict[int, dict]:
+        """After round ``rnd``'s aggregation, the scores of what each of ``clients`` receives: its kept
+        state plus the server's payload for round ``rnd + 1``, in that round's phase (after the last
+        round: the final aggregation). Scored with round ``rnd``'s client seeds, so where nothing is
+        received (warm-up, local training) the score equals the trained one exactly."""
+        strategy = fed.strategy
+        phase = strategy.phase(rnd + 1)
+        payloads = {k: strategy.payload(rnd + 1, k) for k in clients}
+        common = {"phase": phase, "settings": fed.settings, "device": fed.device}
+        tokenizer = fed.classifier.tokenizer
+        groups = self.passes(fed, clients) if phase.evaluate is None else [[k] for k in clients]
+        scores: dict[int, dict] = {}
+        for group in groups:
+            seeds = [client_seed(fed.config.seed, rnd, k) for k in group]
+            if len(group) == 1:
+                (k,) = group
+                scores[k] = evaluate_received(
+                    fed.bank, tokenizer, state=run.client_states[k], payload=payloads[k],
+                    train_data=fed.train_data[k], val_data=fed.val_data[k], seed=seeds[0], **common,
+                )  # fmt: skip
+                continue
+            out = evaluate_received_together(
+                fed.bank, tokenizer, states=[run.client_states[k] for k in group],
+                payloads=[payloads[k] for k in group], val_data=[fed.val_data[k] for k in group], seeds=seeds,
+                **common,
+            )  # fmt: skip
+            scores.update(zip(group, out, strict=True))
+        return scores
 
     def finish(self, fed: Federation, run: RunState) -> None:
         """Called after the last round, before states and summary are written. Nothing to do here:
@@ -315,9 +362,11 @@ class SimulationEngine:
         return {
             "method": fed.config.method,
             "dataset": fed.dataset_name,
+            "by_convention": {name: _headline(history, f"{name}_mean_metric") for name in ("received", "trained")},
             "metric": run_metric(fed),
             "num_clients": fed.num_clients,
             "rounds": len(history),
+            "evaluate": fed.config.federation.evaluate,
             "final_mean": round_mean(history[-1]),
             "best_mean": round_mean(history[best]),
             "best_round": best,

@@ -242,6 +242,7 @@ class FedDPA(FedIT):
             experts=(ExpertSpec("global"), ExpertSpec("local")),
             mixer="fixed",
             fixed_weights=(1.0 - opts.local_weight, opts.local_weight),
+            name="warmup" if self.is_warmup(rnd) else "federated",
             evaluate=evaluate,
         )
 

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from fedtreelora.adapters import ExpertSpec, PhaseSpec
 from fedtreelora.core import group_means
@@ -17,6 +18,9 @@ from fedtreelora.strategies.registry import register
 class FedITOptions(StrategyOptions):
     weighting: Literal["uniform", "examples"] = "uniform"
     """How uploads are averaged: ``uniform`` (equal clients, as in the paper's setup) or by example count."""
+    warmup_rounds: int = Field(0, ge=0)
+    """Rounds of purely local training before the first average (0: FedAvg from round 1). With the same
+    warm-up, FedTreeLoRA with one cluster at every layer (``window=1``) computes exactly this."""
 
 
 @register
@@ -27,6 +31,10 @@ class FedIT(Strategy):
     does not overwrite. Frozen: backbone and head.
     On the wire each round: up, the client's trained LoRA; down, the global LoRA (from round 1 on;
     in round 0 every client already holds the same initialisation).
+
+    With ``warmup_rounds`` W > 0 the first W rounds train locally and share nothing (phase ``warmup``);
+    the uploads of round W are the first to be averaged, so round W + 1 starts from FedAvg of the
+    clients' warm-up LoRAs.
     """
 
     name = "fedit"
@@ -38,8 +46,12 @@ class FedIT(Strategy):
         super().__init__(options, context)
         self._global: Tensors = {}
 
+    def is_warmup(self, rnd: int) -> bool:
+        return rnd < self.options.warmup_rounds
+
     def phase(self, rnd: int) -> PhaseSpec:
-        return PhaseSpec(experts=(ExpertSpec("shared"),), mixer="single")
+        name = "warmup" if self.is_warmup(rnd) else "federated"
+        return PhaseSpec(experts=(ExpertSpec(self.expert_names[0]),), mixer="single", name=name)
 
     def sharing_labels(self) -> np.ndarray:
         return np.zeros((self.context.num_layers, self.context.num_clients), dtype=np.int64)
@@ -51,6 +63,8 @@ class FedIT(Strategy):
         return self.expert_keys("shared")
 
     def aggregate(self, rnd: int, uploads: Mapping[int, Tensors]) -> dict[str, Any]:
+        if rnd < self.options.warmup_rounds - 1:
+            return {}  # warm-up goes on: nothing is shared
         clients = sorted(uploads)
         if not clients:
             return {"aggregated": 0}

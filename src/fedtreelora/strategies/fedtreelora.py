@@ -147,7 +147,17 @@ class FedTreeLoRA(ClusteredAfterWarmup):
             return PhaseSpec(experts=experts, mixer="single", name="warmup")
         if len(experts) == 1:
             return PhaseSpec(experts=experts, mixer="single")
-        return PhaseSpec(experts=experts, mixer=self.options.mixer, train_mixer=True)
+        return PhaseSpec(
+            experts=experts, mixer=self.options.mixer, train_mixer=True, single_layers=self.shared_by_all()
+        )
+
+    def shared_by_all(self) -> frozenset[int]:
+        """Layers where every client's cluster is the whole federation (one cluster): there is no external
+        expert, so the cluster expert acts alone at weight 1 and no mixer trains (one cluster at every
+        layer is FedIT). Empty before the plan exists."""
+        if self.plan is None:
+            return frozenset()
+        return frozenset(int(layer) for layer in np.flatnonzero(self.plan.cuts == 1))
 
     def payload(self, rnd: int, client: int) -> Tensors:
         if self.is_warmup(rnd):
@@ -234,7 +244,7 @@ class FedTreeLoRA(ClusteredAfterWarmup):
         for key in uploads[clients[0]]:
             layer = self.site_of(key).layer
             values = self.stack(uploads, clients, key)
-            inside, outside, has_inside, _ = group_means_for(
+            inside, outside, has_inside, has_outside = group_means_for(
                 values, labels[layer][clients], labels[layer][targets], weights
             )
             inside = as_payloads(inside)
@@ -243,7 +253,8 @@ class FedTreeLoRA(ClusteredAfterWarmup):
             for i, c in enumerate(targets):
                 if has_inside[i]:  # else no cluster member took part: the client keeps its own cluster expert
                     payloads[c][key] = inside[i]
-                if self.options.external == "mean":
+                # No one outside the client's cluster took part: it keeps the external expert it holds.
+                if self.options.external == "mean" and has_outside[i]:
                     payloads[c][external_key] = outside[i]
             if self.options.external == "per_cluster":
                 own = as_payloads(group_means(values, labels[layer][clients], weights)[0])

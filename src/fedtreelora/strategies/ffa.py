@@ -33,7 +33,11 @@ class FFA(FedIT):
     Options = FFAOptions
 
     def phase(self, rnd: int) -> PhaseSpec:
-        return PhaseSpec(experts=(ExpertSpec("shared", train_a=False, train_b=True),), mixer="single")
+        return PhaseSpec(
+            experts=(ExpertSpec("shared", train_a=False, train_b=True),),
+            mixer="single",
+            name="warmup" if self.is_warmup(rnd) else "federated",
+        )
 
     def upload_keys(self, rnd: int, client: int) -> Sequence[str]:
         return [k for k in self.expert_keys("shared") if k.endswith(".lora_B")]

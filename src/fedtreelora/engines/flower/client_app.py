@@ -7,6 +7,9 @@ Messages it answers:
   reply with the upload and scalar metrics; the new state waits, pending, until the server says the
   upload was accepted (a rejected or late upload leaves the client as it was, as in the in-process
   engine);
+* ``evaluate``: after the server's step, settle the pending state, then score the committed state plus
+  the server's payload in the next round's phase (the received model) and reply with the scores; the
+  state does not change;
 * ``query`` with ``action = "finish"``: settle the last pending state and, if asked, send the final
   personal adapters.
 
@@ -20,10 +23,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedtreelora.engines.flower.node import client_id, node_client, node_info
+from fedtreelora.engines.flower.phases import node_phase
 from fedtreelora.engines.flower.records import from_array_record, to_array_record
 from fedtreelora.engines.flower.settings import FlowerRunSettings
 from fedtreelora.engines.setup import client_seed
 from fedtreelora.train import run_client_round
+from fedtreelora.train.received import evaluate_received
 
 #: keys in the node's context.state
 COMMITTED, PENDING = "fedtreelora.state", "fedtreelora.pending"
@@ -59,6 +64,41 @@ def query(msg: Message, context: Context) -> Message:
     raise ValueError(f"unknown query action {action!r}")
 
 
+def _state(context: Context, fed) -> dict:  # type: ignore[no-untyped-def]
+    """The node's committed personal state (the shared initialisation before its first round)."""
+    committed = context.state.get(COMMITTED)
+    return from_array_record(committed) if isinstance(committed, ArrayRecord) else dict(fed.initial_state)
+
+
+def _numbers(metrics: dict) -> dict:  # type: ignore[type-arg]
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    settings = FlowerRunSettings.from_run_config(context.run_config)
+    cfg = msg.content["config"]
+    node = node_client(settings.experiment, context.node_config, list(cfg["label-names"]))
+    rnd = int(cfg["round"])  # the round whose aggregation is scored
+    _settle(context, bool(cfg["accepted"]))
+    fed = node.fed
+    scores = evaluate_received(
+        fed.bank,
+        fed.classifier.tokenizer,
+        phase=node_phase(fed.strategy, rnd + 1, cfg),
+        state=_state(context, fed),
+        payload=from_array_record(msg.content.get("payload")),
+        train_data=fed.train_data[node.index],
+        val_data=fed.val_data[node.index],
+        settings=fed.settings,
+        seed=client_seed(settings.experiment.seed, rnd, node.client),
+        device=fed.device,
+    )
+    metrics = _numbers(scores)
+    metrics["client"] = node.client
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     settings = FlowerRunSettings.from_run_config(context.run_config)
@@ -67,14 +107,8 @@ def train(msg: Message, context: Context) -> Message:
     rnd = int(cfg["round"])
     _settle(context, bool(cfg["accepted"]))
     fed = node.fed
-    phase = fed.strategy.phase(rnd)
-    if phase.name != str(cfg["phase"]):
-        raise ValueError(
-            f"round {rnd + 1}: the server is in phase {cfg['phase']!r} but this node computes {phase.name!r}; "
-            "server and nodes must run the same fedtreelora version and experiment config"
-        )
-    committed = context.state.get(COMMITTED)
-    state = from_array_record(committed) if isinstance(committed, ArrayRecord) else dict(fed.initial_state)
+    phase = node_phase(fed.strategy, rnd, cfg)
+    state = _state(context, fed)
     result = run_client_round(
         fed.bank,
         fed.classifier.tokenizer,
@@ -89,7 +123,7 @@ def train(msg: Message, context: Context) -> Message:
         device=fed.device,
     )
     context.state[PENDING] = to_array_record(result.state)
-    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics = _numbers(result.metrics)
     metrics["client"] = node.client
     return Message(
         RecordDict({"upload": to_array_record(result.upload), "metrics": MetricRecord(metrics)}), reply_to=msg

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 
 from fedtreelora.config import ExperimentConfig
 from fedtreelora.engines.checkpoint import RunState
+from fedtreelora.engines.flower.phases import phase_config
 from fedtreelora.engines.flower.records import from_array_record, to_array_record
 from fedtreelora.engines.recorder import write_json
 from fedtreelora.engines.setup import ModelSide, RunTask, build_model_side
@@ -197,7 +198,7 @@ class FlowerEngine(SimulationEngine):
         for k in chosen:
             config = {
                 "round": rnd,
-                "phase": phase.name,
+                **phase_config(phase),
                 "accepted": fed.accepted.get(k, False),
                 "upload-keys": list(keys[k]),
                 "label-names": fed.label_names,
@@ -222,6 +223,33 @@ class FlowerEngine(SimulationEngine):
         for k in sorted(set(chosen) - set(results)):
             self.console.print(f"[yellow]round {rnd + 1}: no reply from client {k} in time; it keeps its state[/]")
         return results
+
+    def _evaluate_received(self, fed, rnd: int, clients: list[int], run: RunState) -> dict[int, dict]:  # type: ignore[no-untyped-def,override]
+        """Each client scores what it receives on its node: an ``evaluate`` message with the payload of
+        round ``rnd + 1`` (the node first commits the state whose upload was just accepted)."""
+        phase = fed.strategy.phase(rnd + 1)
+        messages = []
+        for k in clients:
+            config = {"round": rnd, **phase_config(phase), "accepted": True, "label-names": fed.label_names}
+            content = RecordDict(
+                {"config": ConfigRecord(config), "payload": to_array_record(fed.strategy.payload(rnd + 1, k))}
+            )
+            messages.append(Message(content, dst_node_id=fed.nodes[k], message_type=MessageType.EVALUATE))
+        client_of = {n: k for k, n in fed.nodes.items()}
+        scores: dict[int, dict] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.round_timeout):
+            k = client_of.get(reply.metadata.src_node_id)
+            if k is None:
+                continue
+            if reply.has_error():
+                self.console.print(f"[yellow]round {rnd + 1}: client {k} failed to evaluate: {reply.error.reason}[/]")
+                continue
+            metrics = dict(reply.content["metrics"])
+            metrics.pop("client", None)
+            scores[k] = metrics
+        for k in clients:
+            fed.answered[k] = k in scores
+        return scores
 
     def _round(self, fed, rnd: int, run: RunState, tick) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         chosen = self.participants(rnd, fed.num_clients)
