@@ -95,7 +95,9 @@ def test_only_adapter_tensors_and_scalars_cross_the_wire(tmp_path):
             if isinstance(record, ArrayRecord):
                 for key in record:
                     # adapter state keys only: "<site>.<expert>.lora_A|lora_B" or a mixer's parameters
-                    assert key.endswith((".lora_A", ".lora_B", ".mix_logit", ".router")), key
+                    assert key.endswith(
+                        (".lora_A", ".lora_B", ".mix_logit", ".router", ".topm_router", ".expert_mask")
+                    ), key
                     assert np.issubdtype(record[key].numpy().dtype, np.floating), key
             else:
                 for key, value in record.items():
