@@ -37,6 +37,8 @@ def context(experts: Sequence[str], num_examples: tuple[int, ...] = (10,) * N) -
             shapes[f"{s.name}.{e}.lora_B"] = (s.d_out, 1)
         shapes[f"{s.name}.mix_logit"] = ()
         shapes[f"{s.name}.router"] = (len(experts), s.d_in)
+        shapes[f"{s.name}.topm_router"] = (2 * len(experts) - 1, s.d_in)
+        shapes[f"{s.name}.expert_mask"] = (len(experts),)
     return FederationContext(N, SITES, LAYERS, ("q",), 10, num_examples, 0, 1, shapes)
 
 
@@ -47,10 +49,13 @@ def make(name: str, **options: object) -> Strategy:
 
 
 def uploads(
-    expert: str, b_by_layer: Sequence[Sequence[float | Sequence[float]]], clients: Sequence[int] = range(N)
+    expert: str,
+    b_by_layer: Sequence[Sequence[float | Sequence[float]]],
+    clients: Sequence[int] = range(N),
+    router_rows: int = 0,
 ) -> dict[int, dict[str, torch.Tensor]]:
     """Client k uploads A = k + 1 everywhere and B = b_by_layer[layer][k] (a scalar fills B, a pair
-    sets its two rows)."""
+    sets its two rows); with ``router_rows`` also a top-M router (router_rows, 3) filled with 10 * (k + 1)."""
     out = {}
     for k in clients:
         t = {}
@@ -58,6 +63,8 @@ def uploads(
             t[f"{s.name}.{expert}.lora_A"] = torch.full((1, 3), float(k + 1))
             b = torch.tensor(b_by_layer[s.layer][k], dtype=torch.float32)
             t[f"{s.name}.{expert}.lora_B"] = b.expand(2, 1).clone() if b.ndim == 0 else b[:, None]
+            if router_rows:
+                t[f"{s.name}.topm_router"] = torch.full((router_rows, s.d_in), 10.0 * (k + 1))
         out[k] = t
     return out
 
@@ -207,21 +214,59 @@ def test_fedlease_clusters_once_and_sends_every_cluster_expert() -> None:
     assert set(strategy.scores) == {2, 3} and strategy.scores[2] > strategy.scores[3]
     assert strategy.sharing_labels().tolist() == [[0, 0, 1, 1]] * LAYERS, "one partition for every layer"
     phase = strategy.phase(2)
-    assert phase.mixer == "router" and phase.train_mixer
+    assert phase.mixer == "topm" and phase.train_mixer
     assert [(e.name, e.trainable) for e in phase.experts] == [("own", True), ("other_1", False), ("other_2", False)]
     p0, p3 = strategy.payload(2, 0), strategy.payload(2, 3)
     own_keys = [key.format("own") for key in (A0, B0, A1, B1)]
-    only(p0, *own_keys, *(key.replace(".own.", ".other_1.") for key in own_keys))  # the unused slot stays zero
+    masks = [f"{s.name}.expert_mask" for s in SITES]
+    only(p0, *own_keys, *(key.replace(".own.", ".other_1.") for key in own_keys), *masks)  # other_2 stays zero
+    assert all(p0[key].tolist() == [1.0, 1.0, 0.0] for key in masks), "two experts exist, the third slot is empty"
     assert torch.allclose(p0[A0.format("own")], full(1.5, (1, 3)))
     assert torch.allclose(p0[B1.format("own")], torch.tensor([[1.0], [0.05]]))
     assert torch.allclose(p0[A0.format("other_1")], full(3.5, (1, 3)))
     assert torch.allclose(p3[A1.format("own")], full(3.5, (1, 3)))
     assert torch.allclose(p3[B0.format("other_1")], torch.tensor([[1.0], [0.05]]))
-    assert not any("router" in key for key in p0), "the router stays on the client"
-    # later rounds: uploads of the own expert are averaged within each cluster only
-    strategy.aggregate(2, uploads("own", [[0.0, 2.0, 4.0, 8.0]] * LAYERS))
-    assert torch.allclose(strategy.payload(3, 1)[B0.format("own")], full(1.0, (2, 1)))
-    assert torch.allclose(strategy.payload(3, 1)[B0.format("other_1")], full(6.0, (2, 1)))
+    assert not any("router" in key for key in p0), "no router has trained yet: each client keeps its init"
+    # later rounds: the own expert and the router go up and are averaged within each cluster only
+    routers = [f"{s.name}.topm_router" for s in SITES]
+    assert list(strategy.upload_keys(2, 0)) == [*strategy.expert_keys("own"), *routers]
+    assert list(strategy.upload_keys(1, 0)) == strategy.expert_keys("own"), "no router goes up during warm-up"
+    strategy.aggregate(2, uploads("own", [[0.0, 2.0, 4.0, 8.0]] * LAYERS, router_rows=5))
+    p1, p2 = strategy.payload(3, 1), strategy.payload(3, 2)
+    assert torch.allclose(p1[B0.format("own")], full(1.0, (2, 1)))
+    assert torch.allclose(p1[B0.format("other_1")], full(6.0, (2, 1)))
+    assert all(torch.equal(p1[key], full(15.0, (5, 3))) for key in routers), "mean of clients 0 and 1 only"
+    assert all(torch.equal(p2[key], full(35.0, (5, 3))) for key in routers), "mean of clients 2 and 3 only"
+
+
+def test_fedlease_keeps_routers_local_when_asked() -> None:
+    strategy = make("fedlease", warmup_rounds=1, max_clusters=3, router_sharing="local")
+    strategy.aggregate(0, uploads("own", TWO_GROUPS))
+    assert list(strategy.upload_keys(1, 0)) == strategy.expert_keys("own")
+    strategy.aggregate(1, uploads("own", TWO_GROUPS, router_rows=5))
+    assert not any("router" in key for key in strategy.payload(2, 0))
+
+
+def test_fedlease_initial_state_routes_over_the_own_expert_with_kaiming_uniform_routers() -> None:
+    strategy = make("fedlease", max_clusters=3)
+    state = strategy.initial_state(torch.Generator().manual_seed(0))
+    for s in SITES:
+        assert state[f"{s.name}.expert_mask"].tolist() == [1.0, 0.0, 0.0], "before the clustering: own expert alone"
+        router = state[f"{s.name}.topm_router"]
+        assert router.shape == (5, s.d_in) and router.std() > 0
+        assert router.abs().max() <= 1.0 / math.sqrt(s.d_in), "nn.Linear's default (kaiming_uniform_(a=sqrt(5)))"
+    base = Strategy.initial_state(strategy, torch.Generator().manual_seed(0))
+    assert all(torch.equal(state[k], base[k]) for k in base if ".lora_A" in k), "the LoRA init is unchanged"
+
+
+def test_fedlease_newcomer_router_is_left_out_of_the_cluster_mean() -> None:
+    strategy = make("fedlease", warmup_rounds=1, max_clusters=3)
+    strategy.aggregate(0, uploads("own", TWO_GROUPS, clients=[0, 1, 2]))  # client 3 misses warm-up
+    assert strategy.payload(1, 3) == {}, "not placed yet: it keeps its own expert alone"
+    info = strategy.aggregate(1, uploads("own", TWO_GROUPS, router_rows=5))
+    assert info["placed"] == [3] and strategy.labels[3] == strategy.labels[2]
+    key = f"{SITES[0].name}.topm_router"
+    assert torch.equal(strategy.payload(2, 3)[key], full(30.0, (5, 3))), "client 2's router alone"
 
 
 def test_fedlease_with_two_clients_keeps_one_cluster() -> None:
@@ -381,7 +426,11 @@ ROUND_TRIP = [
 def test_server_state_round_trips_to_identical_payloads(name: str, options: dict) -> None:
     first = make(name, **options)
     expert = type(first).experts_for(first.options)[0]
-    sent = uploads(expert, [[[1.0, 0.1], [1.0, 0.0], [0.0, 1.0], [0.1, 1.0]], [[0.0, 0.3], [0.2, 0.3], [5, 0], [5, 1]]])
+    sent = uploads(
+        expert,
+        [[[1.0, 0.1], [1.0, 0.0], [0.0, 1.0], [0.1, 1.0]], [[0.0, 0.3], [0.2, 0.3], [5, 0], [5, 1]]],
+        router_rows=5,
+    )
     first.aggregate(0, {k: {key: t[key] for key in first.upload_keys(0, k)} for k, t in sent.items()})
     first.aggregate(1, {k: {key: t[key] * 2 for key in first.upload_keys(1, k)} for k, t in sent.items()})
     tensors, meta = first.state_dict()
@@ -407,11 +456,12 @@ def test_aggregating_with_torch_on_a_device_sends_what_numpy_sends(name: str, op
         server = cls(opts, dataclasses.replace(context(cls.experts_for(opts)), server_device=device))
         expert = cls.experts_for(opts)[0]
         sent = uploads(
-            expert, [[[1.0, 0.1], [1.0, 0.0], [0.0, 1.0], [0.1, 1.0]], [[0.0, 0.3], [0.2, 0.3], [5, 0], [5, 1]]]
+            expert,
+            [[[1.0, 0.1], [1.0, 0.0], [0.0, 1.0], [0.1, 1.0]], [[0.0, 0.3], [0.2, 0.3], [5, 0], [5, 1]]],
+            router_rows=5,
         )
-        keys = server.upload_keys(0, 0)
-        server.aggregate(0, {k: {key: sent[k][key] for key in keys} for k in (0, 1, 2)})
-        server.aggregate(1, {k: {key: sent[k][key] * (k + 2) for key in keys} for k in range(N)})
+        server.aggregate(0, {k: {key: sent[k][key] for key in server.upload_keys(0, k)} for k in (0, 1, 2)})
+        server.aggregate(1, {k: {key: sent[k][key] * (k + 2) for key in server.upload_keys(1, k)} for k in range(N)})
         servers.append(server)
     numpy_server, torch_server = servers
     labels_np, labels_torch = numpy_server.sharing_labels(), torch_server.sharing_labels()
@@ -531,6 +581,7 @@ def test_no_gradient_reaches_frozen_experts(name: str, options: dict, rnd: int, 
                 else:
                     assert factor.grad is None, f"{name}: frozen {expert} got a gradient"
         assert (layer.router.grad is not None) == (phase.mixer == "router" and phase.train_mixer)
+        assert (layer.topm_router.grad is not None) == (phase.mixer == "topm" and phase.train_mixer)
         assert (layer.mix_logit.grad is not None) == (phase.mixer == "lambda" and phase.train_mixer)
         assert layer.base.weight.grad is None
 
@@ -620,8 +671,11 @@ def test_every_method_runs(method: str, extra: list[str], tmp_path: Path, one_th
     factor_bytes = 4 * summary_rank(tmp_path) * 384 * 4
     if method in ("ffa", "fedsa"):
         assert all(r["uplink_bytes"] == factor_bytes for r in rows), "only B (ffa) or A (fedsa) goes up"
-    if method in ("fedit", "fedalt", "feddpa", "fedlease"):
+    if method in ("fedit", "fedalt", "feddpa"):
         assert all(r["uplink_bytes"] == 2 * factor_bytes for r in rows), "one LoRA goes up"
+    if method == "fedlease":  # after warm-up its router goes up too: 2 * max_clusters - 1 rows of 384 per module
+        router_bytes = 4 * (2 * 3 - 1) * 384 * 4
+        assert all(r["uplink_bytes"] == 2 * factor_bytes + router_bytes * (r["phase"] != "warmup") for r in rows)
 
 
 def summary_rank(run_dir: Path) -> int:
