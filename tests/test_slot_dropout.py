@@ -10,7 +10,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from fedtreelora.adapters.slot_dropout import (
     SLOT_ATTENTION,
     SlotDropout,
-    SlotStreams,
     _attention_with_slot_dropout,
     slot_sdpa_attention,
     slot_streams,
@@ -101,7 +100,7 @@ def test_explicit_attention_is_sdpa_without_dropout(is_causal: bool, groups: int
     module = _Attention(is_causal, groups)
     expected, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
     got, probs = _attention_with_slot_dropout(
-        module, q, k, v, mask, dropout=0.0, scaling=0.3, is_causal=None, position_bias=None, streams=SlotStreams([0])
+        module, q, k, v, mask, dropout=0.0, scaling=0.3, is_causal=None, position_bias=None
     )
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert probs.shape == (rows, heads, T, T)

@@ -14,10 +14,14 @@ Three dropout sites are covered:
   :class:`SlotDropout` in :func:`use_slot_dropout`;
 - attention-probability dropout, which transformers passes as ``dropout=`` to its attention
   function: :func:`use_slot_dropout` switches sdpa models to :func:`slot_sdpa_attention`, which
-  draws the probabilities' masks per slot while training with p > 0 and otherwise calls the stock
-  sdpa function (evaluation, and causal LMs whose attention dropout is 0, keep the fast kernels).
+  computes the probabilities explicitly while training with p > 0, so that their masks can be drawn
+  per slot, and otherwise calls the stock sdpa function (evaluation, and causal LMs whose attention
+  dropout is 0, keep the fused kernels).
 
-Outside :func:`slot_streams` every piece behaves as before: dropout from the global stream.
+Outside :func:`slot_streams` every piece draws its dropout from the global stream, as before.
+
+Under ``torch.compile`` the mask draws run eagerly (:func:`slot_dropout_factors`): one graph break
+per dropout site while training with dropout, and the same masks as eager training.
 
 Why masks are drawn per slot over its own span of tokens: batches are padded to their longest row,
 and a pass pads every client to the longest row of all of them; a mask drawn over the padded length
@@ -139,9 +143,20 @@ class SlotStreams:
 _ACTIVE: ContextVar[SlotStreams | None] = ContextVar("fedtreelora_slot_streams", default=None)
 
 
-def active_streams() -> SlotStreams | None:
-    """The streams of the training pass in progress, or None outside :func:`slot_streams`."""
-    return _ACTIVE.get()
+@torch.compiler.disable
+def slot_dropout_factors(
+    shape: Sequence[int], p: float, *, token_dims: Sequence[int], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """:meth:`SlotStreams.keep_scale` of the active streams; None outside :func:`slot_streams`.
+
+    Runs eagerly under ``torch.compile``: dynamo traces neither a ContextVar read nor a draw from a
+    ``torch.Generator``, so each dropout site splits the compiled graph once, and compiled training
+    draws the same masks as eager training.
+    """
+    streams = _ACTIVE.get()
+    if streams is None:
+        return None
+    return streams.keep_scale(shape, p, token_dims=token_dims, device=device, dtype=dtype)
 
 
 @contextlib.contextmanager
@@ -169,12 +184,11 @@ class SlotDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        streams = active_streams()
-        if streams is None:
-            return F.dropout(x, self.p, True, self.inplace)
-        factors = streams.keep_scale(
+        factors = slot_dropout_factors(
             x.shape, self.p, token_dims=(1,) if x.dim() >= 3 else (), device=x.device, dtype=x.dtype
         )
+        if factors is None:
+            return F.dropout(x, self.p, True, self.inplace)
         return x * factors
 
 
@@ -194,9 +208,9 @@ def _attention_with_slot_dropout(
     scaling: float | None,
     is_causal: bool | None,
     position_bias: torch.Tensor | None,
-    streams: SlotStreams,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention whose probabilities get per-slot dropout (what sdpa computes, dropout aside).
+    """Softmax attention whose probabilities get per-slot dropout inside :func:`slot_streams` (outside,
+    ordinary dropout); what sdpa computes, dropout masks aside.
 
     Args:
         query: (rows, heads, Tq, d); key, value: (rows, kv_heads, Tk, d).
@@ -227,7 +241,9 @@ def _attention_with_slot_dropout(
         else:
             scores = scores + attention_mask[..., :k_len]
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    probs = probs * streams.keep_scale(probs.shape, dropout, token_dims=(2, 3), device=probs.device, dtype=probs.dtype)
+    if dropout > 0.0:
+        factors = slot_dropout_factors(probs.shape, dropout, token_dims=(2, 3), device=probs.device, dtype=probs.dtype)
+        probs = F.dropout(probs, dropout, True) if factors is None else probs * factors
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
@@ -242,20 +258,19 @@ def slot_sdpa_attention(
     is_causal: bool | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """transformers' sdpa attention, except while training with dropout inside :func:`slot_streams`,
-    where the probabilities' masks are drawn per slot.
+    """transformers' sdpa attention, except with dropout (training), where the probabilities are
+    computed explicitly so that their masks can be drawn per slot.
 
     Shapes as :func:`_attention_with_slot_dropout`. Evaluation and p == 0 (causal LMs) keep sdpa's
     fused kernels; so do the few kwargs the explicit path does not reproduce (softcap, sinks).
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    streams = active_streams()
     unsupported = any(kwargs.get(name) is not None for name in ("softcap", "s_aux", "sinks"))
-    if dropout > 0.0 and streams is not None and not unsupported:
+    if dropout > 0.0 and not unsupported:
         return _attention_with_slot_dropout(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
-            position_bias=kwargs.get("position_bias"), streams=streams,
+            position_bias=kwargs.get("position_bias"),
         )  # fmt: skip
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs

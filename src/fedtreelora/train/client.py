@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedtreelora.adapters import AdapterBank, PhaseSpec
+from fedtreelora.adapters.slot_dropout import slot_streams, use_slot_dropout
 from fedtreelora.train.batches import EncodedExamples, train_batches
 from fedtreelora.train.generation import EncodedInstructions, GenerationSettings, response_losses
 from fedtreelora.train.metrics import evaluate_client
@@ -101,25 +102,29 @@ def _run_client_round(
     params = bank.configure(phase, active_slots=1)
     optimizer = make_optimizer(bank, params, settings)
     rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # dropout that bypasses the slot streams (functional dropout in a model's own code)
+    use_slot_dropout(model)
     model.train()
     losses: list[float] = []
-    for batch in train_batches(
-        tokenizer,
-        train_data,
-        batch_size=settings.batch_size,
-        epochs=settings.local_epochs,
-        steps=settings.local_steps,
-        rng=rng,
-    ):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss = batch_loss(model, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"local training loss is {loss.item()} at step {len(losses)}; lower train.lr")
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+    # Dropout masks come from the client's seed as slot 0, the same masks it draws in any slot of a vectorised pass.
+    with slot_streams([seed]) as streams:
+        for batch in train_batches(
+            tokenizer,
+            train_data,
+            batch_size=settings.batch_size,
+            epochs=settings.local_epochs,
+            steps=settings.local_steps,
+            rng=rng,
+        ):
+            streams.set_batch(batch.get("attention_mask"))
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = batch_loss(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"local training loss is {loss.item()} at step {len(losses)}; lower train.lr")
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
     optimizer.zero_grad(set_to_none=True)
     if phase.evaluate is not None:  # the strategy evaluates its own way (e.g. FedDPA's instance-wise mixing)
         evaluation = phase.evaluate(

@@ -2,8 +2,9 @@
 one forward/backward, and each row meets only its own client's experts.
 
 Because the clients' losses add and AdamW is elementwise, this is the same computation as training
-them one after another (:func:`fedtreelora.train.run_client_round`), up to float rounding and
-dropout masks (one random stream instead of one per client).
+them one after another (:func:`fedtreelora.train.run_client_round`), up to float rounding: each
+client's rows draw their dropout masks from its own seed (:mod:`fedtreelora.adapters.slot_dropout`),
+so a client gets the same masks whichever clients share its pass.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from fedtreelora.adapters import AdapterBank, PhaseSpec
+from fedtreelora.adapters.slot_dropout import slot_streams, use_slot_dropout
 from fedtreelora.train.batches import EncodedExamples, batch_indices, collate_clients
 from fedtreelora.train.client import ClientResult, LocalTraining, make_optimizer
 from fedtreelora.train.generation import EncodedInstructions, evaluate_generation, response_losses
@@ -106,9 +108,12 @@ def _run_clients_round(
         bank.write_slot(j, {**states[j], **payloads[j]})
     params = bank.configure(phase, active_slots=k)
     optimizer = make_optimizer(bank, params, settings)
+    # Only dropout that bypasses the slot streams (functional dropout in a model's own code) still draws from
+    # this one global stream, and so still depends on the pass's companions.
     torch.manual_seed(seeds[0])
+    use_slot_dropout(model)
     model.train()
-    streams = [
+    orders = [
         batch_indices(
             len(d), batch_size=settings.batch_size, epochs=settings.local_epochs, steps=settings.local_steps,
             rng=np.random.default_rng(seed),
@@ -116,19 +121,21 @@ def _run_clients_round(
         for d, seed in zip(train_data, seeds, strict=True)
     ]  # fmt: skip
     losses: list[np.ndarray] = []
-    for step in zip(*streams, strict=True):
-        batch = {
-            key: v.to(device) for key, v in collate_clients(tokenizer, list(zip(train_data, step, strict=True))).items()
-        }
-        per_client = _per_client_loss(model, batch, k)
-        if not torch.isfinite(per_client).all():
-            raise FloatingPointError(
-                f"local training loss is {per_client.tolist()} at step {len(losses)}; lower train.lr"
-            )
-        per_client.sum().backward()  # each slot's gradient is its own client's
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(per_client.detach().cpu().numpy())
+    # Slot j's rows draw their dropout masks from seeds[j], as client j alone would (run_client_round).
+    with slot_streams(seeds) as dropout_streams:
+        for step in zip(*orders, strict=True):
+            batch = collate_clients(tokenizer, list(zip(train_data, step, strict=True)))
+            dropout_streams.set_batch(batch.get("attention_mask"))
+            batch = {key: v.to(device) for key, v in batch.items()}
+            per_client = _per_client_loss(model, batch, k)
+            if not torch.isfinite(per_client).all():
+                raise FloatingPointError(
+                    f"local training loss is {per_client.tolist()} at step {len(losses)}; lower train.lr"
+                )
+            per_client.sum().backward()  # each slot's gradient is its own client's
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(per_client.detach().cpu().numpy())
     if settings.generation is not None and settings.generation.do_sample:
         torch.manual_seed(seeds[0])
     evaluations = _evaluate_together(bank, tokenizer, val_data, settings, device)
