@@ -41,8 +41,11 @@ def test_every_suite_resolves_to_valid_configs_for_every_method(name: str) -> No
         assert config.model.rank == 4 and config.model.alpha == 16 and config.model.dropout == 0.05
         assert config.model.target_modules == ["query", "value"]
         options = config.method_options()
-        if "warmup_rounds" in type(options).model_fields:
+        field = type(options).model_fields.get("warmup_rounds")
+        if field is not None and field.default:  # the methods that warm up by default
             assert options.warmup_rounds == suite.warmup_rounds < config.federation.rounds
+        elif field is not None:  # FedIT and its kin stay FedAvg from round 1, as in the papers
+            assert options.warmup_rounds == 0
 
 
 def test_suite_protocols() -> None:

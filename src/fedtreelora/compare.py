@@ -53,8 +53,22 @@ from fedtreelora.progress import progress_bars
 from fedtreelora.suites import Suite, check_same_partition
 
 AVERAGE = "Average"
-METRICS = (("best", "best_mean", "Mean personalized {metric} (%) at the best round (as the paper reports)"),
-           ("final", "final_mean", "Mean personalized {metric} (%) at the final round"))  # fmt: skip
+METRICS = (("best", "best_mean", "Mean personalized {metric} (%) at the best round (as the paper reports), {convention}"),
+           ("final", "final_mean", "Mean personalized {metric} (%) at the final round, {convention}"))  # fmt: skip
+CONVENTIONS = {
+    "received": "scored on the model each client receives after aggregation (the papers' convention)",
+    "trained": "scored right after each client's local training, before aggregation",
+}
+"""``federation.evaluate`` -> how table titles say what was scored."""
+
+
+def convention_name(results: Sequence[RunResult]) -> str:
+    """The evaluation convention of the runs' headline numbers (``received``, ``trained``, or ``mixed``;
+    runs written before the setting existed scored after local training)."""
+    names = {str(r.summary.get("evaluate", "trained")) for r in results}
+    return names.pop() if len(names) == 1 else "mixed"
+
+
 METRIC_NAMES = {"accuracy": "accuracy", "rouge1": "ROUGE-1"}
 """A run's ``metric`` -> how tables name it."""
 
@@ -393,7 +407,9 @@ def render_markdown(rows: list[dict[str, Any]], datasets: Sequence[str], meta: d
         f"{over}; then mean ± std over seeds. Best mean per column in bold.",
     ]
     for prefix, _, template in METRICS:
-        title = template.format(metric=metric)
+        evaluate = meta.get("evaluate", "trained")
+        convention = CONVENTIONS.get(evaluate, "runs scored under different conventions (federation.evaluate)")
+        title = template.format(metric=metric, convention=convention)
         best = {
             label: max(
                 (r[f"{label}_{prefix}_mean"] for r in rows if not math.isnan(r[f"{label}_{prefix}_mean"])),
@@ -617,6 +633,7 @@ def run_compare(
         "runs_reused": sum(r.reused for r in results),
         "partition_mismatches": mismatched,
         "metric": metric_name(results),
+        "evaluate": convention_name(results),
     }
     column_labels = [c.label for c in columns]
     files = write_outputs(out, rows, results, labels, meta, column_labels)

@@ -19,7 +19,7 @@ File format (``version: 1``)
     description: one paragraph on what the suite is for
     methods: all               # or a list of method names; ``all`` = every registered method
     seeds: [1, 2, 3]
-    warmup_rounds: 3           # optional: set as <method>.warmup_rounds for every method that has a warm-up
+    warmup_rounds: 3           # optional: set as <method>.warmup_rounds for every method that warms up by default
     base:                      # a config (as in `fedtreelora run --config`) applied to every run
       model: {num_layers: 2}
       federation: {rounds: 15}
@@ -95,7 +95,8 @@ class SuiteFile(BaseModel):
     seeds: list[int] = Field(default_factory=lambda: [1], min_length=1)
     """Seeds run by default."""
     warmup_rounds: int | None = Field(None, ge=0)
-    """Warm-up rounds, set as ``<method>.warmup_rounds`` for every method whose options have that field."""
+    """Warm-up rounds, set as ``<method>.warmup_rounds`` for every method that warms up by default (FedIT's
+    optional warm-up, default 0, stays off)."""
     base: dict[str, Any] = Field(default_factory=dict)
     """Config applied to every run."""
     datasets: dict[str, dict[str, Any]] = Field(min_length=1)
@@ -238,7 +239,10 @@ class Suite:
         row, method = method, self.method_of(method)
         data = deep_merge(self.base, self.datasets[dataset])
         options = STRATEGIES[method].Options
-        if self.warmup_rounds is not None and "warmup_rounds" in options.model_fields:
+        # Only methods whose warm-up is part of the method (on by default: FedTreeLoRA, FedLEASE); FedIT's
+        # optional warm-up stays off, so FedIT in a suite is FedAvg from the first round, as in the papers.
+        field = options.model_fields.get("warmup_rounds")
+        if self.warmup_rounds is not None and field is not None and (field.default or 0) > 0:
             data = deep_merge(data, {method: {"warmup_rounds": self.warmup_rounds}})
         data = deep_merge(data, self.method_overrides.get(method, {}))
         if row in self.variants:
