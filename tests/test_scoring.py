@@ -39,7 +39,9 @@ SCORES = ("train_loss", "accuracy", "eval_loss", "received_accuracy", "received_
 def test_one_cluster_everywhere_is_fedit_after_the_same_warmup(tmp_path: Path) -> None:
     """FedTreeLoRA with window 1 (every layer one cluster: the cluster expert alone, lambda fixed at 1)
     computes what FedIT computes after the same local warm-up, bit for bit."""
-    tree, tree_rows = _run(tmp_path / "tree", "method=fedtreelora", "fedtreelora.window=1", "fedtreelora.warmup_rounds=2")
+    tree, tree_rows = _run(
+        tmp_path / "tree", "method=fedtreelora", "fedtreelora.window=1", "fedtreelora.warmup_rounds=2"
+    )
     fedit, fedit_rows = _run(tmp_path / "fedit", "method=fedit", "fedit.warmup_rounds=2")
     assert tree["cuts"] == [1, 1]
     assert [h["phase"] for h in tree["history"]] == [h["phase"] for h in fedit["history"]]
@@ -69,7 +71,7 @@ def test_received_equals_trained_where_nothing_is_received(tmp_path: Path) -> No
     """Warm-up rounds before the last and local training receive nothing: both conventions score the
     same model, so the same number; the round after which the tree is built does receive."""
     tree, rows = _run(tmp_path / "tree", "method=fedtreelora", "fedtreelora.warmup_rounds=3", "fedtreelora.tau=-1")
-    for (rnd, k), row in rows.items():
+    for (rnd, _), row in rows.items():
         if rnd < 2:
             assert row["received_accuracy"] == row["accuracy"] and row["received_eval_loss"] == row["eval_loss"]
     assert any(rows[(2, k)]["received_eval_loss"] != rows[(2, k)]["eval_loss"] for k in range(4))
