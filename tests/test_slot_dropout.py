@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from torch import nn
@@ -20,7 +22,7 @@ B, T, D = 3, 10, 16  # rows per slot, tokens, features
 
 
 def _masks(seeds: list[int], p: float, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """SlotDropout factors (len(seeds) * B, ...) for ``x`` of ones: 0 or 1 / (1 - p)."""
+    """SlotDropout of ``x`` (len(seeds) * B, ...) inside slot streams of ``seeds``."""
     dropout = SlotDropout(p).train()
     with slot_streams(seeds) as streams:
         streams.set_batch(attention_mask)
@@ -52,7 +54,7 @@ def test_slot_masks_depend_only_on_their_seed() -> None:
 @pytest.mark.parametrize("left", [False, True])
 def test_masks_cover_each_slots_own_tokens_whatever_the_padding(left: bool) -> None:
     """Slot 1 alone pads to its longest row (6 tokens); in a pass padded to 10 it draws the same masks on
-    those 6 columns (at the right end when padding on the left) and leaves the padding unmasked."""
+    those 6 columns (at the right end when padding on the left) and keeps every padding column."""
     lengths = [[10, 4, 7], [6, 2, 5], [9, 9, 9]]
     mask = torch.zeros(3 * B, T, dtype=torch.long)
     for row, n in enumerate(n for slot in lengths for n in slot):
@@ -65,7 +67,7 @@ def test_masks_cover_each_slots_own_tokens_whatever_the_padding(left: bool) -> N
     alone = _masks([6], 0.5, torch.ones(B, 6, D), own)
     content, padding = (slice(4, None), slice(0, 4)) if left else (slice(0, 6), slice(6, None))
     assert torch.equal(together[:, content], alone)
-    assert torch.equal(together[:, padding], torch.ones_like(together[:, padding]))
+    assert torch.equal(together[:, padding], torch.full_like(together[:, padding], 2.0))  # kept, scaled by 1 / (1 - p)
 
 
 def test_outside_slot_streams_it_is_nn_dropout() -> None:
@@ -153,3 +155,42 @@ def test_use_slot_dropout_replaces_every_dropout_and_keeps_evaluation(minilm_pat
         alone = model(input_ids=ids, attention_mask=attention_mask).logits
     torch.testing.assert_close(together[2:], alone)
     assert not torch.allclose(together[:2], together[2:])  # the other slot drew other masks
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+def test_compiled_round_draws_the_eager_masks() -> None:
+    """With dropout on, ``train.compile`` trains a client exactly as eager mode does: the mask draws run
+    eagerly (a graph break at each dropout site) from the same per-slot generators."""
+    from fedtreelora.config import load_config
+    from fedtreelora.engines import build_federation
+    from fedtreelora.engines.setup import client_seed
+    from fedtreelora.train import run_client_round
+
+    results = []
+    for compiled in (False, True):
+        config = load_config(
+            overrides=[
+                "method=fedtreelora", "model.num_layers=1", "model.dropout=0.1", "model.max_length=32",
+                "data.num_clients=2", "data.n_train=16", "data.n_val=8", "train.batch_size=8",
+                "train.eval_batch_size=8", "train.local_epochs=1", "train.clients_per_pass=1",
+                f"train.compile={str(compiled).lower()}", "fedtreelora.warmup_rounds=1",
+            ]
+        )  # fmt: skip
+        fed = build_federation(config)
+        g = torch.Generator().manual_seed(0)
+        payload = {
+            k: 0.05 * torch.randn(v.shape, generator=g) for k, v in fed.initial_state.items() if ".external." in k
+        }
+        results.append(
+            run_client_round(
+                fed.bank, fed.classifier.tokenizer, phase=fed.strategy.phase(1), state=fed.initial_state,
+                payload=payload, upload_keys=list(fed.strategy.upload_keys(1, 0)), train_data=fed.train_data[0],
+                val_data=fed.val_data[0], seed=client_seed(config.seed, 1, 0), settings=fed.settings,
+                device=fed.device,
+            )
+        )  # fmt: skip
+    eager, compiled_result = results
+    for key, value in eager.state.items():  # tolerance of tests/test_compile.py (fused kernels sum in another order)
+        torch.testing.assert_close(compiled_result.state[key], value, rtol=1e-4, atol=5e-5, msg=key)
+    assert compiled_result.metrics["train_loss"] == pytest.approx(eager.metrics["train_loss"], abs=1e-5)

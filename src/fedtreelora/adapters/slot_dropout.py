@@ -20,7 +20,7 @@ Three dropout sites are covered:
 
 Outside :func:`slot_streams` every piece draws its dropout from the global stream, as before.
 
-Under ``torch.compile`` the mask draws run eagerly (:func:`slot_dropout_factors`): one graph break
+Under ``torch.compile`` the mask draws run eagerly (:func:`slot_keep_mask`): one graph break
 per dropout site while training with dropout, and the same masks as eager training.
 
 Why masks are drawn per slot over its own span of tokens: batches are padded to their longest row,
@@ -95,7 +95,7 @@ class SlotStreams:
             spans.append((columns[0], columns[-1] + 1) if columns else (0, length))
         self._spans, self._length = spans, length
 
-    def keep_scale(
+    def keep_mask(
         self,
         shape: Sequence[int],
         p: float,
@@ -104,7 +104,7 @@ class SlotStreams:
         device: torch.device,
         dtype: torch.dtype,
     ) -> torch.Tensor:
-        """The dropout factors for a tensor of ``shape``: 0 or 1 / (1 - p), slot by slot.
+        """Which elements of a tensor of ``shape`` dropout keeps (1) or drops (0), slot by slot.
 
         Args:
             shape: (slots * b, ...) the shape of the tensor to drop out.
@@ -114,8 +114,8 @@ class SlotStreams:
                 dimension whose size is not the batch's token count is treated as any other.
             device, dtype: of the returned tensor.
         Returns:
-            (slots * b, ...) factors; slot j's are drawn from its generator over its own span of
-            tokens, and are 1 on the columns outside that span.
+            (slots * b, ...) 0/1 in ``dtype``; slot j's are drawn from its generator (1 with
+            probability 1 - p) over its own span of tokens, and are 1 on the columns outside it.
         """
         rows = shape[0]
         if rows % self.num_slots:
@@ -129,7 +129,6 @@ class SlotStreams:
             for d in dims:
                 own[d] = end - start
             keep = torch.empty(own, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=generators[j])
-            keep = keep.mul_(1.0 / (1.0 - p))
             if dims and end - start != self._length:
                 pad: list[int] = [0] * (2 * (len(shape) - min(dims)))
                 for d in dims:  # F.pad lists (before, after) pairs from the last dimension backwards
@@ -144,10 +143,10 @@ _ACTIVE: ContextVar[SlotStreams | None] = ContextVar("fedtreelora_slot_streams",
 
 
 @torch.compiler.disable
-def slot_dropout_factors(
+def slot_keep_mask(
     shape: Sequence[int], p: float, *, token_dims: Sequence[int], device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor | None:
-    """:meth:`SlotStreams.keep_scale` of the active streams; None outside :func:`slot_streams`.
+    """:meth:`SlotStreams.keep_mask` of the active streams; None outside :func:`slot_streams`.
 
     Runs eagerly under ``torch.compile``: dynamo traces neither a ContextVar read nor a draw from a
     ``torch.Generator``, so each dropout site splits the compiled graph once, and compiled training
@@ -156,7 +155,7 @@ def slot_dropout_factors(
     streams = _ACTIVE.get()
     if streams is None:
         return None
-    return streams.keep_scale(shape, p, token_dims=token_dims, device=device, dtype=dtype)
+    return streams.keep_mask(shape, p, token_dims=token_dims, device=device, dtype=dtype)
 
 
 @contextlib.contextmanager
@@ -184,12 +183,10 @@ class SlotDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        factors = slot_dropout_factors(
-            x.shape, self.p, token_dims=(1,) if x.dim() >= 3 else (), device=x.device, dtype=x.dtype
-        )
-        if factors is None:
+        keep = slot_keep_mask(x.shape, self.p, token_dims=(1,) if x.dim() >= 3 else (), device=x.device, dtype=x.dtype)
+        if keep is None:
             return F.dropout(x, self.p, True, self.inplace)
-        return x * factors
+        return x * keep * (1.0 / (1.0 - self.p))  # a Python scale: one rounding in bf16, as torch's dropout
 
 
 def _repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -242,8 +239,8 @@ def _attention_with_slot_dropout(
             scores = scores + attention_mask[..., :k_len]
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     if dropout > 0.0:
-        factors = slot_dropout_factors(probs.shape, dropout, token_dims=(2, 3), device=probs.device, dtype=probs.dtype)
-        probs = F.dropout(probs, dropout, True) if factors is None else probs * factors
+        keep = slot_keep_mask(probs.shape, dropout, token_dims=(2, 3), device=probs.device, dtype=probs.dtype)
+        probs = F.dropout(probs, dropout, True) if keep is None else probs * keep * (1.0 / (1.0 - dropout))
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
