@@ -81,23 +81,18 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from fedtreelora.adapters.export import ExportError, export_client, export_trunk
+    from fedtreelora.adapters.export import export_client, export_trunk
 
+    # ExportError (a run that cannot be exported as asked) is a ConfigError: one line, exit 2.
     if args.trunk:
         if args.client is not None:
             raise ConfigError("--trunk exports the trunk shared by all clients; drop --client")
-        try:
-            out = export_trunk(args.run_dir, args.out)
-        except ExportError as exc:  # a run that cannot be exported as asked: the user's request, not a bug
-            raise ConfigError(str(exc)) from None
+        out = export_trunk(args.run_dir, args.out)
         print(f"wrote the shared trunk of {args.run_dir} as a PEFT LoRA adapter to {out}")
         return 0
     if args.client is None:
         raise ConfigError("name the client to export with --client K (or export the shared trunk with --trunk)")
-    try:
-        out = export_client(args.run_dir, args.client, args.out)
-    except ExportError as exc:
-        raise ConfigError(str(exc)) from None
+    out = export_client(args.run_dir, args.client, args.out)
     print(f"wrote client {args.client} of {args.run_dir} as a PEFT LoRA adapter to {out}")
     return 0
 

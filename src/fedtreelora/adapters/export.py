@@ -47,6 +47,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
 from fedtreelora.adapters.layer import MIXERS
+from fedtreelora.errors import ConfigError
 
 #: The expert every client shares in full (both factors) wherever all clients are in one cluster.
 #: Methods not listed here share no whole expert (e.g. FedSA-LoRA keeps B local) or are not known yet.
@@ -58,7 +59,7 @@ EXPORTABLE_MIXERS = ("single", "lambda", "fixed")
 INFO_FILE = "fedtreelora_export.json"
 
 
-class ExportError(ValueError):
+class ExportError(ConfigError):
     """The run cannot be exported as requested (e.g. a router mixer, a missing client)."""
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from fedtreelora.adapters.layer import MultiClientLoraLinear
 from fedtreelora.adapters.spec import PhaseSpec
+from fedtreelora.errors import ConfigError
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
@@ -61,7 +62,7 @@ def find_target_modules(model: nn.Module, target_modules: Sequence[str]) -> list
     missing = [t for t in target_modules if t not in matched]
     if missing:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(
+        raise ConfigError(
             f"model.target_modules {missing} match no linear layer of this model; its linear layers are "
             f"named {suffixes}"
         )

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedtreelora.engines.recorder import write_json
+from fedtreelora.errors import ConfigError
 from fedtreelora.strategies import Strategy
 
 FORMAT_VERSION = 1
@@ -110,7 +111,7 @@ def load_checkpoint(run_dir: str | Path, strategy: Strategy) -> RunState | None:
     folder = root / json.loads(pointer.read_text())["path"]
     meta = json.loads((folder / "state.json").read_text())
     if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"checkpoint {folder} has format {meta.get('format')}, this version reads {FORMAT_VERSION}")
+        raise ConfigError(f"checkpoint {folder} has format {meta.get('format')}, this version reads {FORMAT_VERSION}")
     flat = load_file(str(folder / "clients.safetensors"))
     client_states: list[dict[str, torch.Tensor]] = [{} for _ in range(meta["num_clients"])]
     for flat_key, tensor in flat.items():

@@ -9,6 +9,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from fedtreelora.errors import ConfigError
 from fedtreelora.strategies.base import FederationContext, Strategy, StrategyOptions, Tensors, stack
 
 
@@ -43,7 +44,7 @@ def b_matrices_by_module(
     for module in context.module_names:
         sites = sorted((s for s in context.sites if s.module == module), key=lambda s: s.layer)
         if [s.layer for s in sites] != list(range(context.num_layers)):
-            raise ValueError(
+            raise ConfigError(
                 f"target module {module!r} is not adapted in every layer; layer-wise distances need one per layer"
             )
         layers = [stack(uploads, clients, f"{s.name}.{expert}.lora_B", context.server_device) for s in sites]
