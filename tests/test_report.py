@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from scipy.cluster.hierarchy import fcluster, linkage
 
@@ -118,6 +119,32 @@ def test_lambda_and_label_counts_come_from_the_run_folder(runs: dict[str, Path])
     assert np.all((table.values > 0) & (table.values < 1)) and np.abs(table.values - 0.5).max() > 1e-3
     counts, names = run.label_counts()  # type: ignore[misc]
     assert counts.shape == (5, 2) and counts.sum(axis=1).tolist() == [32] * 5 and len(names) == 2
+
+
+@pytest.mark.slow
+def test_layers_shared_by_everyone_have_no_lambda(runs: dict[str, Path], tmp_path: Path) -> None:
+    """Where a layer is one cluster the cluster expert acts alone: no lambda is plotted there, and an
+    export weighs the experts (1, 0) whatever the stored logit says."""
+    import json
+    import shutil
+
+    from fedtreelora.adapters.export import expert_weights
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs["fedtreelora"], run_dir)
+    meta_path = run_dir / "clients" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["final_phase"]["single_layers"] = [0]
+    meta_path.write_text(json.dumps(meta))
+    table = load_run(run_dir).lambdas()
+    assert table is not None
+    first = np.asarray(table.layers) == 0
+    assert np.isnan(table.values[:, first]).all() and np.isfinite(table.values[:, ~first]).all()
+    state = {"enc.0.q.mix_logit": torch.tensor(2.0), "enc.1.q.mix_logit": torch.tensor(2.0)}
+    phase = meta["final_phase"]
+    assert expert_weights(phase, state, "enc.0.q") == [1.0, 0.0]
+    lam = float(torch.sigmoid(torch.tensor(2.0)))
+    assert expert_weights(phase, state, "enc.1.q") == pytest.approx([lam, 1.0 - lam])
 
 
 @pytest.mark.slow

@@ -46,6 +46,7 @@ import yaml
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
+from fedtreelora.adapters.inject import layer_index
 from fedtreelora.adapters.layer import MIXERS
 from fedtreelora.errors import ConfigError
 
@@ -147,13 +148,16 @@ def expert_weights(
         method: the run's method, for the error message.
     Returns:
         one weight per mixed expert, in the order of ``phase["experts"]``: ``[1]`` (expert 0 alone) for
-        ``single``, ``[lambda, 1 - lambda, ...]`` for ``lambda``, the fixed weights for ``fixed``.
+        ``single``, ``[1, 0, ...]`` in the phase's ``single_layers`` (FedTreeLoRA's layers shared by
+        everyone), ``[lambda, 1 - lambda, ...]`` for ``lambda``, the fixed weights for ``fixed``.
     Raises:
         ExportError for a mixer whose weights depend on the input (``router``, ``instance``).
     """
     mixer, experts = phase["mixer"], list(phase["experts"])
     if mixer == "single":
         return [1.0]
+    if layer_index(site) in set(phase.get("single_layers") or ()):  # a layer every client shares: expert 0 alone
+        return [1.0] + [0.0] * (len(experts) - 1)
     if mixer == "lambda":
         lam = float(torch.sigmoid(state[f"{site}.mix_logit"].float()))
         return [lam] + [1.0 - lam] * (len(experts) - 1)

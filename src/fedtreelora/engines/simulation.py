@@ -330,6 +330,7 @@ class SimulationEngine:
                 "mixer": last_phase.mixer,
                 "experts": list(last_phase.expert_names),
                 "fixed_weights": last_phase.fixed_weights,
+                "single_layers": sorted(last_phase.single_layers),
             },
             "head_modules": fed.classifier.head_modules,
             "sites": [

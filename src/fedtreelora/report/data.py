@@ -21,7 +21,8 @@ class LambdaTable:
     """The learned lambda (weight of the cluster expert) of every client at every adapted site.
 
     Attributes:
-        values: (clients, sites) float64, ``sigmoid(mix_logit)``.
+        values: (clients, sites) float64, ``sigmoid(mix_logit)``; NaN at sites of layers every client
+            shares, where the cluster expert acts alone and no lambda is used or learned.
         layers: (sites,) the transformer block of each site (0 nearest the input).
         modules: (sites,) the target module of each site, e.g. ``query``.
     """
@@ -161,12 +162,18 @@ class RunData:
         sites = meta.get("sites") or []
         if not files or not sites:
             return None
+        single = set((meta.get("final_phase") or {}).get("single_layers") or ())
         values = np.zeros((len(files), len(sites)))
         for k, path in enumerate(files):
             with safe_open(str(path), framework="np") as f:
                 for j, site in enumerate(sites):
+                    if int(site["layer"]) in single:
+                        values[k, j] = np.nan
+                        continue
                     logit = float(np.asarray(f.get_tensor(f"{site['name']}.mix_logit")))
                     values[k, j] = 1.0 / (1.0 + np.exp(-logit))
+        if np.isnan(values).all():  # every layer shared by everyone: no lambda anywhere (FedIT-like)
+            return None
         return LambdaTable(values, [int(s["layer"]) for s in sites], [str(s["module"]) for s in sites])
 
 

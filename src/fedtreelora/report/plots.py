@@ -7,6 +7,7 @@ state); :func:`figure_png` renders them with Agg.
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -235,7 +236,10 @@ def plot_lambdas(run: RunData) -> Figure | None:
         layers = np.arange(1, m.shape[1] + 1)
         for k in range(m.shape[0]):
             ax.plot(layers, m[k], **_client_style(k, m.shape[0]), markersize=4)
-        ax.plot(layers, np.nanmean(m, axis=0), color="black", linewidth=2.2, marker="o", markersize=4, label="mean")
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # layers shared by everyone have no lambda
+            mean = np.nanmean(m, axis=0)
+        ax.plot(layers, mean, color="black", linewidth=2.2, marker="o", markersize=4, label="mean")
         ax.axhline(float(init), color="#888888", linestyle=":", linewidth=1, label=f"initial {float(init):g}")
         ax.set_title(module, fontsize=10)
         ax.set_xlabel("layer (1 = input side)")

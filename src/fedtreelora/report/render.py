@@ -49,6 +49,12 @@ class Section:
     note: str = ""
 
 
+def _nanmean(values: np.ndarray) -> float:
+    """Mean over the finite entries (NaN when there are none)."""
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
 def _fmt(value: Any, digits: int = 4) -> str:
     if value is None:
         return "-"
@@ -190,7 +196,7 @@ def client_rows(run: RunData) -> tuple[list[str], list[list[str]]]:
             "-" if labels is None else " ".join(str(int(v)) if v >= 0 else "-" for v in labels[:, k]),
         ]
         if lambdas is not None:
-            row.append(_fmt(float(lambdas.values[k].mean()), 3) if k < lambdas.values.shape[0] else "-")
+            row.append(_fmt(_nanmean(lambdas.values[k]), 3) if k < lambdas.values.shape[0] else "-")
         rows.append(row)
     return header, rows
 
