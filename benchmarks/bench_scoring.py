@@ -1,0 +1,73 @@
+"""Both evaluation conventions side by side: every method of a suite scored on the model each client
+receives after aggregation (the papers' convention) and right after its local training.
+
+Runs ``fedtreelora compare`` on the suite (finished runs in ``--out`` are reused, so an interrupted
+benchmark continues), then reads each run's ``summary.json``, which records both conventions whatever
+``federation.evaluate`` picked as the headline, and prints one markdown table: per dataset and method,
+mean +- sample std over seeds of the best-round and final-round mean accuracy under each convention.
+
+    python benchmarks/bench_scoring.py --suite cpu --out runs/cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+CONVENTIONS = ("received", "trained")
+
+
+def cell(values: list[float]) -> str:
+    """``mean +- std`` in % (sample std; 0.00 with one value)."""
+    if not values:
+        return "n/a"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.2f} ± {100 * std:.2f}"
+
+
+def collect(out: Path) -> dict[tuple[str, str], list[dict]]:
+    """(dataset, method) -> the summaries of its finished seeds."""
+    found: dict[tuple[str, str], list[dict]] = {}
+    for path in sorted((out / "runs").glob("*/*/seed*/summary.json")):
+        dataset, method = path.parts[-4], path.parts[-3]
+        found.setdefault((dataset, method), []).append(json.loads(path.read_text()))
+    return found
+
+
+def table(found: dict[tuple[str, str], list[dict]], methods: list[str]) -> str:
+    head = ["dataset", "method", "seeds"]
+    head += [f"{c} {k}" for c in CONVENTIONS for k in ("best", "final")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for dataset in sorted({d for d, _ in found}):
+        for method in methods:
+            runs = found.get((dataset, method), [])
+            if not runs:
+                continue
+            cells = [dataset, method, str(len(runs))]
+            for c in CONVENTIONS:
+                for k in ("best_mean", "final_mean"):
+                    cells.append(cell([r["by_convention"][c][k] for r in runs if r["by_convention"][c][k] is not None]))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", default="cpu")
+    parser.add_argument("--out", default="runs/cpu")
+    parser.add_argument("--no-run", action="store_true", help="only tabulate the finished runs in --out")
+    parser.add_argument("--methods", default="local,fedit,fedsa,fedlease,fedtreelora")
+    args = parser.parse_args()
+    out = Path(args.out)
+    if not args.no_run:
+        command = [sys.executable, "-m", "fedtreelora.cli", "compare", "--suite", args.suite, "--out", str(out)]
+        subprocess.run([*command, "--quiet", "--methods", args.methods], check=True)
+    print(table(collect(out), args.methods.split(",")))
+
+
+if __name__ == "__main__":
+    main()
