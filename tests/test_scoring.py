@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ from safetensors.torch import load_file
 
 from fedtreelora.config import load_config
 from fedtreelora.engines import SimulationEngine
+
+pytestmark = pytest.mark.slow
 
 SMALL = [
     "model.num_layers=2",
@@ -26,23 +29,36 @@ SMALL = [
 ]
 
 
-def _run(out: Path, *overrides: str) -> tuple[dict[str, Any], dict[tuple[int, int], dict[str, Any]]]:
-    config = load_config(overrides=[*SMALL, *overrides])
-    summary = SimulationEngine(config, out, quiet=True, report=False).run()
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
-    return summary, {(r["round"], r["client"]): r for r in rows}
+Rows = dict[tuple[int, int], dict[str, Any]]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple[dict[str, Any], Rows, Path]]:
+    """Run a small experiment once per set of overrides (tests share runs): (summary, rows by
+    (round, client), run folder)."""
+    cache: dict[tuple[str, ...], tuple[dict[str, Any], Rows, Path]] = {}
+
+    def run(*overrides: str) -> tuple[dict[str, Any], Rows, Path]:
+        if overrides not in cache:
+            out = tmp_path_factory.mktemp("run")
+            config = load_config(overrides=[*SMALL, *overrides])
+            summary = SimulationEngine(config, out, quiet=True, report=False).run()
+            lines = (out / "metrics.jsonl").read_text().splitlines()
+            cache[overrides] = summary, {(r["round"], r["client"]): r for r in map(json.loads, lines) if r}, out
+        return cache[overrides]
+
+    return run
 
 
 SCORES = ("train_loss", "accuracy", "eval_loss", "received_accuracy", "received_eval_loss")
+FEDIT = ("method=fedit", "fedit.warmup_rounds=2")
 
 
-def test_one_cluster_everywhere_is_fedit_after_the_same_warmup(tmp_path: Path) -> None:
+def test_one_cluster_everywhere_is_fedit_after_the_same_warmup(runs) -> None:  # type: ignore[no-untyped-def]
     """FedTreeLoRA with window 1 (every layer one cluster: the cluster expert alone, lambda fixed at 1)
     computes what FedIT computes after the same local warm-up, bit for bit."""
-    tree, tree_rows = _run(
-        tmp_path / "tree", "method=fedtreelora", "fedtreelora.window=1", "fedtreelora.warmup_rounds=2"
-    )
-    fedit, fedit_rows = _run(tmp_path / "fedit", "method=fedit", "fedit.warmup_rounds=2")
+    tree, tree_rows, tree_dir = runs("method=fedtreelora", "fedtreelora.window=1", "fedtreelora.warmup_rounds=2")
+    fedit, fedit_rows, fedit_dir = runs(*FEDIT)
     assert tree["cuts"] == [1, 1]
     assert [h["phase"] for h in tree["history"]] == [h["phase"] for h in fedit["history"]]
     assert tree_rows.keys() == fedit_rows.keys()
@@ -50,45 +66,46 @@ def test_one_cluster_everywhere_is_fedit_after_the_same_warmup(tmp_path: Path) -
         assert {f: row[f] for f in SCORES} == {f: fedit_rows[key][f] for f in SCORES}, key
     assert tree["trainable_params_per_client"] == fedit["trainable_params_per_client"], "no lambda trains"
     for k in range(4):
-        mine = load_file(tmp_path / "tree" / "clients" / f"client_{k:03d}.safetensors")
-        theirs = load_file(tmp_path / "fedit" / "clients" / f"client_{k:03d}.safetensors")
+        mine = load_file(tree_dir / "clients" / f"client_{k:03d}.safetensors")
+        theirs = load_file(fedit_dir / "clients" / f"client_{k:03d}.safetensors")
         for key, value in theirs.items():
             if ".shared." in key:
                 assert mine[key.replace(".shared.", ".cluster.")].equal(value), (k, key)
 
 
-def test_fixed_single_cluster_is_fedit_too(tmp_path: Path) -> None:
-    tree, tree_rows = _run(
-        tmp_path / "tree", "method=fedtreelora", "fedtreelora.cut_mode=fixed", "fedtreelora.fixed_clusters=1",
-        "fedtreelora.warmup_rounds=1", "federation.rounds=2",
-    )  # fmt: skip
-    fedit, fedit_rows = _run(tmp_path / "fedit", "method=fedit", "fedit.warmup_rounds=1", "federation.rounds=2")
+def test_fixed_single_cluster_is_fedit_and_receives_only_after_warmup(runs) -> None:  # type: ignore[no-untyped-def]
+    _, tree_rows, _ = runs(
+        "method=fedtreelora",
+        "fedtreelora.cut_mode=fixed",
+        "fedtreelora.fixed_clusters=1",
+        "fedtreelora.warmup_rounds=2",
+    )
+    _, fedit_rows, _ = runs(*FEDIT)
     for key, row in tree_rows.items():
         assert {f: row[f] for f in SCORES} == {f: fedit_rows[key][f] for f in SCORES}, key
+    # Before the last warm-up round nothing is received: both conventions score the same model. After
+    # it the clients receive the average.
+    for k in range(4):
+        row = tree_rows[(0, k)]
+        assert row["received_accuracy"] == row["accuracy"] and row["received_eval_loss"] == row["eval_loss"]
+    assert all(tree_rows[(1, k)]["received_eval_loss"] != tree_rows[(1, k)]["eval_loss"] for k in range(4))
 
 
-def test_received_equals_trained_where_nothing_is_received(tmp_path: Path) -> None:
-    """Warm-up rounds before the last and local training receive nothing: both conventions score the
-    same model, so the same number; the round after which the tree is built does receive."""
-    tree, rows = _run(tmp_path / "tree", "method=fedtreelora", "fedtreelora.warmup_rounds=3", "fedtreelora.tau=-1")
-    for (rnd, _), row in rows.items():
-        if rnd < 2:
-            assert row["received_accuracy"] == row["accuracy"] and row["received_eval_loss"] == row["eval_loss"]
-    assert any(rows[(2, k)]["received_eval_loss"] != rows[(2, k)]["eval_loss"] for k in range(4))
-    local, local_rows = _run(tmp_path / "local", "method=local")
-    for row in local_rows.values():
+def test_local_scores_the_same_either_way(runs) -> None:  # type: ignore[no-untyped-def]
+    local, rows, _ = runs("method=local")
+    for row in rows.values():
         assert row["received_accuracy"] == row["accuracy"] and row["received_eval_loss"] == row["eval_loss"]
     assert local["by_convention"]["received"] == local["by_convention"]["trained"]
 
 
-def test_the_setting_picks_the_headline(tmp_path: Path) -> None:
-    received, rows = _run(tmp_path / "received", "method=fedit", "federation.rounds=2")
-    trained, _ = _run(tmp_path / "trained", "method=fedit", "federation.rounds=2", "federation.evaluate=trained")
+def test_the_setting_picks_the_headline(runs) -> None:  # type: ignore[no-untyped-def]
+    received, rows, _ = runs(*FEDIT)
+    trained, _, _ = runs(*FEDIT, "federation.evaluate=trained")
     assert received["evaluate"] == "received" and trained["evaluate"] == "trained"
     assert received["by_convention"] == trained["by_convention"], "both record both"
     for summary, name in ((received, "received"), (trained, "trained")):
         assert summary["final_mean"] == summary["by_convention"][name]["final_mean"]
         assert summary["best_mean"] == summary["by_convention"][name]["best_mean"]
-    last = [rows[(1, k)]["received_accuracy"] for k in range(4)]
+    last = [rows[(3, k)]["received_accuracy"] for k in range(4)]
     assert received["per_client"] == pytest.approx(last)
-    assert received["history"][1]["received_mean_metric"] == pytest.approx(sum(last) / 4)
+    assert received["history"][3]["received_mean_metric"] == pytest.approx(sum(last) / 4)
