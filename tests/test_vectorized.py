@@ -109,3 +109,39 @@ def test_a_clients_round_does_not_depend_on_its_companions() -> None:
     second = _together(fed, [3, 0, 1])[1]
     _assert_same_round(first, alone, start, "client 0 in slot 0 of (0, 1, 2)")
     _assert_same_round(second, alone, start, "client 0 in slot 1 of (3, 0, 1)")
+
+
+@pytest.mark.slow
+def test_received_models_score_the_same_together_and_alone() -> None:
+    """The received-model evaluation of a vectorised pass equals scoring each client alone, with a trunk
+    layer (cluster expert alone) below a branched one (lambda mixing)."""
+    import dataclasses
+
+    from fedtreelora.train.received import evaluate_received, evaluate_received_together
+
+    fed = _federation("fedtreelora", K)
+    states, payloads, _, seeds = _inputs(fed)
+    phase = dataclasses.replace(fed.strategy.phase(RND), single_layers=frozenset({0}))
+    common = {"phase": phase, "settings": fed.settings, "device": fed.device}
+    alone = [
+        evaluate_received(
+            fed.bank, fed.classifier.tokenizer, state=states[k], payload=payloads[k], train_data=fed.train_data[k],
+            val_data=fed.val_data[k], seed=seeds[k], **common,
+        )
+        for k in range(K)
+    ]  # fmt: skip
+    together = evaluate_received_together(
+        fed.bank, fed.classifier.tokenizer, states=states, payloads=payloads, val_data=fed.val_data, seeds=seeds,
+        **common,
+    )  # fmt: skip
+    assert len({round(a["eval_loss"], 6) for a in alone}) > 1, "the clients' models differ"
+    for k in range(K):
+        assert together[k]["accuracy"] == alone[k]["accuracy"], k
+        assert together[k]["eval_loss"] == pytest.approx(alone[k]["eval_loss"], abs=1e-5), k
+    # the trunk layer ignores lambda: changing it there changes nothing
+    moved = {**states[0], **{f"{s.name}.mix_logit": torch.tensor(3.0) for s in fed.bank.sites if s.layer == 0}}
+    again = evaluate_received(
+        fed.bank, fed.classifier.tokenizer, state=moved, payload=payloads[0], train_data=fed.train_data[0],
+        val_data=fed.val_data[0], seed=seeds[0], **common,
+    )  # fmt: skip
+    assert again == alone[0]
