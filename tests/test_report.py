@@ -148,6 +148,16 @@ def test_layers_shared_by_everyone_have_no_lambda(runs: dict[str, Path], tmp_pat
 
 
 @pytest.mark.slow
+def test_client_curves_follow_the_evaluation_convention(runs: dict[str, Path]) -> None:
+    run = load_run(runs["fedtreelora"])
+    assert run.evaluate == "received"
+    rows = {(int(r["round"]), int(r["client"])): r for r in run.metrics}
+    received, trained = run.accuracy_matrix(), run.accuracy_matrix("trained")
+    for (rnd, k), row in rows.items():
+        assert received[k, rnd] == row["received_accuracy"] and trained[k, rnd] == row["accuracy"]
+
+
+@pytest.mark.slow
 def test_method_without_tree_says_so(runs: dict[str, Path]) -> None:
     run = runs["local"]
     html_text = (run / "report.html").read_text()

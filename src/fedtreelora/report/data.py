@@ -123,11 +123,19 @@ class RunData:
         """0-based rounds whose phase was ``warmup``."""
         return [int(h["round"]) for h in self.summary.get("history") or [] if h.get("phase") == "warmup"]
 
-    def accuracy_matrix(self) -> np.ndarray:
+    @property
+    def evaluate(self) -> str:
+        """The run's headline convention (``federation.evaluate``): ``received`` or ``trained`` (runs
+        written before the setting existed scored after local training)."""
+        return str(self.summary.get("evaluate", "trained"))
+
+    def accuracy_matrix(self, evaluate: str | None = None) -> np.ndarray:
         """(clients, rounds) each client's metric (:attr:`metric`: accuracy, or ROUGE-1 for generation)
-        after each round; NaN where it did not take part."""
+        after each round under ``evaluate`` (default: the run's headline convention); NaN where it did
+        not take part."""
         out = np.full((self.num_clients, self.num_rounds), np.nan)
-        key = self.metric
+        evaluate = evaluate or self.evaluate
+        key = self.metric if evaluate == "trained" else f"received_{self.metric}"
         for row in self.metrics:
             r, k = int(row["round"]), int(row["client"])
             if r < out.shape[1] and k < out.shape[0] and row.get(key) is not None:

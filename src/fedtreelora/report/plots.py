@@ -196,8 +196,9 @@ def _shade_warmup(ax: Any, warmup: Sequence[int]) -> None:
 
 
 def plot_accuracy(run: RunData) -> Figure:
-    """Each client's accuracy on its own validation split after every round (thin), their mean (bold);
-    warm-up rounds shaded. Rounds on the x axis are 1-based."""
+    """Each client's accuracy on its own validation split after every round (thin), their mean (bold),
+    under the run's evaluation convention; the other convention's mean dashed; warm-up rounds shaded.
+    Rounds on the x axis are 1-based."""
     acc = run.accuracy_matrix()  # (clients, rounds)
     rounds = np.arange(1, acc.shape[1] + 1)
     fig = Figure(figsize=(7.0, 4.0))
@@ -208,6 +209,13 @@ def plot_accuracy(run: RunData) -> Figure:
     means = [h.get("mean_metric", h.get("mean_accuracy")) for h in run.summary.get("history") or []]
     mean = np.asarray([np.nan if m is None else m for m in means], dtype=np.float64)
     ax.plot(rounds[: mean.size], mean, color="black", linewidth=2.2, marker="o", markersize=4, label="mean")
+    other = "trained" if run.evaluate == "received" else "received"
+    other_key = f"{other}_mean_metric"
+    if any(h.get(other_key) is not None for h in run.summary.get("history") or []):
+        values = [h.get(other_key) for h in run.summary.get("history") or []]
+        other_mean = np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
+        label = "mean after local training" if other == "trained" else "mean of the received model"
+        ax.plot(rounds[: other_mean.size], other_mean, color="#555555", linewidth=1.4, linestyle="--", label=label)
     best = run.summary.get("best_round")
     if best is not None and 0 <= best < mean.size:
         ax.scatter([best + 1], [mean[best]], s=90, facecolors="none", edgecolors="#c44e52", zorder=5, label="best")
@@ -217,7 +225,8 @@ def plot_accuracy(run: RunData) -> Figure:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title(f"Per-client (thin) and mean (bold) {run.metric}, {acc.shape[0]} clients", fontsize=10)
+    scored = "the model each client receives" if run.evaluate == "received" else "each client after local training"
+    ax.set_title(f"Per-client (thin) and mean (bold) {run.metric} of {scored}, {acc.shape[0]} clients", fontsize=10)
     return fig
 
 
