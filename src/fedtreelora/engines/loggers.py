@@ -8,7 +8,8 @@ from typing import Any
 
 
 class ScalarLogger:
-    """Per-round scalars: mean and per-client metric (accuracy, or rouge1 for generation) and loss,
+    """Per-round scalars: mean (headline, and under each evaluation convention) and per-client metric
+    (accuracy, or rouge1 for generation) and loss,
     communication, the cuts.
 
     TensorBoard event files go to ``out_dir/tensorboard``; ``wandb=True`` also logs to a W&B run
@@ -53,6 +54,8 @@ class ScalarLogger:
         metric = record.get("metric", "accuracy")
         scalars = {
             f"{metric}/mean": record.get("mean_metric", record.get("mean_accuracy")),
+            f"{metric}/mean_received": record.get("received_mean_metric"),
+            f"{metric}/mean_trained": record.get("trained_mean_metric"),
             "train_loss/mean": record["mean_train_loss"],
             "communication/uplink_mb_per_client": record["uplink_mb_per_client"],
             "communication/downlink_mb_per_client": record["downlink_mb_per_client"],
