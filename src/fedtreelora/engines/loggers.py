@@ -9,8 +9,7 @@ from typing import Any
 
 class ScalarLogger:
     """Per-round scalars: mean (headline, and under each evaluation convention) and per-client metric
-    (accuracy, or rouge1 for generation) and loss,
-    communication, the cuts.
+    (accuracy, or rouge1 for generation), loss, communication, the cuts.
 
     TensorBoard event files go to ``out_dir/tensorboard``; ``wandb=True`` also logs to a W&B run
     (requires the ``wandb`` package and its own login; ignored with a notice if not installed).
