@@ -205,21 +205,12 @@ class FlowerEngine(SimulationEngine):
             }
             content = RecordDict({"config": ConfigRecord(config), "payload": to_array_record(payloads[k])})
             messages.append(Message(content, dst_node_id=fed.nodes[k], message_type=MessageType.TRAIN))
-        client_of = {n: k for k, n in fed.nodes.items()}
         results: dict[int, ClientResult] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.round_timeout):
-            k = client_of.get(reply.metadata.src_node_id)
-            if k is None:
-                continue
-            if reply.has_error():
-                self.console.print(f"[yellow]round {rnd + 1}: client {k} failed: {reply.error.reason}[/]")
-                continue
-            metrics = dict(reply.content["metrics"])
-            metrics.pop("client", None)
+        for k, (reply, metrics) in self._exchange(
+            fed, messages, chosen, f"round {rnd + 1}: client {{}} failed"
+        ).items():
             results[k] = ClientResult(state={}, upload=from_array_record(reply.content.get("upload")), metrics=metrics)
             tick()
-        for k in chosen:
-            fed.answered[k] = k in results
         for k in sorted(set(chosen) - set(results)):
             self.console.print(f"[yellow]round {rnd + 1}: no reply from client {k} in time; it keeps its state[/]")
         return results
@@ -235,21 +226,30 @@ class FlowerEngine(SimulationEngine):
                 {"config": ConfigRecord(config), "payload": to_array_record(fed.strategy.payload(rnd + 1, k))}
             )
             messages.append(Message(content, dst_node_id=fed.nodes[k], message_type=MessageType.EVALUATE))
+        replies = self._exchange(fed, messages, clients, f"round {rnd + 1}: client {{}} failed to evaluate")
+        return {k: metrics for k, (_, metrics) in replies.items()}
+
+    def _exchange(
+        self, fed: ServerFederation, messages: list[Message], clients: list[int], failure: str
+    ) -> dict[int, tuple[Message, dict[str, Any]]]:
+        """Send ``messages`` (one per client of ``clients``) and collect each answering client's reply and
+        its scalar metrics; a failed reply is reported (``failure`` formatted with the client) and left
+        out. Records which clients answered."""
         client_of = {n: k for k, n in fed.nodes.items()}
-        scores: dict[int, dict] = {}
+        out: dict[int, tuple[Message, dict[str, Any]]] = {}
         for reply in self.grid.send_and_receive(messages, timeout=self.round_timeout):
             k = client_of.get(reply.metadata.src_node_id)
             if k is None:
                 continue
             if reply.has_error():
-                self.console.print(f"[yellow]round {rnd + 1}: client {k} failed to evaluate: {reply.error.reason}[/]")
+                self.console.print(f"[yellow]{failure.format(k)}: {reply.error.reason}[/]")
                 continue
             metrics = dict(reply.content["metrics"])
             metrics.pop("client", None)
-            scores[k] = metrics
+            out[k] = reply, metrics
         for k in clients:
-            fed.answered[k] = k in scores
-        return scores
+            fed.answered[k] = k in out
+        return out
 
     def _round(self, fed, rnd: int, run: RunState, tick) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         chosen = self.participants(rnd, fed.num_clients)
