@@ -73,10 +73,11 @@ def test_fedtreelora_shares_nothing_in_warmup_then_sends_cluster_and_external_ex
     assert info["cuts"] == [1, 2]
     assert strategy.plan.labels.tolist() == [[0, 0, 0, 0], [0, 0, 1, 1]]
     p0, p2 = strategy.payload(2, 0), strategy.payload(2, 2)
-    # layer 0 is the trunk: cluster expert = mean of all, external zero
+    # layer 0 is the trunk: cluster expert = mean of all, no external expert sent (the cluster expert
+    # acts alone there), and the phase says so
     assert torch.allclose(p0["enc.0.q.cluster.lora_A"], torch.full((1, 3), 2.5))
-    assert torch.count_nonzero(p0["enc.0.q.external.lora_A"]) == 0
-    assert torch.count_nonzero(p0["enc.0.q.external.lora_B"]) == 0
+    assert "enc.0.q.external.lora_A" not in p0 and "enc.0.q.external.lora_B" not in p0
+    assert strategy.phase(2).single_layers == frozenset({0}) and strategy.phase(2).mixer_at(1) == "lambda"
     # layer 1 branches: client 0 averages {0, 1}, its external is {2, 3}
     assert torch.allclose(p0["enc.1.q.cluster.lora_A"], torch.full((1, 3), 1.5))
     assert torch.allclose(p0["enc.1.q.external.lora_A"], torch.full((1, 3), 3.5))
