@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from torch import nn
@@ -155,42 +153,3 @@ def test_use_slot_dropout_replaces_every_dropout_and_keeps_evaluation(minilm_pat
         alone = model(input_ids=ids, attention_mask=attention_mask).logits
     torch.testing.assert_close(together[2:], alone)
     assert not torch.allclose(together[:2], together[2:])  # the other slot drew other masks
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
-def test_compiled_round_draws_the_eager_masks() -> None:
-    """With dropout on, ``train.compile`` trains a client exactly as eager mode does: the mask draws run
-    eagerly (a graph break at each dropout site) from the same per-slot generators."""
-    from fedtreelora.config import load_config
-    from fedtreelora.engines import build_federation
-    from fedtreelora.engines.setup import client_seed
-    from fedtreelora.train import run_client_round
-
-    results = []
-    for compiled in (False, True):
-        config = load_config(
-            overrides=[
-                "method=fedtreelora", "model.num_layers=1", "model.dropout=0.1", "model.max_length=32",
-                "data.num_clients=2", "data.n_train=16", "data.n_val=8", "train.batch_size=8",
-                "train.eval_batch_size=8", "train.local_epochs=1", "train.clients_per_pass=1",
-                f"train.compile={str(compiled).lower()}", "fedtreelora.warmup_rounds=1",
-            ]
-        )  # fmt: skip
-        fed = build_federation(config)
-        g = torch.Generator().manual_seed(0)
-        payload = {
-            k: 0.05 * torch.randn(v.shape, generator=g) for k, v in fed.initial_state.items() if ".external." in k
-        }
-        results.append(
-            run_client_round(
-                fed.bank, fed.classifier.tokenizer, phase=fed.strategy.phase(1), state=fed.initial_state,
-                payload=payload, upload_keys=list(fed.strategy.upload_keys(1, 0)), train_data=fed.train_data[0],
-                val_data=fed.val_data[0], seed=client_seed(config.seed, 1, 0), settings=fed.settings,
-                device=fed.device,
-            )
-        )  # fmt: skip
-    eager, compiled_result = results
-    for key, value in eager.state.items():  # tolerance of tests/test_compile.py (fused kernels sum in another order)
-        torch.testing.assert_close(compiled_result.state[key], value, rtol=1e-4, atol=5e-5, msg=key)
-    assert compiled_result.metrics["train_loss"] == pytest.approx(eager.metrics["train_loss"], abs=1e-5)
