@@ -38,6 +38,17 @@ def collect(out: Path) -> dict[tuple[str, str], list[dict]]:
     return found
 
 
+def majority_rates(out: Path) -> dict[str, list[float]]:
+    """Per dataset, per seed: the mean over clients of the share of the most common label in the
+    client's validation split (what predicting each client's majority class scores)."""
+    rates: dict[str, list[float]] = {}
+    for path in sorted((out / "runs").glob("*/local/seed*/partition.json")):
+        clients = json.loads(path.read_text())["clients"]
+        shares = [max(c["val_label_counts"]) / sum(c["val_label_counts"]) for c in clients]
+        rates.setdefault(path.parts[-4], []).append(statistics.mean(shares))
+    return rates
+
+
 def table(found: dict[tuple[str, str], list[dict]], methods: list[str]) -> str:
     head = ["dataset", "method", "seeds"]
     head += [f"{c} {k}" for c in CONVENTIONS for k in ("best", "final")]
@@ -67,6 +78,8 @@ def main() -> None:
         command = [sys.executable, "-m", "fedtreelora.cli", "compare", "--suite", args.suite, "--out", str(out)]
         subprocess.run([*command, "--quiet", "--methods", args.methods], check=True)
     print(table(collect(out), args.methods.split(",")))
+    for dataset, rates in majority_rates(out).items():
+        print(f"\n{dataset}: each client's majority class scores {cell(rates)} (mean over clients, {len(rates)} seeds)")
 
 
 if __name__ == "__main__":
