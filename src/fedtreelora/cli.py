@@ -29,10 +29,15 @@ def _run(args: argparse.Namespace) -> int:
     from fedtreelora.engines import SimulationEngine  # heavy imports only when running
 
     summary = SimulationEngine(config, out, quiet=args.quiet, resume=args.resume is not None).run()
+    metric = summary.get("metric", "accuracy")
+    other = "trained" if summary.get("evaluate") == "received" else "received"
+    scored = {"received": "of the model each client receives", "trained": "after local training"}
+    headline, aside = summary.get("by_convention", {}).get(other, {}), scored[other]
     line = (
-        f"{summary['method']} on {summary['dataset']}: final mean {summary.get('metric', 'accuracy')} {summary['final_mean']:.4f}, "
-        f"best {summary['best_mean']:.4f} (round {summary['best_round'] + 1}), cuts {summary['cuts']}, "
-        f"{summary['wall_seconds']:.0f} s -> {out}"
+        f"{summary['method']} on {summary['dataset']}: final mean {metric} {scored.get(summary.get('evaluate'), '')} "
+        f"{summary['final_mean']:.4f}, best {summary['best_mean']:.4f} (round {summary['best_round'] + 1}); "
+        + (f"{aside}: final {headline['final_mean']:.4f}, best {headline['best_mean']:.4f}; " if headline else "")
+        + f"cuts {summary['cuts']}, {summary['wall_seconds']:.0f} s -> {out}"
     )
     print(line)
     return 0

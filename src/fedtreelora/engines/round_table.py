@@ -12,11 +12,13 @@ from typing import Any
 
 from rich.text import Text
 
-#: (header, width, align) of the fixed columns; "mean" is headed by the metric's short name.
+#: (header, width, align) of the fixed columns; "mean" is headed by the metric's short name, "other" by
+#: the evaluation convention that is not the headline ("trained" beside the received model's score).
 COLUMNS: tuple[tuple[str, int, str], ...] = (
     ("round", 5, ">"),
     ("phase", 9, "<"),
     ("mean", 6, ">"),
+    ("other", 7, ">"),
     ("min-max", 11, ">"),
     ("loss", 6, ">"),
     ("n", 7, ">"),
@@ -33,17 +35,23 @@ class RoundTable:
         total_rounds: rounds in the run (for the ``r/N`` column).
         num_clients: clients in the federation (for the ``k/N`` column).
         metric: the clients' metric (``accuracy``, ``rouge1``), heading the mean column.
+        evaluate: the headline convention (``federation.evaluate``); the other one gets its own column.
     """
 
-    def __init__(self, total_rounds: int, num_clients: int, metric: str = "accuracy") -> None:
+    def __init__(
+        self, total_rounds: int, num_clients: int, metric: str = "accuracy", evaluate: str = "received"
+    ) -> None:
         self.total_rounds = total_rounds
         self.num_clients = num_clients
         self.metric = metric
+        self.other = "trained" if evaluate == "received" else "received"
         self.best: float | None = None
         self.header_shown = False
 
     def header(self) -> Text:
-        names = [{"accuracy": "acc"}.get(self.metric, self.metric) if n == "mean" else n for n, _, _ in COLUMNS]
+        short = {"accuracy": "acc"}.get(self.metric, self.metric)
+        names = [short if n == "mean" else ("recvd" if self.other == "received" else self.other) if n == "other" else n
+                 for n, _, _ in COLUMNS]  # fmt: skip
         cells = [f"{name[:width]:{align}{width}}" for name, (_, width, align) in zip(names, COLUMNS, strict=True)]
         return Text(" ".join([*cells, "notes"]), style="bold")
 
@@ -51,8 +59,10 @@ class RoundTable:
         """The row of ``record``, preceded by the header on the first call.
 
         ``client_values`` are this round's per-client metric values (participants whose update was
-        accepted); ``seconds`` is the round's wall time.
+        accepted); ``seconds`` is the round's wall time. The "other" column is the round's mean under
+        the convention that is not the headline.
         """
+        other = record.get(f"{self.other}_mean_metric")
         mean = record.get("mean_metric", record.get("mean_accuracy"))
         improved = mean is not None and (self.best is None or mean > self.best)
         if improved:
@@ -62,6 +72,7 @@ class RoundTable:
             f"{record['round'] + 1}/{self.total_rounds}",
             str(record["phase"]),
             "-" if mean is None else f"{mean:.4f}",
+            "-" if other is None else f"{other:.4f}",
             f"{min(client_values):.3f}-{max(client_values):.3f}" if client_values else "-",
             "-" if loss is None else f"{loss:.3f}",
             f"{len(record.get('clients', []))}/{self.num_clients}",

@@ -106,7 +106,7 @@ class SimulationEngine:
         with progress:
             rounds_task = progress.add_task("rounds", total=cfg.federation.rounds, completed=run.next_round)
             clients_task = progress.add_task("clients", total=fed.num_clients)
-            table = RoundTable(cfg.federation.rounds, fed.num_clients, run_metric(fed))
+            table = RoundTable(cfg.federation.rounds, fed.num_clients, run_metric(fed), cfg.federation.evaluate)
             for rnd in range(run.next_round, cfg.federation.rounds):
                 progress.reset(clients_task, total=fed.num_clients)
                 round_start = time.perf_counter()
