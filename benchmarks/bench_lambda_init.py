@@ -90,12 +90,14 @@ def main() -> None:
     results = [reading(int(s), lambdas, args.set) for s in args.seeds.split(",")]
     names = [n for n in results[0] if n != "cuts"]
     print(f"cuts per seed: {[r['cuts'] for r in results]}")
-    print("| received model | mean accuracy over clients (mean ± std over seeds) |")
-    print("|---|---|")
+    seeds = args.seeds.split(",")
+    print("| received model | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std over seeds |")
+    print("|---|" + "---|" * (len(seeds) + 1))
     for name in names:
         values = [r[name] for r in results]
         std = statistics.stdev(values) if len(values) > 1 else 0.0
-        print(f"| {name} | {100 * statistics.mean(values):.2f} ± {100 * std:.2f} |")
+        per_seed = " | ".join(f"{100 * v:.2f}" for v in values)
+        print(f"| {name} | {per_seed} | {100 * statistics.mean(values):.2f} ± {100 * std:.2f} |")
 
 
 if __name__ == "__main__":
