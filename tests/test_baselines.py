@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -535,15 +535,6 @@ def test_lambda_mixer_with_more_experts_gives_each_other_expert_one_minus_lambda
 
 
 # --- real model: no gradient reaches what is frozen -----------------------------------------------
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Real-model tests on a shared CPU: one torch thread is much faster than oversubscribed ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 FROZEN_CASES = [

@@ -5,7 +5,6 @@ and one federated round on a real model."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -172,14 +171,6 @@ def test_only_the_used_router_rows_and_the_own_expert_train() -> None:
 
 
 # --- a real model ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_bank_trains_the_topm_router_only_under_the_topm_mixer(one_thread: None) -> None:

@@ -20,7 +20,7 @@ from fedtreelora.train.client import LocalTraining
 from fedtreelora.train.generation import EncodedInstructions
 from fedtreelora.train.metrics import evaluate_client
 from fedtreelora.train.precision import precision_context
-from fedtreelora.train.vectorized import _evaluate_together
+from fedtreelora.train.vectorized import evaluate_together
 
 
 def evaluate_received(
@@ -90,6 +90,6 @@ def evaluate_received_together(
         if settings.generation is not None and settings.generation.do_sample:
             torch.manual_seed(seeds[0])
         try:
-            return _evaluate_together(bank, tokenizer, val_data, settings, device)
+            return evaluate_together(bank, tokenizer, val_data, settings, device)
         finally:
             bank.configure(phase, active_slots=1)

@@ -43,7 +43,7 @@ def _per_client_loss(model: nn.Module, batch: dict[str, torch.Tensor], k: int) -
 
 
 @torch.no_grad()
-def _evaluate_together(
+def evaluate_together(
     bank: AdapterBank,
     tokenizer: PreTrainedTokenizerBase,
     val_data: Sequence[EncodedExamples | EncodedInstructions],
@@ -138,7 +138,7 @@ def _run_clients_round(
             losses.append(per_client.detach().cpu().numpy())
     if settings.generation is not None and settings.generation.do_sample:
         torch.manual_seed(seeds[0])
-    evaluations = _evaluate_together(bank, tokenizer, val_data, settings, device)
+    evaluations = evaluate_together(bank, tokenizer, val_data, settings, device)
     results = []
     for j in range(k):
         state = bank.read_slot(j)
