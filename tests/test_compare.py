@@ -13,8 +13,24 @@ import numpy as np
 import pytest
 
 from fedtreelora.cli import main
-from fedtreelora.compare import AVERAGE, csv_columns, mean_std, plan_runs, run_compare
-from fedtreelora.config import ConfigError
+from fedtreelora.compare import (
+    AVERAGE,
+    MARK_RULE,
+    Column,
+    RunResult,
+    RunSpec,
+    csv_columns,
+    difference_values,
+    mean_std,
+    paired_tables,
+    plan_runs,
+    read_partitions,
+    render_markdown,
+    run_compare,
+    summarise,
+    write_outputs,
+)
+from fedtreelora.config import ConfigError, ExperimentConfig, load_config
 from fedtreelora.strategies import STRATEGIES
 from fedtreelora.suites import PACKAGED_SUITES, Suite, available_suites, find_suite, load_suite, order_methods
 
@@ -125,6 +141,169 @@ def test_mean_std_convention() -> None:
     assert mean_std([70.0]) == (70.0, 0.0)
     mean, std = mean_std([70.0, 74.0, 72.0])
     assert mean == pytest.approx(72.0) and std == pytest.approx(2.0)  # sample std, ddof=1
+
+
+# ----------------------------------------------------------------------------------------------
+# paired differences (fake runs, nothing trains)
+# ----------------------------------------------------------------------------------------------
+
+FEDIT_BEST = [0.75, 0.72, 0.80]
+TREE_BEST = [0.80, 0.70, 0.90]  # differences to FedIT: [5, -2, 10] points
+STEADY_BEST = [0.80, 0.81, 0.82]  # differences to FedIT: [5, 9, 2] points
+LOCAL_BEST = [0.70, 0.70, 0.70]
+SEEDS = (1, 2, 3)
+
+
+@pytest.fixture(scope="module")
+def config() -> ExperimentConfig:
+    return load_config()
+
+
+def _hand_mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _fake_runs(
+    config: ExperimentConfig,
+    best: dict[str, list[float]],
+    datasets: tuple[str, ...] = ("sarcasm",),
+    folder: Path = Path("x"),
+) -> list[RunResult]:
+    """One run per (method, dataset, seed): best-round score as given (the same on every dataset), final
+    round 0.1 below it."""
+    runs = []
+    for method, scores in best.items():
+        for dataset in datasets:
+            for seed, score in zip(SEEDS, scores, strict=True):
+                summary = {
+                    "best_mean": score, "final_mean": score - 0.1, "metric": "accuracy", "evaluate": "received",
+                    "trainable_params_per_client": 10, "backbone_params": 1000, "history": [],
+                }  # fmt: skip
+                spec = RunSpec(dataset, method, seed, config, folder / dataset / method / f"seed{seed}")
+                runs.append(RunResult(spec, summary, "reused", 0.0))
+    return runs
+
+
+def _meta(runs: list[RunResult], paired: dict) -> dict:
+    return {
+        "suite": "fake", "sources": {"sarcasm": "sarcasm", "tweets": "tweets"}, "seeds": list(SEEDS),
+        "command": "fedtreelora compare --suite fake", "machine": "here", "finished": "now",
+        "metric": "accuracy", "evaluate": "received", "paired_differences": paired,
+    }  # fmt: skip
+
+
+def _add_differences(rows: list[dict], tables: dict) -> None:
+    for row in rows:
+        row.update(difference_values(tables, row["method"]))
+
+
+def test_paired_differences_match_hand_computed_numbers(config: ExperimentConfig) -> None:
+    methods = ["local", "fedit", "fedtreelora", "steady"]
+    runs = _fake_runs(
+        config, {"local": LOCAL_BEST, "fedit": FEDIT_BEST, "fedtreelora": TREE_BEST, "steady": STEADY_BEST}
+    )
+    tables = paired_tables(runs, methods, [Column("sarcasm", "sarcasm")])
+    assert list(tables) == ["fedit", "local"]
+    fedit = tables["fedit"]
+    assert fedit["excluded"] == []
+    cell = fedit["best"]["fedtreelora"]["sarcasm"]
+    assert cell["differences"] == pytest.approx([5.0, -2.0, 10.0]) and cell["seeds"] == [1, 2, 3]
+    mean, std = _hand_mean_std([5.0, -2.0, 10.0])
+    assert (cell["mean"], cell["std"], cell["n"]) == (pytest.approx(13 / 3), pytest.approx(std), 3)
+    assert std == pytest.approx(math.sqrt(109 / 3))  # sample std (ddof=1), as mean_std
+    assert mean_std(cell["differences"])[1] == pytest.approx(std)
+    assert not cell["marked"]  # 4.33 < 2 * 6.03 / sqrt(3) = 6.96
+    steady = fedit["best"]["steady"]["sarcasm"]
+    assert steady["mean"] == pytest.approx(16 / 3) and steady["std"] == pytest.approx(math.sqrt(37 / 3))
+    assert steady["marked"]  # 5.33 > 2 * 3.51 / sqrt(3) = 4.06
+    # the final round is scored separately (here 0.1 below every best round: the same differences)
+    assert fedit["final"]["fedtreelora"]["sarcasm"]["differences"] == pytest.approx([5.0, -2.0, 10.0])
+    own = fedit["best"]["fedit"]["sarcasm"]
+    assert (own["mean"], own["std"], own["n"], own["marked"]) == (0.0, 0.0, 3, False)
+    assert fedit["best"]["fedtreelora"][AVERAGE]["differences"] == pytest.approx([5.0, -2.0, 10.0])
+    assert tables["local"]["best"]["fedit"]["sarcasm"]["differences"] == pytest.approx([5.0, 2.0, 10.0])
+
+
+def test_a_missing_seed_reduces_n_and_the_average_pairs_complete_seeds(config: ExperimentConfig) -> None:
+    runs = _fake_runs(config, {"fedit": FEDIT_BEST, "fedtreelora": TREE_BEST}, ("sarcasm", "tweets"))
+    runs = [r for r in runs if (r.spec.method, r.spec.dataset, r.spec.seed) != ("fedtreelora", "tweets", 3)]
+    columns = [Column("sarcasm", "sarcasm"), Column("tweets", "tweets")]
+    cells = paired_tables(runs, ["fedit", "fedtreelora"], columns)["fedit"]["best"]["fedtreelora"]
+    assert cells["sarcasm"]["n"] == 3 and cells["tweets"]["n"] == 2
+    assert cells["tweets"]["differences"] == pytest.approx([5.0, -2.0]) and cells["tweets"]["seeds"] == [1, 2]
+    assert cells[AVERAGE]["seeds"] == [1, 2] and cells[AVERAGE]["mean"] == pytest.approx(1.5)
+
+
+def test_a_partition_mismatch_excludes_the_pair_and_says_so(config: ExperimentConfig, tmp_path: Path) -> None:
+    runs = _fake_runs(config, {"fedit": FEDIT_BEST, "fedtreelora": TREE_BEST}, folder=tmp_path)
+    for r in runs:
+        r.spec.folder.mkdir(parents=True)
+        odd = (r.spec.method, r.spec.seed) == ("fedtreelora", 2)
+        (r.spec.folder / "partition.json").write_text('{"clients": [2]}' if odd else '{"clients": [1]}')
+    partitions = read_partitions(runs)
+    assert partitions[("fedtreelora", "sarcasm", 2)] != partitions[("fedit", "sarcasm", 2)]
+    columns = [Column("sarcasm", "sarcasm")]
+    tables = paired_tables(runs, ["fedit", "fedtreelora"], columns, partitions)
+    assert tables["fedit"]["excluded"] == [{"method": "fedtreelora", "dataset": "sarcasm", "seed": 2}]
+    cell = tables["fedit"]["best"]["fedtreelora"]["sarcasm"]
+    assert cell["seeds"] == [1, 3] and cell["differences"] == pytest.approx([5.0, 10.0]) and cell["n"] == 2
+    rows = summarise(runs, ["sarcasm"], ["fedit", "fedtreelora"], columns)
+    markdown = render_markdown(rows, ["sarcasm"], _meta(runs, tables))
+    assert "paired" not in markdown.lower()  # rows without differences: no section
+    _add_differences(rows, tables)
+    markdown = render_markdown(rows, ["sarcasm"], _meta(runs, tables))
+    assert "Left out (the run's partition differs from FedIT's at the same seed): fedtreelora on sarcasm seed 2." in (
+        markdown
+    )
+
+
+def test_paired_sections_in_table_md_and_csv(config: ExperimentConfig, tmp_path: Path) -> None:
+    methods = ["local", "fedit", "fedtreelora", "steady"]
+    runs = _fake_runs(
+        config, {"local": LOCAL_BEST, "fedit": FEDIT_BEST, "fedtreelora": TREE_BEST, "steady": STEADY_BEST}
+    )
+    columns = [Column("sarcasm", "sarcasm")]
+    tables = paired_tables(runs, methods, columns)
+    rows = summarise(runs, ["sarcasm"], methods, columns)
+    _add_differences(rows, tables)
+    files = write_outputs(tmp_path, rows, runs, ["sarcasm"], _meta(runs, tables), ["sarcasm"], list(tables))
+    markdown = files["table.md"].read_text()
+    assert markdown.index("## Cost") < markdown.index("## Paired differences to FedIT")
+    assert markdown.index("## Paired differences to FedIT") < markdown.index("## Paired differences to local")
+    assert markdown.count(MARK_RULE) == 4  # under each of best / final round, for each reference
+    assert "| method − FedIT | sarcasm | Average |" in markdown
+    assert "| fedit | — | — |" in markdown
+    assert "| fedtreelora | +4.33 ± 6.03 (n=3) | +4.33 ± 6.03 (n=3) |" in markdown
+    assert "| steady | +5.33 ± 3.51 (n=3)* | +5.33 ± 3.51 (n=3)* |" in markdown
+    assert "| local | -5.67 ± 4.04 (n=3)* |" in markdown  # [-5, -2, -10] against FedIT
+    assert markdown.count("| method | sarcasm | Average |") == 2  # the main tables keep their header
+    with files["table.csv"].open() as f:
+        csv_rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert list(next(iter(csv_rows.values()))) == csv_columns(["sarcasm"], ["fedit", "local"])
+    tree = csv_rows["fedtreelora"]
+    assert float(tree["diff_fedit_sarcasm_best_mean"]) == pytest.approx(13 / 3)
+    assert float(tree["diff_fedit_sarcasm_best_std"]) == pytest.approx(math.sqrt(109 / 3))
+    assert int(tree["diff_fedit_sarcasm_best_n"]) == 3
+    assert float(tree["diff_local_sarcasm_final_mean"]) == pytest.approx(100 * (0.8 + 0.7 + 0.9 - 2.1) / 3)
+    record = json.loads(files["compare.json"].read_text())
+    assert record["paired_differences"]["fedit"]["best"]["fedtreelora"]["sarcasm"]["seeds"] == [1, 2, 3]
+
+
+def test_an_absent_reference_gives_no_section(config: ExperimentConfig, tmp_path: Path) -> None:
+    methods = ["fedit", "fedtreelora"]
+    runs = _fake_runs(config, {"fedit": FEDIT_BEST, "fedtreelora": TREE_BEST})
+    columns = [Column("sarcasm", "sarcasm")]
+    tables = paired_tables(runs, methods, columns)
+    assert list(tables) == ["fedit"]
+    assert paired_tables(runs, ["fedtreelora"], columns) == {}
+    rows = summarise(runs, ["sarcasm"], methods, columns)
+    _add_differences(rows, tables)
+    files = write_outputs(tmp_path, rows, runs, ["sarcasm"], _meta(runs, tables), ["sarcasm"], list(tables))
+    markdown = files["table.md"].read_text()
+    assert "## Paired differences to FedIT" in markdown and "to local" not in markdown
+    header = files["table.csv"].read_text().splitlines()[0]
+    assert "diff_fedit_sarcasm_best_mean" in header and "diff_local" not in header
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,10 +4,12 @@ Layout of the output folder ``DIR``::
 
     DIR/runs/<dataset>/<method>/seed<seed>/   one run folder each (config.yaml, partition.json,
                                               metrics.jsonl, summary.json, clients/, checkpoints/)
-    DIR/table.md                              the tables (best round, final round, cost), human-readable
+    DIR/table.md                              the tables (best round, final round, cost, paired
+                                              differences), human-readable
     DIR/table.csv                             the same numbers, one row per method, full precision
     DIR/compare.json                          what was compared (suite, methods, seeds, overrides), the
-                                              rows, and every run's headline numbers
+                                              rows, the paired differences per seed, and every run's
+                                              headline numbers
     DIR/compare.png                           a plot, when the report helper is installed
 
 Reuse: a run whose folder holds ``summary.json`` and a ``config.yaml`` equal to the run's resolved config
@@ -27,6 +29,14 @@ Sentiment, Reasoning), each the mean over that category's clients, taken at the 
 the columns, then mean +- std over seeds. Cost columns are means over every run of the method: trainable parameters per client (and
 as % of the backbone), and uplink/downlink MB per client per round (mean over all rounds, warm-up
 rounds included).
+
+Paired differences: every row of one (dataset, seed) sees the same partition, so a row is compared with
+a reference (``fedit`` and ``local``, each when it is in the comparison) seed by seed: per column, the
+differences ``score(row, seed) - score(reference, seed)`` in points over the seeds both ran, as mean +-
+sample std (ddof=1) and the number of pairs n. A pair whose runs' ``partition.json`` differ is left out
+and listed. ``Average`` pairs the per-seed means over the columns. A cell is marked ``*`` when
+``|mean| > 2 * std / sqrt(n)`` with n >= 2. ``table.csv`` has them as
+``diff_<reference>_<column>_<best|final>_<mean|std|n>``.
 """
 
 from __future__ import annotations
@@ -39,7 +49,7 @@ import math
 import platform
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -361,6 +371,140 @@ def summarise(
 
 
 # ----------------------------------------------------------------------------------------------
+# paired differences to a reference method
+# ----------------------------------------------------------------------------------------------
+
+REFERENCES = ("fedit", "local")
+"""The reference rows of the paired-difference tables, in the order they are shown."""
+REFERENCE_NAMES = {"fedit": "FedIT", "local": "local"}
+"""A reference method -> how headings name it."""
+
+RunKey = tuple[str, str, int]
+"""``(method or variant, dataset, seed)``: one run of a comparison."""
+
+
+def is_marked(mean: float, std: float, n: int) -> bool:
+    """The marking rule of the paired tables: ``|mean| > 2 * std / sqrt(n)`` with ``n >= 2`` pairs."""
+    return n >= 2 and abs(mean) > 2.0 * std / math.sqrt(n)
+
+
+def _same_partition(partitions: Mapping[RunKey, str] | None, a: RunKey, b: RunKey) -> bool:
+    """False only when both runs' partitions are known and differ."""
+    if partitions is None or a not in partitions or b not in partitions:
+        return True
+    return partitions[a] == partitions[b]
+
+
+def _paired_seeds(
+    by_key: Mapping[RunKey, Any], method: str, reference: str, dataset: str, partitions: Mapping[RunKey, str] | None
+) -> tuple[list[int], list[int]]:
+    """The seeds at which ``method`` and ``reference`` both ran ``dataset``, split into usable pairs and
+    pairs left out because the two runs' partitions differ."""
+    seeds = sorted(s for (m, d, s) in by_key if m == method and d == dataset and (reference, dataset, s) in by_key)
+    usable, excluded = [], []
+    for seed in seeds:
+        same = _same_partition(partitions, (method, dataset, seed), (reference, dataset, seed))
+        (usable if same else excluded).append(seed)
+    return usable, excluded
+
+
+def difference_cell(by_seed: Mapping[int, float]) -> dict[str, Any]:
+    """One cell of a paired table from its per-seed differences (points): ``mean``, ``std`` (ddof=1, as
+    :func:`mean_std`), ``n`` (pairs), ``marked`` (:func:`is_marked`), ``seeds`` and ``differences``."""
+    seeds = sorted(by_seed)
+    differences = [by_seed[s] for s in seeds]
+    mean, std = mean_std(differences)
+    return {
+        "mean": mean,
+        "std": std,
+        "n": len(seeds),
+        "marked": is_marked(mean, std, len(seeds)),
+        "seeds": seeds,
+        "differences": differences,
+    }
+
+
+def _row_differences(
+    by_key: Mapping[RunKey, dict[str, Any]],
+    method: str,
+    reference: str,
+    columns: Sequence[Column],
+    key: str,
+    usable: Mapping[str, list[int]],
+) -> dict[str, dict[str, Any]]:
+    """Column label (and ``Average``) -> cell for one method against ``reference``; ``Average`` pairs the
+    per-seed means over the columns, at the seeds where every column has a usable pair."""
+    per_column: dict[str, dict[int, float]] = {}
+    for c in columns:
+        per_column[c.label] = {
+            seed: _score(by_key[(method, c.dataset, seed)], key, c.category)
+            - _score(by_key[(reference, c.dataset, seed)], key, c.category)
+            for seed in usable[c.dataset]
+        }
+    common = set.intersection(*(set(d) for d in per_column.values())) if per_column else set()
+    average = {seed: float(np.mean([d[seed] for d in per_column.values()])) for seed in common}
+    return {label: difference_cell(d) for label, d in [*per_column.items(), (AVERAGE, average)]}
+
+
+def paired_differences(
+    runs: Sequence[RunResult],
+    methods: Sequence[str],
+    columns: Sequence[Column],
+    reference: str,
+    partitions: Mapping[RunKey, str] | None = None,
+) -> dict[str, Any]:
+    """Per-seed differences ``score(method) - score(reference)`` in points, paired on (dataset, seed).
+
+    Every method of one (dataset, seed) is meant to see the same partition, so the pairing removes the
+    partition's share of the seed noise. A pair is used when both runs exist and, where ``partitions``
+    (:func:`read_partitions`) knows both, their partitions are equal; a missing seed reduces ``n``.
+
+    Returns ``{"reference", "excluded": [{"method", "dataset", "seed"}, ...], "best": {method: {label:
+    cell}}, "final": {...}}`` with the score columns' labels and ``Average`` as labels and cells as
+    :func:`difference_cell`; ``best`` / ``final`` are the best-round / final-round scores of the main
+    tables. The reference's own row is all zeros.
+    """
+    by_key = {(r.spec.method, r.spec.dataset, r.spec.seed): r.summary for r in runs}
+    datasets = list(dict.fromkeys(c.dataset for c in columns))
+    result: dict[str, Any] = {"reference": reference, "excluded": []}
+    usable: dict[str, dict[str, list[int]]] = {}
+    for method in methods:
+        usable[method] = {}
+        for dataset in datasets:
+            usable[method][dataset], excluded = _paired_seeds(by_key, method, reference, dataset, partitions)
+            result["excluded"] += [{"method": method, "dataset": dataset, "seed": s} for s in excluded]
+    for prefix, key, _ in METRICS:
+        result[prefix] = {m: _row_differences(by_key, m, reference, columns, key, usable[m]) for m in methods}
+    return result
+
+
+def paired_tables(
+    runs: Sequence[RunResult],
+    methods: Sequence[str],
+    columns: Sequence[Column],
+    partitions: Mapping[RunKey, str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """:func:`paired_differences` against each of :data:`REFERENCES` that is among ``methods``."""
+    return {ref: paired_differences(runs, methods, columns, ref, partitions) for ref in REFERENCES if ref in methods}
+
+
+def difference_key(reference: str, label: str, prefix: str, stat: str) -> str:
+    """The row / CSV key of a paired difference: ``diff_<reference>_<label>_<best|final>_<mean|std|n>``."""
+    return f"diff_{reference}_{label}_{prefix}_{stat}"
+
+
+def difference_values(tables: Mapping[str, Mapping[str, Any]], method: str) -> dict[str, float | int]:
+    """The flat row entries (:func:`difference_key`) of ``method`` in ``tables`` (:func:`paired_tables`)."""
+    values: dict[str, float | int] = {}
+    for reference, table in tables.items():
+        for prefix, _, _ in METRICS:
+            for label, cell in table[prefix][method].items():
+                for stat in ("mean", "std", "n"):
+                    values[difference_key(reference, label, prefix, stat)] = cell[stat]
+    return values
+
+
+# ----------------------------------------------------------------------------------------------
 # tables
 # ----------------------------------------------------------------------------------------------
 
@@ -376,7 +520,8 @@ def _markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
 
 
 def render_markdown(rows: list[dict[str, Any]], datasets: Sequence[str], meta: dict[str, Any]) -> str:
-    """``table.md``: a header on what was run, then the best-round, final-round and cost tables.
+    """``table.md``: a header on what was run, then the best-round, final-round and cost tables, then the
+    paired differences to each reference the rows carry (:func:`render_paired_section`).
 
     ``datasets`` are the score columns' labels (datasets, or categories; ``meta["datasets"]`` names the
     datasets when they differ). The best mean of each score column is in bold.
@@ -451,16 +596,75 @@ def render_markdown(rows: list[dict[str, Any]], datasets: Sequence[str], meta: d
         "",
         *_markdown_table(cost_header, cost_body),
     ]
+    for reference in REFERENCES:
+        if any(difference_key(reference, AVERAGE, "best", "mean") in r for r in rows):
+            excluded = meta.get("paired_differences", {}).get(reference, {}).get("excluded", [])
+            lines += render_paired_section(rows, labels, reference, metric, excluded)
     return "\n".join(lines) + "\n"
 
 
-def csv_columns(datasets: Sequence[str]) -> list[str]:
-    """Column order of ``table.csv``."""
+MARK_RULE = (
+    "`*`: |mean| > 2 standard errors (std / sqrt(n)) with n >= 2 pairs; with few seeds a rough screen, "
+    "not a test at 5%."
+)
+"""The line under each paired table that states when a cell is marked."""
+
+
+def difference_text(mean: float, std: float, n: int) -> str:
+    """A paired cell: ``+1.23 ± 0.45 (n=3)``, ``*`` appended when :func:`is_marked`; ``n/a`` without pairs."""
+    if n == 0 or math.isnan(mean):
+        return "n/a"
+    return f"{mean:+.2f} ± {std:.2f} (n={n})" + ("*" if is_marked(mean, std, n) else "")
+
+
+def _excluded_line(excluded: Sequence[Mapping[str, Any]], name: str) -> list[str]:
+    if not excluded:
+        return []
+    pairs = ", ".join(f"{e['method']} on {e['dataset']} seed {e['seed']}" for e in excluded)
+    return ["", f"Left out (the run's partition differs from {name}'s at the same seed): {pairs}."]
+
+
+def render_paired_section(
+    rows: Sequence[Mapping[str, Any]],
+    labels: Sequence[str],
+    reference: str,
+    metric: str,
+    excluded: Sequence[Mapping[str, Any]] = (),
+) -> list[str]:
+    """The markdown lines of "Paired differences to <reference>": one table per score (best round, final
+    round) with the rows in the main table's order, read from the rows' :func:`difference_key` entries;
+    the reference's own row is shown as ``—``."""
+    name = REFERENCE_NAMES.get(reference, reference)
+    lines = [
+        "",
+        f"## Paired differences to {name}",
+        "",
+        f"Per seed, the row's score minus {name}'s on the same partition, in points of {metric} (%); cells: "
+        f"mean ± sample std of these differences over the seeds both ran (n pairs).",
+    ]
+    for prefix, title in (("best", "best round"), ("final", "final round")):
+        body = []
+        for r in rows:
+            cells = [r["method"]]
+            for label in labels:
+                if r["method"] == reference:
+                    cells.append("—")
+                    continue
+                mean, std, n = (r[difference_key(reference, label, prefix, stat)] for stat in ("mean", "std", "n"))
+                cells.append(difference_text(mean, std, int(n)))
+            body.append(cells)
+        lines += ["", f"### {title}", "", *_markdown_table([f"method − {name}", *labels], body), "", MARK_RULE]
+    return lines + _excluded_line(excluded, name)
+
+
+def csv_columns(datasets: Sequence[str], references: Sequence[str] = REFERENCES) -> list[str]:
+    """Column order of ``table.csv``: the scores, the cost, then the paired differences to each of
+    ``references`` (those in the comparison; :func:`difference_key`)."""
     columns = ["method"]
     for prefix, _, _ in METRICS:
         for label in [*datasets, AVERAGE]:
             columns += [f"{label}_{prefix}_mean", f"{label}_{prefix}_std"]
-    return columns + [
+    columns += [
         "seeds",
         "trainable_params_per_client",
         "trainable_percent",
@@ -468,6 +672,11 @@ def csv_columns(datasets: Sequence[str]) -> list[str]:
         "downlink_mb_per_client_per_round",
         "wall_seconds",
     ]
+    for reference in references:
+        for prefix, _, _ in METRICS:
+            for label in [*datasets, AVERAGE]:
+                columns += [difference_key(reference, label, prefix, stat) for stat in ("mean", "std", "n")]
+    return columns
 
 
 def write_outputs(
@@ -477,16 +686,18 @@ def write_outputs(
     datasets: Sequence[str],
     meta: dict[str, Any],
     columns: Sequence[str] | None = None,
+    references: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Write ``table.md``, ``table.csv`` and ``compare.json``; returns their paths by name.
 
-    ``columns`` are the score columns' labels (default: ``datasets``)."""
+    ``columns`` are the score columns' labels (default: ``datasets``); ``references`` the methods whose
+    paired differences the rows carry (:func:`difference_values`)."""
     labels = list(datasets) if columns is None else list(columns)
     out.mkdir(parents=True, exist_ok=True)
     files = {"table.md": out / "table.md", "table.csv": out / "table.csv", "compare.json": out / "compare.json"}
     files["table.md"].write_text(render_markdown(rows, labels, {**meta, "datasets": list(datasets)}))
     with files["table.csv"].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=csv_columns(labels))
+        writer = csv.DictWriter(f, fieldnames=csv_columns(labels, references))
         writer.writeheader()
         writer.writerows(rows)
     record = {
@@ -615,6 +826,9 @@ def run_compare(
                 on_run(result)
     columns = table_columns(results, labels)
     rows = summarise(results, labels, method_list, columns)
+    paired = paired_tables(results, method_list, columns, read_partitions(results))
+    for row in rows:
+        row.update(difference_values(paired, row["method"]))
     mismatched = partition_mismatches(results)
     for message in mismatched:
         console.print(f"[red]partition mismatch: {message}[/]")
@@ -632,24 +846,32 @@ def run_compare(
         "runs_executed": sum(not r.reused for r in results),
         "runs_reused": sum(r.reused for r in results),
         "partition_mismatches": mismatched,
+        "paired_differences": paired,
         "metric": metric_name(results),
         "evaluate": convention_name(results),
     }
     column_labels = [c.label for c in columns]
-    files = write_outputs(out, rows, results, labels, meta, column_labels)
+    files = write_outputs(out, rows, results, labels, meta, column_labels, list(paired))
     if _plot(rows, column_labels, out / "compare.png", console, meta["metric"]):
         files["compare.png"] = out / "compare.png"
     return CompareResult(out, labels, method_list, seed_list, results, rows, files)
+
+
+def read_partitions(results: Sequence[RunResult]) -> dict[RunKey, str]:
+    """Each run's ``partition.json`` text (``(missing)`` when it has none), by (method, dataset, seed)."""
+    texts = {}
+    for r in results:
+        path = r.spec.folder / "partition.json"
+        texts[(r.spec.method, r.spec.dataset, r.spec.seed)] = path.read_text() if path.is_file() else "(missing)"
+    return texts
 
 
 def partition_mismatches(results: Sequence[RunResult]) -> list[str]:
     """Check on disk that every method of one (dataset, seed) trained on the same clients: the runs'
     ``partition.json`` files must be identical. Returns one message per (dataset, seed) that differs."""
     groups: dict[tuple[str, int], dict[str, str]] = {}
-    for r in results:
-        path = r.spec.folder / "partition.json"
-        text = path.read_text() if path.is_file() else "(missing)"
-        groups.setdefault((r.spec.dataset, r.spec.seed), {})[r.spec.method] = text
+    for (method, dataset, seed), text in read_partitions(results).items():
+        groups.setdefault((dataset, seed), {})[method] = text
     messages = []
     for (dataset, seed), by_method in groups.items():
         if len(set(by_method.values())) > 1:
