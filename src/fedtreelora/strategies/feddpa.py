@@ -14,7 +14,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from fedtreelora.adapters import AdapterBank, ExpertSpec, MultiClientLoraLinear, PhaseSpec
-from fedtreelora.strategies.fedit import FedIT, FedITOptions
+from fedtreelora.strategies.fedit import AllLayersOptions, FedIT
 from fedtreelora.strategies.registry import register
 from fedtreelora.train.batches import EncodedExamples, eval_batches
 from fedtreelora.train.client import LocalTraining
@@ -22,7 +22,7 @@ from fedtreelora.train.generation import EncodedInstructions, iterate_prompts
 from fedtreelora.train.metrics import evaluate_client
 
 
-class FedDPAOptions(FedITOptions):
+class FedDPAOptions(AllLayersOptions):
     inference: Literal["instance", "fixed"] = "instance"
     """How the two adapters mix at evaluation: FedDPA's instance-wise dynamic weighting, or the fixed
     ``local_weight`` used in training."""

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fedtreelora.strategies.fedit import FedIT, FedITOptions
+from fedtreelora.strategies.fedit import AllLayersOptions, FedIT
 from fedtreelora.strategies.registry import register
 
 
-class FedSAOptions(FedITOptions):
+class FedSAOptions(AllLayersOptions):
     """FedSA-LoRA's options (how A uploads are averaged)."""
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fedtreelora.adapters import ExpertSpec, PhaseSpec
-from fedtreelora.strategies.fedit import FedIT, FedITOptions
+from fedtreelora.strategies.fedit import AllLayersOptions, FedIT
 from fedtreelora.strategies.registry import register
 
 
-class FFAOptions(FedITOptions):
+class FFAOptions(AllLayersOptions):
     """FFA-LoRA's options (how B uploads are averaged)."""
 
 
