@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
@@ -47,6 +48,80 @@ class ModelConfig(Section):
     as the paper's 8-bit LLaMA-2-7B; ``none`` keeps float32 weights."""
 
 
+GROUP_NAME_PART = re.compile(r"[A-Za-z0-9_.-]+")
+"""One ``/``-separated part of a group name: letters, digits, ``_``, ``.`` and ``-``."""
+
+
+class GroupConfig(Section):
+    """One group of clients of a structured federation (an entry of ``data.groups``).
+
+    Every option left unset (None) takes the value of the data section's option of the same name.
+    """
+
+    name: str
+    """Group name; ``/`` nests groups (``news/plain``, ``news/flipped``, ``tweets/plain``) and the planted
+    hierarchy is the tree of name prefixes. Each part holds letters, digits, ``_``, ``.`` or ``-``."""
+    clients: int = Field(ge=1)
+    """Clients in this group."""
+    dataset: str | None = None
+    """Source of the group's examples (as ``data.dataset``); None: ``data.dataset``."""
+    hub_config: str | None = None
+    """Hub configuration of the group's source; None: ``data.hub_config``."""
+    text_column: str | None = None
+    """Text column of the group's source; None: ``data.text_column``."""
+    text_pair_column: str | None = None
+    """Second-sentence column of the group's source; None: ``data.text_pair_column``."""
+    label_column: str | None = None
+    """Label column of the group's source; None: ``data.label_column``."""
+    label_map: dict[str, str | None] | None = None
+    """Source label name -> the name this group uses (rename, or permute for concept shift); a name
+    mapped to null drops that class's examples from the group; unmapped names stay as they are."""
+    dirichlet_alpha: float | None = Field(None, gt=0)
+    """Label skew of the group's clients; None: ``data.dirichlet_alpha``."""
+    n_train: int | None = Field(None, ge=1)
+    """Training examples per client of the group; None: ``data.n_train``."""
+    n_val: int | None = Field(None, ge=1)
+    """Validation examples per client of the group; None: ``data.n_val``."""
+
+    @field_validator("label_map", mode="before")
+    @classmethod
+    def _label_names_as_text(cls, value: Any) -> Any:
+        """YAML reads ``0: 1`` as integers; label names are strings (integer labels are named ``"0"``...)."""
+        if not isinstance(value, dict):
+            return value
+        return {
+            (str(k) if isinstance(k, int) else k): (str(v) if isinstance(v, int) and not isinstance(v, bool) else v)
+            for k, v in value.items()
+        }
+
+
+def _check_group_names(names: list[str]) -> None:
+    """Raise ValueError naming ``data.groups[i].name`` for an empty or malformed part, a repeated name,
+    or a name that is both a group and a prefix of another group."""
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        parts = name.split("/")
+        bad = [p for p in parts if not GROUP_NAME_PART.fullmatch(p)]
+        if bad:
+            raise ValueError(
+                f"data.groups[{i}].name={name!r} has an empty or invalid part {bad[0]!r}; parts are separated "
+                "by '/' and hold letters, digits, '_', '.' or '-'"
+            )
+        if name in seen:
+            raise ValueError(
+                f"data.groups[{i}].name={name!r} repeats data.groups[{seen[name]}].name; names must be unique"
+            )
+        seen[name] = i
+    for name, i in seen.items():
+        for other, j in seen.items():
+            if other.startswith(name + "/"):
+                raise ValueError(
+                    f"data.groups[{i}].name={name!r} is a group and also a prefix of data.groups[{j}].name="
+                    f"{other!r}; a group's clients must sit at a leaf of the hierarchy: rename it (e.g. "
+                    f"{name + '/plain'!r})"
+                )
+
+
 class DataConfig(Section):
     dataset: str = "sarcasm"
     """Built-in short name (classification: sarcasm, corr2cause, tweets, bbc; generation: evals-nlg), a
@@ -88,6 +163,36 @@ class DataConfig(Section):
     test split, from its own task)."""
     dirichlet_alpha: float = Field(0.5, gt=0)
     """Concentration of the Dirichlet label skew; smaller is more skewed (classification only)."""
+    groups: list[GroupConfig] | None = None
+    """A federation with planted structure (classification only): groups of clients, each with its own
+    source, label map, skew and sizes; ``num_clients`` becomes the sum of their clients. Names nest
+    with ``/`` (``sarcasm/plain``, ``sarcasm/flipped``); see docs/data-and-models.md. None: one source,
+    ``num_clients`` clients."""
+
+    @model_validator(mode="after")
+    def _resolve_groups(self) -> DataConfig:
+        if self.groups is None:
+            return self
+        if not self.groups:
+            raise ValueError("data.groups is empty; list at least one group or leave data.groups unset")
+        _check_group_names([g.name for g in self.groups])
+        for i, group in enumerate(self.groups):
+            source = group.dataset or self.dataset
+            if self.task == "generation" or (self.task == "auto" and source in BUILTIN_INSTRUCTION_SOURCES):
+                raise ValueError(
+                    f"data.groups[{i}] ({group.name}) draws generation data ({source!r}); data.groups applies to "
+                    "classification only: use classification sources or leave data.groups unset"
+                )
+        total = sum(g.clients for g in self.groups)
+        if "num_clients" in self.model_fields_set and self.num_clients != total:
+            counts = " + ".join(str(g.clients) for g in self.groups)
+            raise ValueError(
+                f"data.num_clients={self.num_clients} but data.groups hold {counts} = {total} clients; leave "
+                "data.num_clients unset (it becomes the groups' sum) or make the two agree"
+            )
+        if self.num_clients != total:
+            self.num_clients = total
+        return self
 
     def resolved_task(self) -> str:
         """``classification`` or ``generation`` (``auto`` resolved from the dataset)."""
@@ -304,7 +409,28 @@ def dump_config(config: ExperimentConfig) -> str:
 
 def _type_name(annotation: Any) -> str:
     text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
-    return text.replace("typing.", "").replace("NoneType", "None")
+    return text.replace("typing.", "").replace("NoneType", "None").replace(f"{__name__}.", "")
+
+
+def _list_entry_model(annotation: Any) -> type[BaseModel] | None:
+    """The section type X of a ``list[X]`` or ``list[X] | None`` option, else None."""
+    for arg in (annotation, *get_args(annotation)):
+        if get_origin(arg) is list:
+            (item,) = get_args(arg)
+            if isinstance(item, type) and issubclass(item, BaseModel):
+                return item
+    return None
+
+
+def _entry_rows(prefix: str, entry: type[BaseModel]) -> list[str]:
+    """Reference rows of the keys of one list entry (``data.groups[].name`` ...)."""
+    rows = []
+    for key, sub in entry.model_fields.items():
+        default = "required" if sub.is_required() else f"`{sub.get_default(call_default_factory=True)!r}`"
+        doc = (sub.description or "").replace("\n", " ").replace("|", "\\|")
+        kind = _type_name(sub.annotation).replace("|", "\\|")
+        rows.append(f"| `{prefix}.{key}` | {kind} | {default} | {doc} |")
+    return rows
 
 
 def config_reference() -> str:
@@ -327,6 +453,9 @@ def config_reference() -> str:
                 doc = (sub.description or "").replace("\n", " ").replace("|", "\\|")
                 kind = _type_name(sub.annotation).replace("|", "\\|")
                 lines.append(f"| `{name}.{key}` | {kind} | `{default!r}` | {doc} |")
+                entry = _list_entry_model(sub.annotation)
+                if entry is not None:
+                    lines += _entry_rows(f"{name}.{key}[]", entry)
         else:
             doc = (field.description or "").replace("\n", " ").replace("|", "\\|")
             lines.append(f"| `{name}` | {_type_name(annotation)} | `{field.get_default()!r}` | {doc} |")

@@ -1,5 +1,15 @@
-"""Data: classification sets and instruction sets from builtin and user sources, and client partitions."""
+"""Data: classification sets and instruction sets from builtin and user sources, client partitions, and
+federations with planted groups."""
 
+from fedtreelora.data.groups import (
+    GroupSpec,
+    SourceSpec,
+    configured_dataset_name,
+    group_specs,
+    load_group_sources,
+    partition_groups,
+    planted_groups,
+)
 from fedtreelora.data.instructions import (
     BUILTIN_INSTRUCTION_SOURCES,
     EVALS_NLG_DEFAULT,
@@ -20,12 +30,19 @@ __all__ = [
     "EVALS_TASKS",
     "ClassificationDataset",
     "ClientData",
+    "GroupSpec",
     "InstructionColumns",
     "InstructionDataset",
     "InstructionSet",
     "LabeledTexts",
+    "SourceSpec",
+    "configured_dataset_name",
     "dirichlet_partition",
+    "group_specs",
+    "load_group_sources",
     "load_classification",
     "load_instructions",
+    "partition_groups",
+    "planted_groups",
     "task_partition",
 ]

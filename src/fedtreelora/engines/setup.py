@@ -21,8 +21,12 @@ from fedtreelora.data import (
     InstructionSet,
     LabeledTexts,
     dirichlet_partition,
+    group_specs,
     load_classification,
+    load_group_sources,
     load_instructions,
+    partition_groups,
+    planted_groups,
     task_partition,
 )
 from fedtreelora.errors import ConfigError
@@ -161,15 +165,18 @@ class Federation(RunTask):
         """Each client's label (generation: task) counts and proportions (JSON-ready)."""
         categories = self.client_categories()
         extra = {} if categories is None else {"task": "generation", "client_categories": categories}
+        planted = planted_groups(self.config.data)
         return {
             "dataset": self.dataset.name,
             "label_names": self.label_names,
             **extra,
             "dirichlet_alpha": self.config.data.dirichlet_alpha,
             "seed": self.config.seed,
+            **({} if planted is None else {"groups": group_records(self.config)}),
             "clients": [
                 {
                     "client": c.client,
+                    **({} if planted is None else {"group": planted[c.client]}),
                     "train_label_counts": c.train_label_counts.tolist(),
                     "val_label_counts": c.val_label_counts.tolist(),
                     "proportions": [round(float(p), 6) for p in c.proportions],
@@ -177,6 +184,22 @@ class Federation(RunTask):
                 for c in self.clients
             ],
         }
+
+
+def group_records(config: ExperimentConfig) -> list[dict]:
+    """Each group of ``data.groups`` with its options resolved (JSON-ready; empty without groups)."""
+    return [
+        {
+            "name": g.name,
+            "clients": g.clients,
+            "dataset": g.source.dataset,
+            "label_map": None if g.label_map is None else dict(g.label_map),
+            "dirichlet_alpha": g.alpha,
+            "n_train": g.n_train,
+            "n_val": g.n_val,
+        }
+        for g in group_specs(config.data)
+    ]
 
 
 @dataclass
@@ -274,11 +297,13 @@ def build_model_side(
 def load_partitioned_data(
     config: ExperimentConfig,
 ) -> tuple[ClassificationDataset | InstructionDataset, list[ClientData]]:
-    """The configured dataset and its per-client partition: Dirichlet label skew for classification,
-    one task per client for generation."""
+    """The configured dataset and its per-client partition: Dirichlet label skew for classification
+    (per group with ``data.groups``), one task per client for generation."""
     data_cfg = config.data
     if data_cfg.resolved_task() == "generation":
         return _instruction_data(config)
+    if data_cfg.groups is not None:
+        return load_grouped_data(config)
     dataset = load_configured_classification(config)
     clients = dirichlet_partition(
         dataset.train.labels,
@@ -291,6 +316,16 @@ def load_partitioned_data(
         num_labels=dataset.train.num_labels,
     )
     return dataset, clients
+
+
+def load_grouped_data(config: ExperimentConfig) -> tuple[ClassificationDataset, list[ClientData]]:
+    """The federation of ``data.groups``: every distinct source loaded once, each group's clients drawn
+    from what earlier groups of its source left (see :func:`fedtreelora.data.partition_groups`)."""
+    specs = group_specs(config.data)
+    sources = load_group_sources(
+        specs, train_split=config.data.train_split, validation_split=config.data.validation_split
+    )
+    return partition_groups(specs, sources, seed=config.seed, frozen_head=config.model.head == "frozen")
 
 
 def load_configured_classification(config: ExperimentConfig, source: str | None = None) -> ClassificationDataset:

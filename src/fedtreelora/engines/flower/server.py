@@ -18,11 +18,12 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedtreelora.config import ExperimentConfig
+from fedtreelora.data import configured_dataset_name, planted_groups
 from fedtreelora.engines.checkpoint import RunState
 from fedtreelora.engines.flower.phases import phase_config
 from fedtreelora.engines.flower.records import from_array_record, to_array_record
 from fedtreelora.engines.recorder import write_json
-from fedtreelora.engines.setup import ModelSide, RunTask, build_model_side
+from fedtreelora.engines.setup import ModelSide, RunTask, build_model_side, group_records
 from fedtreelora.engines.simulation import SimulationEngine
 from fedtreelora.train import ClientResult
 
@@ -76,6 +77,7 @@ class ServerFederation(ModelSide, RunTask):
         return out
 
     def partition_record(self) -> dict[str, Any]:
+        planted = planted_groups(self.config.data)
         return {
             "dataset": self.dataset_name,
             "label_names": self.label_names,
@@ -86,9 +88,11 @@ class ServerFederation(ModelSide, RunTask):
             ),
             "dirichlet_alpha": self.config.data.dirichlet_alpha,
             "seed": self.config.seed,
+            **({} if planted is None else {"groups": group_records(self.config)}),
             "clients": [
                 {
                     "client": i["client"],
+                    **({} if planted is None else {"group": planted[i["client"]]}),
                     "node": self.nodes[i["client"]],
                     "train_label_counts": self._counts(i, "train-label-counts"),
                     "val_label_counts": self._counts(i, "val-label-counts"),
@@ -186,7 +190,12 @@ class FlowerEngine(SimulationEngine):
         )
         model_side = {f.name: getattr(side, f.name) for f in fields(ModelSide)}
         fed = ServerFederation(
-            **model_side, config=cfg, infos=ordered, nodes=nodes, label_names=labels, dataset_name=str(cfg.data.dataset)
+            **model_side,
+            config=cfg,
+            infos=ordered,
+            nodes=nodes,
+            label_names=labels,
+            dataset_name=configured_dataset_name(cfg.data),
         )
         if self.recorder.out_dir is not None:
             write_json(self.recorder.out_dir / "nodes.json", {str(c): n for c, n in nodes.items()})
