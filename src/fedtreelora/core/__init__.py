@@ -1,4 +1,5 @@
-"""The FedTreeLoRA algorithm on adapter tensors: distances, one tree, layer-wise cuts, expert averaging.
+"""The FedTreeLoRA algorithm on adapter tensors: distances, one tree, layer-wise cuts, expert averaging;
+and how well sharing partitions recover planted client groups.
 
 Pure numpy/scipy/scikit-learn: no model, no transport, no I/O.
 """
@@ -6,12 +7,14 @@ Pure numpy/scipy/scikit-learn: no model, no transport, no I/O.
 from fedtreelora.core.distances import layer_distances
 from fedtreelora.core.experts import Experts, aggregate_experts, group_means, group_means_for
 from fedtreelora.core.plan import SharingPlan, mean_silhouette, plan_sharing
+from fedtreelora.core.structure import ari_by_layer, planted_levels
 from fedtreelora.core.tree import build_tree, cut_exact
 
 __all__ = [
     "Experts",
     "SharingPlan",
     "aggregate_experts",
+    "ari_by_layer",
     "build_tree",
     "cut_exact",
     "group_means",
@@ -19,4 +22,5 @@ __all__ = [
     "layer_distances",
     "mean_silhouette",
     "plan_sharing",
+    "planted_levels",
 ]

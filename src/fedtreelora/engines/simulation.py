@@ -12,6 +12,8 @@ import torch
 from rich.console import Console
 
 from fedtreelora.config import ExperimentConfig
+from fedtreelora.core.structure import ari_by_layer, planted_levels
+from fedtreelora.data import planted_groups
 from fedtreelora.engines.checkpoint import RunState, load_checkpoint, save_checkpoint
 from fedtreelora.engines.loggers import ScalarLogger
 from fedtreelora.engines.recorder import RunRecorder
@@ -49,6 +51,21 @@ def _headline(history: list[dict[str, Any]], key: str) -> dict[str, Any]:
         return {"final_mean": None, "best_mean": None, "best_round": None}
     best, best_round = max(scored, key=lambda pair: (pair[0], -pair[1]))
     return {"final_mean": means[-1], "best_mean": best, "best_round": best_round}
+
+
+def planted_structure(config: ExperimentConfig, sharing_labels: np.ndarray | None) -> dict[str, Any]:
+    """The summary's record of a federation with planted groups (``data.groups``); {} without.
+
+    ``planted_groups``: (clients,) each client's group; ``planted_levels``: (depth, clients) each
+    client's group prefix at depth 1..max; ``ari``: (layers, depth) adjusted Rand index of each layer's
+    sharing partition against each depth, None when the method records no sharing partition.
+    """
+    planted = planted_groups(config.data)
+    if planted is None:
+        return {}
+    levels = planted_levels(planted)
+    ari = None if sharing_labels is None else ari_by_layer(sharing_labels, levels).tolist()
+    return {"planted_groups": planted, "planted_levels": levels, "ari": ari}
 
 
 class SimulationEngine:
@@ -377,6 +394,7 @@ class SimulationEngine:
             "labels": None if labels is None else labels.tolist(),
             "label_counts": fed.label_counts,
             **({"client_categories": categories} if categories is not None else {}),
+            **planted_structure(fed.config, labels),
             "trainable_params_per_client": trainable,
             "backbone_params": backbone,
             "trainable_percent": 100.0 * trainable / backbone,

@@ -119,6 +119,28 @@ class RunData:
         return np.asarray(labels, dtype=np.int64).reshape(len(labels), -1)
 
     @property
+    def planted_groups(self) -> list[str] | None:
+        """(clients,) each client's planted group (``data.groups``), or None when the run had none."""
+        groups = self.summary.get("planted_groups")
+        return None if groups is None else [str(g) for g in groups]
+
+    @property
+    def planted_levels(self) -> list[list[str]] | None:
+        """(depth, clients) each client's group prefix at every depth of the planted hierarchy, or None."""
+        levels = self.summary.get("planted_levels")
+        return None if levels is None else [[str(g) for g in level] for level in levels]
+
+    @property
+    def ari(self) -> np.ndarray | None:
+        """(layers, depth) adjusted Rand index of each layer's sharing partition against the planted
+        groups at each depth (NaN where it could not be scored), or None when the run has none."""
+        ari = self.summary.get("ari")
+        if ari is None or self.planted_levels is None:
+            return None
+        values = [[np.nan if v is None else float(v) for v in row] for row in ari]
+        return np.asarray(values, dtype=np.float64).reshape(len(values), len(self.planted_levels))
+
+    @property
     def warmup_rounds(self) -> list[int]:
         """0-based rounds whose phase was ``warmup``."""
         return [int(h["round"]) for h in self.summary.get("history") or [] if h.get("phase") == "warmup"]

@@ -181,6 +181,42 @@ def plot_sharing_map(run: RunData) -> Figure | None:
     return fig
 
 
+def plot_ari(run: RunData) -> Figure | None:
+    """Layers x hierarchy depths heatmap of the adjusted Rand index between each layer's sharing partition
+    and the planted groups at each depth, values written in the cells, colours fixed to [-0.5, 1].
+
+    Layer 1 (nearest the input) is at the bottom, as in the sharing map. None when the run has no
+    planted groups or no sharing partition.
+    """
+    ari, levels = run.ari, run.planted_levels
+    if ari is None or levels is None or ari.size == 0:
+        return None
+    n_layers, depth = ari.shape
+    fig = Figure(figsize=(max(4.5, 1.5 * depth + 3.0), max(2.6, 0.42 * n_layers + 1.9)))
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="#e6e6e6")
+    image = ax.imshow(np.ma.masked_invalid(ari), cmap=cmap, vmin=-0.5, vmax=1.0, origin="lower", aspect="auto")
+    for i in range(n_layers):
+        for j in range(depth):
+            value = ari[i, j]
+            ax.text(j, i, "-" if np.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=9)
+    ticks = [
+        f"depth {h + 1}\n({len(set(level))} group{'s' if len(set(level)) > 1 else ''})"
+        for h, level in enumerate(levels)
+    ]
+    ax.set_xticks(range(depth), ticks, fontsize=8)
+    ax.set_yticks(range(n_layers), [str(layer + 1) for layer in range(n_layers)], fontsize=8)
+    ax.set_xlabel("planted hierarchy (depth 1: the first part of the group names)")
+    ax.set_ylabel("layer (1 = input side)")
+    fig.colorbar(image, ax=ax, label="adjusted Rand index")
+    ax.set_title(
+        "Did the sharing partition find the planted groups, and at which depth?\n"
+        "ARI of each layer's clusters against the planted groups (1: found exactly, 0: chance)",
+        fontsize=10,
+    )
+    return fig
+
+
 # --- curves -------------------------------------------------------------------------------------------
 def _client_style(client: int, num_clients: int) -> dict[str, Any]:
     """Thin line of one client, coloured as ``C{client}`` in every figure; labelled when there are few clients."""

@@ -17,6 +17,8 @@ from fedtreelora.report.data import RunData, load_run
 #: folder next to report.md that holds its PNG figures
 FIGURES_DIR = "report_files"
 FIGURE_NAMES = ("tree", "sharing", "accuracy", "lambda", "labels", "communication")
+#: figures only a run with planted groups (``data.groups``) has
+STRUCTURE_FIGURE_NAMES = ("ari",)
 
 _CSS = """
 body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; margin: 2em auto;
@@ -95,6 +97,8 @@ def build_sections(run: RunData) -> list[Section]:
             note=f"The {method} run recorded no per-layer clusters.",
         )
     )
+    if run.planted_groups is not None:
+        sections.append(_ari_section(run))
     sections.append(
         Section(
             "accuracy",
@@ -138,6 +142,24 @@ def build_sections(run: RunData) -> list[Section]:
     return sections
 
 
+def _ari_section(run: RunData) -> Section:
+    """The planted groups against each layer's sharing partition (runs with ``data.groups``)."""
+    ari = plots.plot_ari(run)
+    return Section(
+        "ari",
+        "Sharing partitions against the planted groups",
+        "The adjusted Rand index (ARI) between the clusters each layer shares among and the planted groups "
+        "at each depth of their hierarchy (depth 1 groups clients by the first part of their group's name, "
+        "depth 2 by the first two, ...). 1 means the layer's clusters are exactly the planted groups at that "
+        "depth; 0 is what chance scores, and also what one cluster for everyone or every client alone "
+        "scores against several groups; below 0 is worse than chance. A method that finds a hierarchy "
+        "scores high at depth 1 in shallow layers and at deeper depths in deeper layers.",
+        png=None if ari is None else plots.figure_png(ari),
+        note=f"The {run.method} run recorded no per-layer sharing partition, so it cannot be scored against "
+        "the planted groups.",
+    )
+
+
 def overview_rows(run: RunData) -> list[tuple[str, str]]:
     """(name, value) facts of the run for the top table."""
     s, cfg = run.summary, run.config
@@ -166,6 +188,9 @@ def overview_rows(run: RunData) -> list[tuple[str, str]]:
     plan = run.plan
     if plan is not None:
         rows.append(("tau, window", f"{plan.get('tau')}, {plan.get('window')}"))
+    if run.planted_groups is not None and run.planted_levels is not None:
+        per_depth = ", ".join(str(len(set(level))) for level in run.planted_levels)
+        rows.append(("planted groups", f"{len(set(run.planted_groups))} (per depth: {per_depth})"))
     history = s.get("history") or []
     up = sum(h.get("uplink_mb_per_client") or 0.0 for h in history)
     down = sum(h.get("downlink_mb_per_client") or 0.0 for h in history)
@@ -276,7 +301,8 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     sections = build_sections(run)
     folder = run.run_dir / FIGURES_DIR
     folder.mkdir(exist_ok=True)
-    for name in FIGURE_NAMES:  # drop figures of an earlier report that this one no longer has
+    # Drop figures of an earlier report that this one no longer has.
+    for name in (*FIGURE_NAMES, *STRUCTURE_FIGURE_NAMES):
         (folder / f"{name}.png").unlink(missing_ok=True)
     for section in sections:
         if section.png is not None:
