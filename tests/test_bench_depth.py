@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_depth  # noqa: E402
 
 ROWS = [f"share-first-{d}" for d in range(7)] + ["share-last-3"]
-LEVELS = ["alpha-100", "alpha-1", "alpha-0.1"]
+LEVELS = ["iid", "two-tasks", "swapped"]
+FAKE_LEVELS = ["alpha-100", "alpha-1", "alpha-0.1"]  # level names of the fake summaries below
 
 
 def test_the_depth_suite_sweeps_the_shared_depth_over_heterogeneity_levels() -> None:
@@ -25,12 +26,15 @@ def test_the_depth_suite_sweeps_the_shared_depth_over_heterogeneity_levels() -> 
     assert suite.default_methods() == ROWS and list(suite.datasets) == LEVELS and suite.seeds == (0, 1, 2)
     configs = suite.validate()  # every row of a level sees the same partition
     assert len(configs) == len(ROWS) * len(LEVELS)
-    alphas = {}
+    groups: dict[str, set] = {}
     for config in configs:
         assert config.method == "fedit" and config.model.num_layers == 6
-        alphas.setdefault(config.data.dirichlet_alpha, set()).add(config.fedit.shared_layers)
-    assert sorted(alphas) == [0.1, 1.0, 100.0]
-    shared = {row: resolve_shared_layers(suite.resolve(row, "alpha-1", 0).fedit.shared_layers, 6) for row in ROWS}
+        planted = tuple(g.name for g in config.data.groups or ())
+        groups.setdefault(planted, set()).add(config.fedit.shared_layers)
+    # one level without groups, and two whose 8 clients split 4 + 4 into planted groups
+    assert sorted(groups) == [(), ("sarcasm", "tweets"), ("sarcasm/plain", "sarcasm/swapped")]
+    assert all(len(rows) == len(ROWS) for rows in groups.values())
+    shared = {row: resolve_shared_layers(suite.resolve(row, "two-tasks", 0).fedit.shared_layers, 6) for row in ROWS}
     assert shared["share-first-0"] == () and shared["share-first-6"] == tuple(range(6))
     assert shared["share-first-3"] == (0, 1, 2) and shared["share-last-3"] == (3, 4, 5)
     assert len(plan_runs(suite, "/nonexistent")) == len(ROWS) * len(LEVELS) * 3
@@ -80,12 +84,12 @@ def test_gather_and_table() -> None:
 
 
 def test_curves_and_plot(tmp_path: Path) -> None:
-    received = bench_depth.curves(bench_depth.gather(FAKE, "received", "best_mean"), LEVELS, ROWS)
+    received = bench_depth.curves(bench_depth.gather(FAKE, "received", "best_mean"), FAKE_LEVELS, ROWS)
     assert list(received) == ["alpha-1", "alpha-0.1"], "levels in the suite's order"
     assert received["alpha-1"][("first", 3)] == pytest.approx((88.0, 2.8284271))
     assert received["alpha-1"][("last", 3)] == pytest.approx((70.0, 0.0))
     assert set(received["alpha-0.1"]) == {("first", 0)}
-    trained = bench_depth.curves(bench_depth.gather(FAKE, "trained", "best_mean"), LEVELS, ROWS)
+    trained = bench_depth.curves(bench_depth.gather(FAKE, "trained", "best_mean"), FAKE_LEVELS, ROWS)
     path = bench_depth.plot_depth(
         {"received": received, "trained": trained}, tmp_path / "p" / "depth.png", num_layers=6
     )
