@@ -14,11 +14,15 @@ import pytest
 
 from fedtreelora.cli import main
 from fedtreelora.compare import (
+    ARI_RULE,
+    ARI_TITLE,
     AVERAGE,
     MARK_RULE,
     Column,
     RunResult,
     RunSpec,
+    _source,
+    ari_tables,
     csv_columns,
     difference_values,
     mean_std,
@@ -304,6 +308,122 @@ def test_an_absent_reference_gives_no_section(config: ExperimentConfig, tmp_path
     assert "## Paired differences to FedIT" in markdown and "to local" not in markdown
     header = files["table.csv"].read_text().splitlines()[0]
     assert "diff_fedit_sarcasm_best_mean" in header and "diff_local" not in header
+
+
+# ----------------------------------------------------------------------------------------------
+# planted groups: the ARI of the sharing partitions (fake runs, nothing trains)
+# ----------------------------------------------------------------------------------------------
+
+PLANTED = ["sarcasm/plain", "sarcasm/plain", "sarcasm/flipped", "tweets/plain", "tweets/flipped", "tweets/flipped"]
+LEVELS = [[name.split("/")[0] for name in PLANTED], PLANTED]
+ARI = {  # method -> seed -> (layers, depths); null: a cell the run could not score
+    "local": {1: [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]], 2: [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]},
+    "fedtreelora": {1: [[1.0, 0.5], [0.2, None], [0.0, 1.0]], 2: [[0.6, 0.3], [0.4, 0.1], [-0.2, 1.0]]},
+    "ffa": {1: None, 2: None},
+}
+
+
+def _planted_runs(config: ExperimentConfig) -> list[RunResult]:
+    """Two seeds of each method in :data:`ARI` on a ``hierarchy`` federation (planted groups) and on
+    ``sarcasm`` (none)."""
+    runs = _fake_runs(config, {m: LOCAL_BEST for m in ARI}, ("sarcasm", "hierarchy"))
+    runs = [r for r in runs if r.spec.seed in (1, 2)]
+    for r in runs:
+        if r.spec.dataset == "hierarchy":
+            ari = ARI[r.spec.method][r.spec.seed]
+            r.summary.update(planted_groups=PLANTED, planted_levels=LEVELS, ari=ari)
+    return runs
+
+
+def _summaries_by_key(runs: list[RunResult]) -> dict[tuple[str, str, int], dict]:
+    return {(r.spec.method, r.spec.dataset, r.spec.seed): r.summary for r in runs}
+
+
+def test_ari_table_matches_hand_computed_numbers(config: ExperimentConfig) -> None:
+    methods = ["local", "ffa", "fedtreelora"]
+    tables = ari_tables(_summaries_by_key(_planted_runs(config)), methods)
+    assert list(tables) == ["hierarchy"]  # sarcasm has no planted groups
+    table = tables["hierarchy"]
+    assert table["depths"] == [
+        ["sarcasm", "tweets"],
+        ["sarcasm/plain", "sarcasm/flipped", "tweets/plain", "tweets/flipped"],
+    ]
+    assert table["layers"] == 3 and table["methods"] == ["local", "fedtreelora"] and table["skipped"] == ["ffa"]
+    tree = table["rows"]["fedtreelora"]
+    assert tree["seeds"] == [1, 2]
+    for layer, depth, values in [(0, 0, [1.0, 0.6]), (0, 1, [0.5, 0.3]), (1, 0, [0.2, 0.4]), (2, 0, [0.0, -0.2])]:
+        mean, std = _hand_mean_std(values)
+        assert tree["mean"][layer][depth] == pytest.approx(mean) and tree["std"][layer][depth] == pytest.approx(std)
+        assert tree["n"][layer][depth] == 2
+    assert tree["std"][0][0] == pytest.approx(math.sqrt(0.08))  # (0.2^2 + 0.2^2) / (2 - 1)
+    assert (tree["mean"][1][1], tree["std"][1][1], tree["n"][1][1]) == (pytest.approx(0.1), 0.0, 1)  # one null
+    assert (tree["mean"][2][1], tree["std"][2][1]) == (pytest.approx(1.0), pytest.approx(0.0))
+    assert table["rows"]["local"]["mean"] == [[0.0, 0.0]] * 3
+    assert table["runs"][:2] == [
+        {"method": "local", "seed": 1, "ari": ARI["local"][1]},
+        {"method": "local", "seed": 2, "ari": ARI["local"][2]},
+    ]
+    assert {"method": "ffa", "seed": 2, "ari": None} in table["runs"] and len(table["runs"]) == 6
+
+
+def test_ari_section_in_table_md_and_compare_json(config: ExperimentConfig, tmp_path: Path) -> None:
+    methods = ["local", "ffa", "fedtreelora"]
+    runs = _planted_runs(config)
+    columns = [Column("sarcasm", "sarcasm"), Column("hierarchy", "hierarchy")]
+    tables = paired_tables(runs, methods, columns)
+    rows = summarise(runs, ["sarcasm", "hierarchy"], methods, columns)
+    _add_differences(rows, tables)
+    meta = {**_meta(runs, tables), "sources": {"sarcasm": "sarcasm", "hierarchy": "sarcasm+tweets"}}
+    meta["ari"] = ari_tables(_summaries_by_key(runs), methods)
+    files = write_outputs(tmp_path, rows, runs, ["sarcasm", "hierarchy"], meta, ["sarcasm", "hierarchy"], list(tables))
+    markdown = files["table.md"].read_text()
+    section = markdown[markdown.index(f"## {ARI_TITLE}") :]
+    assert markdown.index("## Paired differences to local") < markdown.index(f"## {ARI_TITLE}")
+    assert markdown.count(f"## {ARI_TITLE}") == 1 and ARI_RULE in section
+    assert "### hierarchy" in section and "### sarcasm" not in section
+    assert (
+        "Planted groups by depth (depth 1: sarcasm, tweets; depth 2: sarcasm/plain, sarcasm/flipped, tweets/plain, "
+        "tweets/flipped)." in section
+    )
+    depth1 = section[section.index("#### depth 1 (2 groups)") : section.index("#### depth 2 (4 groups)")]
+    depth2 = section[section.index("#### depth 2 (4 groups)") :]
+    assert "| method | layer 1 | layer 2 | layer 3 |" in depth1
+    assert "| local | 0.00 ± 0.00 | 0.00 ± 0.00 | 0.00 ± 0.00 |" in depth1
+    assert "| fedtreelora | 0.80 ± 0.28 | 0.30 ± 0.14 | -0.10 ± 0.14 |" in depth1
+    assert "| fedtreelora | 0.40 ± 0.14 | 0.10 ± 0.00 (n=1) | 1.00 ± 0.00 |" in depth2
+    assert "| ffa |" not in section
+    assert "Not shown, no sharing partition to score: ffa." in section
+    record = json.loads(files["compare.json"].read_text())
+    assert record["ari"]["hierarchy"]["skipped"] == ["ffa"]
+    assert {"method": "fedtreelora", "seed": 1, "ari": [[1.0, 0.5], [0.2, None], [0.0, 1.0]]} in (
+        record["ari"]["hierarchy"]["runs"]
+    )
+    assert record["ari"]["hierarchy"]["rows"]["fedtreelora"]["mean"][0][0] == pytest.approx(0.8)
+
+
+def test_no_ari_section_without_planted_groups(config: ExperimentConfig, tmp_path: Path) -> None:
+    methods = ["fedit", "fedtreelora"]
+    runs = _fake_runs(config, {"fedit": FEDIT_BEST, "fedtreelora": TREE_BEST})
+    assert ari_tables(_summaries_by_key(runs), methods) == {}
+    columns = [Column("sarcasm", "sarcasm")]
+    rows = summarise(runs, ["sarcasm"], methods, columns)
+    meta = {**_meta(runs, {}), "ari": ari_tables(_summaries_by_key(runs), methods)}
+    files = write_outputs(tmp_path, rows, runs, ["sarcasm"], meta, ["sarcasm"])
+    markdown = files["table.md"].read_text()
+    assert ARI_TITLE not in markdown and "ARI" not in markdown
+    assert ARI_TITLE not in render_markdown(rows, ["sarcasm"], _meta(runs, {}))  # older callers: no key at all
+
+
+def test_source_of_a_federation_built_from_groups() -> None:
+    groups = [
+        {"name": "sarcasm/plain", "dataset": "sarcasm", "clients": 2},
+        {"name": "tweets/plain", "dataset": "tweets", "clients": 2},
+        {"name": "sarcasm/flipped", "dataset": "sarcasm", "clients": 1},
+    ]
+    grouped = load_config(overrides=[f"data.groups={json.dumps(groups)}", "data.num_clients=5"])
+    assert _source(grouped) == "sarcasm+tweets"
+    assert _source(load_config(overrides=["data.dataset=tweets"])) == "tweets"
+    assert _source(load_config(overrides=["data.dataset=glue", "data.hub_config=sst2"])) == "glue/sst2"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ Layout of the output folder ``DIR``::
                                               differences), human-readable
     DIR/table.csv                             the same numbers, one row per method, full precision
     DIR/compare.json                          what was compared (suite, methods, seeds, overrides), the
-                                              rows, the paired differences per seed, and every run's
-                                              headline numbers
+                                              rows, the paired differences per seed, every run's
+                                              headline numbers, and (planted groups) every run's ARI
     DIR/compare.png                           a plot, when the report helper is installed
 
 Reuse: a run whose folder holds ``summary.json`` and a ``config.yaml`` equal to the run's resolved config
@@ -37,6 +37,13 @@ sample std (ddof=1) and the number of pairs n. A pair whose runs' ``partition.js
 and listed. ``Average`` pairs the per-seed means over the columns. A cell is marked ``*`` when
 ``|mean| > 2 * std / sqrt(n)`` with n >= 2. ``table.csv`` has them as
 ``diff_<reference>_<column>_<best|final>_<mean|std|n>``.
+
+Planted groups: for a dataset built from ``data.groups`` the runs record ``ari`` (a layers x depths
+adjusted Rand index of each layer's sharing partition against the planted groups at each depth of the
+hierarchy; None for a method without a sharing partition). ``table.md`` then ends with "Did the sharing
+find the planted groups?": per such dataset one table per depth, rows the methods (those without a
+sharing partition named below it), columns the layers, cells mean +- sample std over seeds;
+``compare.json`` holds the same under ``ari``, with every run's values.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ import yaml
 from rich.console import Console
 
 from fedtreelora.config import ConfigError, ExperimentBase, ExperimentConfig, load_config
+from fedtreelora.data.groups import configured_dataset_name
 from fedtreelora.progress import progress_bars
 from fedtreelora.suites import Suite, check_same_partition
 
@@ -505,6 +513,134 @@ def difference_values(tables: Mapping[str, Mapping[str, Any]], method: str) -> d
 
 
 # ----------------------------------------------------------------------------------------------
+# planted structure: did the sharing find the planted groups?
+# ----------------------------------------------------------------------------------------------
+
+ARI_TITLE = "Did the sharing find the planted groups?"
+"""The heading of the ARI section of ``table.md``."""
+ARI_RULE = (
+    "ARI: adjusted Rand index between a layer's sharing partition (the clients averaged together at that "
+    "layer) and the planted groups at a depth: 1 = the layer's clusters are exactly the planted groups at "
+    "that depth, 0 = no better than chance (e.g. everyone in one cluster, or every client alone), below 0 = "
+    "worse than chance. Cells: mean ± sample std over seeds (0.00 with one seed); `(n=k)` where only k of "
+    "the method's runs scored the cell, n/a where none did."
+)
+"""The line under the ARI section's heading that says how to read it."""
+
+
+def depth_groups(levels: Sequence[Sequence[str]]) -> list[list[str]]:
+    """The distinct group prefixes at each depth of a summary's ``planted_levels``, in client order."""
+    return [list(dict.fromkeys(level)) for level in levels]
+
+
+def _ari_cells(values: Sequence[Sequence[Sequence[float | None]]], layers: int, depths: int) -> dict[str, Any]:
+    """Mean, sample std and count over runs of each (layer, depth) cell; null cells are left out, and a
+    cell no run scored is None in ``mean`` and ``std``."""
+    stats: dict[str, Any] = {"mean": [], "std": [], "n": []}
+    for layer in range(layers):
+        means, stds, counts = [], [], []
+        for depth in range(depths):
+            cell = [
+                float(v[layer][depth])
+                for v in values
+                if layer < len(v) and depth < len(v[layer]) and v[layer][depth] is not None
+            ]
+            cell = [x for x in cell if not math.isnan(x)]
+            mean, std = mean_std(cell)
+            means.append(None if math.isnan(mean) else mean)
+            stds.append(None if math.isnan(std) else std)
+            counts.append(len(cell))
+        stats["mean"].append(means)
+        stats["std"].append(stds)
+        stats["n"].append(counts)
+    return stats
+
+
+def ari_tables(summaries: Mapping[RunKey, Mapping[str, Any]], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The ARI of each layer's sharing partition against the planted groups, per dataset with planted
+    structure, over seeds.
+
+    Args:
+        summaries: ``(method, dataset, seed)`` -> the run's summary; a dataset is included when one of
+            its runs records ``ari`` (a layers x depths list, None for a method without a sharing
+            partition).
+        methods: the rows, in the main table's order.
+    Returns:
+        dataset -> ``{"depths": [[group prefix, ...] per depth] (:func:`depth_groups`), "layers": L,
+        "methods": [shown rows], "skipped": [rows whose runs record no sharing partition], "rows":
+        {method: {"seeds": [...], "mean", "std", "n": L x depths lists}} (None where no run scored a
+        cell), "runs": [{"method", "seed", "ari"}] (every run's values as recorded)}``.
+    """
+    datasets = list(dict.fromkeys(d for (_, d, _), s in summaries.items() if "ari" in s))
+    tables: dict[str, dict[str, Any]] = {}
+    for dataset in datasets:
+        mine = {(m, seed): s for (m, d, seed), s in summaries.items() if d == dataset and "ari" in s}
+        levels = next((s["planted_levels"] for s in mine.values() if s.get("planted_levels")), [])
+        scored = [s["ari"] for s in mine.values() if s["ari"] is not None]
+        layers = max((len(a) for a in scored), default=0)
+        depths = max([len(levels), *(len(row) for a in scored for row in a)])
+        table: dict[str, Any] = {
+            "depths": depth_groups(levels),
+            "layers": layers,
+            "methods": [],
+            "skipped": [],
+            "rows": {},
+            "runs": [],
+        }
+        for method in methods:
+            runs = sorted((seed, s["ari"]) for (m, seed), s in mine.items() if m == method)
+            if not runs:
+                continue
+            table["runs"] += [{"method": method, "seed": seed, "ari": ari} for seed, ari in runs]
+            values = [ari for _, ari in runs if ari is not None]
+            if not values:
+                table["skipped"].append(method)
+                continue
+            table["methods"].append(method)
+            seeds = [seed for seed, ari in runs if ari is not None]
+            table["rows"][method] = {"seeds": seeds, **_ari_cells(values, layers, depths)}
+        tables[dataset] = table
+    return tables
+
+
+def ari_text(mean: float | None, std: float | None, n: int, runs: int) -> str:
+    """An ARI cell: ``0.83 ± 0.12``, with ``(n=k)`` when only k of the row's ``runs`` scored it; ``n/a``
+    when none did."""
+    if mean is None or n == 0:
+        return "n/a"
+    return f"{mean:.2f} ± {0.0 if std is None else std:.2f}" + ("" if n == runs else f" (n={n})")
+
+
+def render_ari_section(tables: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The markdown lines of "Did the sharing find the planted groups?" from :func:`ari_tables`: per
+    dataset, the planted groups at each depth and one table per depth (rows: methods, columns: layers),
+    then the rows left out for want of a sharing partition. No lines when ``tables`` is empty."""
+    if not tables:
+        return []
+    lines = ["", f"## {ARI_TITLE}", "", ARI_RULE]
+    for dataset, table in tables.items():
+        depths = table["depths"]
+        named = "; ".join(f"depth {h}: {', '.join(groups)}" for h, groups in enumerate(depths, start=1))
+        lines += ["", f"### {dataset}"] + (["", f"Planted groups by depth ({named})."] if named else [])
+        header = ["method", *(f"layer {i}" for i in range(1, table["layers"] + 1))]
+        for h in range(len(depths) if table["methods"] else 0):
+            body = []
+            for method in table["methods"]:
+                row = table["rows"][method]
+                runs = len(row["seeds"])
+                cells = [
+                    ari_text(row["mean"][layer][h], row["std"][layer][h], row["n"][layer][h], runs)
+                    for layer in range(table["layers"])
+                ]
+                body.append([method, *cells])
+            title = f"depth {h + 1} ({len(depths[h])} group{'s' if len(depths[h]) != 1 else ''})"
+            lines += ["", f"#### {title}", "", *_markdown_table(header, body)]
+        if table["skipped"]:
+            lines += ["", f"Not shown, no sharing partition to score: {', '.join(table['skipped'])}."]
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
 # tables
 # ----------------------------------------------------------------------------------------------
 
@@ -521,7 +657,9 @@ def _markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
 
 def render_markdown(rows: list[dict[str, Any]], datasets: Sequence[str], meta: dict[str, Any]) -> str:
     """``table.md``: a header on what was run, then the best-round, final-round and cost tables, then the
-    paired differences to each reference the rows carry (:func:`render_paired_section`).
+    paired differences to each reference the rows carry (:func:`render_paired_section`), then, for
+    datasets with planted groups, the ARI of the sharing partitions (``meta["ari"]``,
+    :func:`render_ari_section`).
 
     ``datasets`` are the score columns' labels (datasets, or categories; ``meta["datasets"]`` names the
     datasets when they differ). The best mean of each score column is in bold.
@@ -600,6 +738,7 @@ def render_markdown(rows: list[dict[str, Any]], datasets: Sequence[str], meta: d
         if any(difference_key(reference, AVERAGE, "best", "mean") in r for r in rows):
             excluded = meta.get("paired_differences", {}).get(reference, {}).get("excluded", [])
             lines += render_paired_section(rows, labels, reference, metric, excluded)
+    lines += render_ari_section(meta.get("ari") or {})
     return "\n".join(lines) + "\n"
 
 
@@ -849,6 +988,7 @@ def run_compare(
         "paired_differences": paired,
         "metric": metric_name(results),
         "evaluate": convention_name(results),
+        "ari": ari_tables({(r.spec.method, r.spec.dataset, r.spec.seed): r.summary for r in results}, method_list),
     }
     column_labels = [c.label for c in columns]
     files = write_outputs(out, rows, results, labels, meta, column_labels, list(paired))
@@ -887,7 +1027,11 @@ def results_config(specs: Sequence[RunSpec], dataset: str) -> ExperimentConfig:
 
 
 def _source(config: ExperimentConfig) -> str:
+    """The data a dataset column was drawn from: ``data.dataset`` (with its hub config), or for a
+    federation built from ``data.groups`` its groups' sources joined with ``+``."""
     data = config.data
+    if data.groups is not None:
+        return configured_dataset_name(data)
     return data.dataset if data.hub_config is None else f"{data.dataset}/{data.hub_config}"
 
 
