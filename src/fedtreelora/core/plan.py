@@ -9,7 +9,11 @@ import numpy as np
 from sklearn.metrics import silhouette_samples
 
 from fedtreelora.core.checks import as_float_array, require_distance_stack, require_positive_int
+from fedtreelora.core.tau_auto import DEFAULT_LEVEL, DEFAULT_PERMUTATIONS, RelabellingTest, StageTests
 from fedtreelora.core.tree import build_tree, cut_exact
+
+AUTO = "auto"
+"""The value of tau that replaces the fixed prior with a relabelling test (:mod:`fedtreelora.core.tau_auto`)."""
 
 
 @dataclass(frozen=True)
@@ -22,17 +26,30 @@ class SharingPlan:
             appearance; partitions are nested from one layer to the next.
         tree: scipy linkage matrix (clients - 1, 4) of the one tree, for plotting a dendrogram.
         scores: per layer, the candidate cluster counts and their scores (tau for c = 1, else
-            the silhouette under that layer's distances), in the order they were tried.
-        tau: the score given to c = 1 (a prior for full sharing).
+            the silhouette under that layer's distances), in the order they were tried. Under
+            ``tau="auto"`` c = 1 has no score (it is what a layer keeps when nothing is admissible).
+        tau: the score given to c = 1 (a prior for full sharing), or ``"auto"``.
         window: how many candidates each layer may look at, starting at the previous cut.
+        null_quantiles: ``tau="auto"`` only: per layer, each tested candidate's critical value, the
+            quantile of its own relabelling null at the test's level; empty otherwise.
+        test_scores: ``tau="auto"`` only: per layer, each tested candidate's statistic (the mean
+            silhouette, under the layer's distances, of the same count's cut of the tree built without
+            that layer); a candidate passes where it exceeds its null quantile.
+        admissible: ``tau="auto"`` only: per layer, the candidates that pass at that layer and at
+            every deeper layer; the layer chooses among these and the previous count.
+        auto: ``tau="auto"`` only: the test's settings (``level``, ``permutations``, ``seed``).
     """
 
     cuts: np.ndarray
     labels: np.ndarray
     tree: np.ndarray
     scores: list[dict[int, float]] = field(default_factory=list)
-    tau: float = 0.0
+    tau: float | str = 0.0
     window: int = 1
+    null_quantiles: list[dict[int, float]] = field(default_factory=list)
+    test_scores: list[dict[int, float]] = field(default_factory=list)
+    admissible: list[list[int]] = field(default_factory=list)
+    auto: dict[str, float | int] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -48,21 +65,30 @@ class SharingPlan:
             "cuts": self.cuts.tolist(),
             "labels": self.labels.tolist(),
             "tree": self.tree.tolist(),
-            "scores": [{str(c): s for c, s in layer.items()} for layer in self.scores],
+            "scores": _per_layer_to_json(self.scores),
             "tau": self.tau,
             "window": self.window,
+            "null_quantiles": _per_layer_to_json(self.null_quantiles),
+            "test_scores": _per_layer_to_json(self.test_scores),
+            "admissible": [[int(c) for c in layer] for layer in self.admissible],
+            "auto": dict(self.auto),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SharingPlan:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`; dicts written before ``tau="auto"`` existed load with its fields empty."""
+        tau = data.get("tau", 0.0)
         return cls(
             cuts=np.asarray(data["cuts"], dtype=np.int64),
             labels=np.asarray(data["labels"], dtype=np.int64).reshape(len(data["cuts"]), -1),
             tree=np.asarray(data["tree"], dtype=np.float64).reshape(-1, 4),
-            scores=[{int(c): float(s) for c, s in layer.items()} for layer in data.get("scores", [])],
-            tau=float(data.get("tau", 0.0)),
+            scores=_per_layer_from_json(data.get("scores")),
+            tau=AUTO if tau == AUTO else float(tau),
             window=int(data.get("window", 1)),
+            null_quantiles=_per_layer_from_json(data.get("null_quantiles")),
+            test_scores=_per_layer_from_json(data.get("test_scores")),
+            admissible=[[int(c) for c in layer] for layer in data.get("admissible") or []],
+            auto=dict(data.get("auto") or {}),
         )
 
     @classmethod
@@ -75,6 +101,14 @@ class SharingPlan:
         )
 
 
+def _per_layer_to_json(values: list[dict[int, float]]) -> list[dict[str, float]]:
+    return [{str(c): float(v) for c, v in layer.items()} for layer in values]
+
+
+def _per_layer_from_json(values: list[dict[str, Any]] | None) -> list[dict[int, float]]:
+    return [{int(c): float(v) for c, v in layer.items()} for layer in values or []]
+
+
 def mean_silhouette(distances: np.ndarray, labels: np.ndarray) -> float:
     """Mean silhouette of a partition under precomputed distances; members of singleton clusters score 0.
 
@@ -85,7 +119,16 @@ def mean_silhouette(distances: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(silhouette_samples(distances, labels, metric="precomputed")))
 
 
-def plan_sharing(distances: np.ndarray, tau: float, window: int, linkage_method: str = "average") -> SharingPlan:
+def plan_sharing(
+    distances: np.ndarray,
+    tau: float | str,
+    window: int,
+    linkage_method: str = "average",
+    *,
+    level: float = DEFAULT_LEVEL,
+    permutations: int = DEFAULT_PERMUTATIONS,
+    seed: int = 0,
+) -> SharingPlan:
     """Choose how many clusters every layer shares among, on one tree, shallow to deep.
 
     The tree is average linkage on the layer-mean distance. Layer l tries
@@ -93,12 +136,21 @@ def plan_sharing(distances: np.ndarray, tau: float, window: int, linkage_method:
     ``tau`` for c = 1, else the mean silhouette of the exactly-c cut under ``distances[l]``.
     Ties go to the smaller c (more sharing). With N <= 2 every layer stays at 1.
 
+    With ``tau="auto"`` no prior is needed: a candidate c > c_{l-1} competes only when a relabelling
+    test admits it (its held-out silhouette beats the ``level`` quantile of its own null at this layer
+    and at every deeper layer; :mod:`fedtreelora.core.tau_auto`); c_{l-1} is always allowed and is kept
+    when nothing is admitted. A federation without structure then keeps every layer shared with
+    probability at least ``level``.
+
     Args:
         distances: (layers, clients, clients) from :func:`layer_distances`.
         tau: score of full sharing, in [-1, 1]; a layer leaves the root only when a partition's
-            silhouette beats it.
+            silhouette beats it. Or ``"auto"``.
         window: number of candidates per layer, >= 1. ``window = 1`` keeps every layer at 1 (FedIT).
         linkage_method: scipy linkage method; the paper's is ``"average"``.
+        level: ``tau="auto"`` only: the test's level in (0, 1).
+        permutations: ``tau="auto"`` only: random relabellings per layer and previous partition.
+        seed: ``tau="auto"`` only: seed of the relabellings (same input and seed, same plan).
 
     Returns:
         a :class:`SharingPlan`.
@@ -106,32 +158,72 @@ def plan_sharing(distances: np.ndarray, tau: float, window: int, linkage_method:
     d = as_float_array(distances, "distances", 3)
     require_distance_stack(d, "distances")
     window = require_positive_int(window, "window", 1)
-    if not isinstance(tau, (int, float, np.floating)) or not -1.0 <= float(tau) <= 1.0:
-        raise ValueError(f"tau must be a number in [-1, 1] (a silhouette threshold), got {tau!r}")
-    tau = float(tau)
+    tau = check_tau(tau)
     n_layers, n_clients, _ = d.shape
     tree = build_tree(d.mean(axis=0), method=linkage_method)
+    test = RelabellingTest(d, level, permutations, seed, linkage_method) if tau == AUTO else None
 
     cuts = np.ones(n_layers, dtype=np.int64)
     labels = np.zeros((n_layers, n_clients), dtype=np.int64)
     scores: list[dict[int, float]] = []
+    quantiles: list[dict[int, float]] = []
+    statistics: list[dict[int, float]] = []
+    admissible: list[list[int]] = []
     partitions: dict[int, np.ndarray] = {1: np.zeros(n_clients, dtype=np.int64)}
+
+    def partition(c: int) -> np.ndarray:
+        if c not in partitions:
+            partitions[c] = cut_exact(tree, n_clients, c)
+        return partitions[c]
+
     previous = 1
+    stage: tuple[int, StageTests] | None = None  # (previous count, its tests) under "auto"
     for layer in range(n_layers):
         layer_scores: dict[int, float] = {}
         best_c, best_score = previous, -np.inf
-        for c in range(previous, max(previous + 1, min(n_clients, previous + window))):
+        candidates = range(previous, max(previous + 1, min(n_clients, previous + window)))
+        allowed = set(candidates)
+        if test is not None:
+            above = [c for c in candidates if c > previous]
+            if above and (stage is None or stage[0] != previous):
+                stage = (previous, test.stage(partition(previous), layer, above))
+            tests = stage[1] if above and stage is not None else StageTests()
+            allowed = {previous, *tests.admissible.get(layer, [])}
+            quantiles.append(dict(tests.quantiles.get(layer, {})))
+            statistics.append(dict(tests.statistics.get(layer, {})))
+            admissible.append(list(tests.admissible.get(layer, [])))
+        for c in candidates:
             if c == 1:
-                score = tau
+                if test is not None:
+                    continue  # no score: c = 1 is what the layer keeps when nothing is admissible
+                score = float(tau)
             else:
-                if c not in partitions:
-                    partitions[c] = cut_exact(tree, n_clients, c)
-                score = mean_silhouette(d[layer], partitions[c])
+                score = mean_silhouette(d[layer], partition(c))
             layer_scores[c] = score
-            if score > best_score:  # strict: a tie keeps the smaller c
+            if c in allowed and score > best_score:  # strict: a tie keeps the smaller c
                 best_c, best_score = c, score
         cuts[layer] = best_c
-        labels[layer] = partitions[best_c] if best_c in partitions else cut_exact(tree, n_clients, best_c)
+        labels[layer] = partition(best_c)
         scores.append(layer_scores)
         previous = best_c
-    return SharingPlan(cuts=cuts, labels=labels, tree=tree, scores=scores, tau=tau, window=window)
+    return SharingPlan(
+        cuts=cuts,
+        labels=labels,
+        tree=tree,
+        scores=scores,
+        tau=tau,
+        window=window,
+        null_quantiles=quantiles,
+        test_scores=statistics,
+        admissible=admissible,
+        auto={} if test is None else {"level": test.level, "permutations": test.permutations, "seed": test.seed},
+    )
+
+
+def check_tau(tau: object) -> float | str:
+    """``tau`` as a float in [-1, 1], or ``"auto"``; else ``ValueError``."""
+    if tau == AUTO:
+        return AUTO
+    if isinstance(tau, bool) or not isinstance(tau, (int, float, np.floating)) or not -1.0 <= float(tau) <= 1.0:
+        raise ValueError(f"tau must be a number in [-1, 1] (a silhouette threshold) or 'auto', got {tau!r}")
+    return float(tau)

@@ -187,7 +187,11 @@ def overview_rows(run: RunData) -> list[tuple[str, str]]:
         )
     plan = run.plan
     if plan is not None:
-        rows.append(("tau, window", f"{plan.get('tau')}, {plan.get('window')}"))
+        tau = plan.get("tau")
+        auto = plan.get("auto") or {}
+        if tau == "auto" and auto:
+            tau = f"auto (level {auto.get('level')}, {auto.get('permutations')} relabellings, seed {auto.get('seed')})"
+        rows.append(("tau, window", f"{tau}, {plan.get('window')}"))
     if run.planted_groups is not None and run.planted_levels is not None:
         per_depth = ", ".join(str(len(set(level))) for level in run.planted_levels)
         rows.append(("planted groups", f"{len(set(run.planted_groups))} (per depth: {per_depth})"))
@@ -198,6 +202,61 @@ def overview_rows(run: RunData) -> list[tuple[str, str]]:
     if s.get("wall_seconds") is not None:
         rows.append(("wall time", f"{s['wall_seconds']:.1f} s"))
     return rows
+
+
+CUT_SEARCH_NOTE = (
+    "Every candidate cluster count each layer looked at, shallow to deep. silhouette: the mean silhouette "
+    "of the tree's cut into that many clusters, under the layer's own distances; the layer keeps the "
+    "allowed candidate with the best one (ties to fewer clusters). With a numeric tau, one cluster scores "
+    "tau and every candidate is allowed."
+)
+CUT_SEARCH_AUTO_NOTE = (
+    " With tau = auto, one cluster has no score and a count above the previous layer's is allowed only when "
+    "admissible: its tested silhouette (the same count's cut of a tree built without this layer) beats its "
+    "null quantile (the silhouettes of random relabellings of the clients, within the previous layer's "
+    "clusters) at this layer (passes) and at every deeper layer. A layer with nothing admissible keeps "
+    "the previous layer's count."
+)
+
+
+def cut_search_rows(run: RunData) -> tuple[list[str], list[list[str]]] | None:
+    """Header and rows of the cut-search table (one row per layer and candidate), or None when the run
+    recorded no candidate scores (methods without a plan, ``cut_mode: fixed``)."""
+    plan = run.plan
+    if plan is None or not plan.get("scores"):
+        return None
+    auto = plan.get("tau") == "auto"
+    cuts = plan.get("cuts") or []
+    header = ["layer", "clusters kept", "candidate", "silhouette"]
+    if auto:
+        header += ["tested silhouette", "null quantile", "passes here", "admissible"]
+    rows = []
+
+    def per_layer(key: str, layer: int) -> dict[str, Any]:
+        values = plan.get(key) or []
+        return values[layer] if layer < len(values) else {}
+
+    for layer, scores in enumerate(plan["scores"]):
+        kept = cuts[layer] if layer < len(cuts) else None
+        tested, quantiles = per_layer("test_scores", layer), per_layer("null_quantiles", layer)
+        admissible = {str(c) for c in per_layer("admissible", layer)}
+        for c, score in sorted(scores.items(), key=lambda item: int(item[0])):
+            chosen = kept is not None and int(c) == int(kept)
+            score_text = f"tau {_fmt(float(score), 3)}" if int(c) == 1 else _fmt(float(score), 3)
+            row = [str(layer), _fmt(kept), f"{c} (kept)" if chosen else str(c), score_text]
+            if auto:
+                if str(c) in quantiles:
+                    passes = float(tested[str(c)]) > float(quantiles[str(c)])
+                    row += [
+                        _fmt(float(tested[str(c)]), 3),
+                        _fmt(float(quantiles[str(c)]), 3),
+                        "yes" if passes else "no",
+                        "yes" if str(c) in admissible else "no",
+                    ]
+                else:
+                    row += ["-", "-", "-", "always (previous count)"]
+            rows.append(row)
+    return header, rows
 
 
 def client_rows(run: RunData) -> tuple[list[str], list[list[str]]]:
@@ -268,6 +327,14 @@ def render_html(run: RunData, sections: Sequence[Section]) -> str:
             f'<figure><img src="data:image/png;base64,{data}" alt="{esc(section.title)}">'
             f"<figcaption>{esc(section.caption)}</figcaption></figure>"
         )
+    search = cut_search_rows(run)
+    if search is not None:
+        note = CUT_SEARCH_NOTE + (CUT_SEARCH_AUTO_NOTE if run.plan and run.plan.get("tau") == "auto" else "")
+        parts += [
+            '<h2 id="cut-search">Cut search per layer</h2>',
+            f'<p class="note">{esc(note)}</p>',
+            _html_table(*search),
+        ]
     parts += ["<h2>Clients</h2>", _html_table(header, rows), "</body></html>"]
     return "\n".join(parts) + "\n"
 
@@ -282,6 +349,10 @@ def render_markdown(run: RunData, sections: Sequence[Section]) -> str:
             lines += [f"*{section.note}*", ""]
             continue
         lines += [f"![{section.title}]({FIGURES_DIR}/{section.key}.png)", "", section.caption, ""]
+    search = cut_search_rows(run)
+    if search is not None:
+        note = CUT_SEARCH_NOTE + (CUT_SEARCH_AUTO_NOTE if run.plan and run.plan.get("tau") == "auto" else "")
+        lines += ["## Cut search per layer", "", note, "", _md_table(*search), ""]
     header, rows = client_rows(run)
     lines += ["## Clients", "", _md_table(header, rows), ""]
     return "\n".join(lines)
