@@ -42,12 +42,17 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A FedTreeLoRA run with client-local heads, and a FedIT run with the shared frozen head."""
+    """A FedTreeLoRA run with client-local heads, a FedIT run with the shared frozen head, and a FedTreeLoRA
+    run with the personal expert."""
     out = {}
-    for method, extra in (("fedtreelora", ["model.head=local"]), ("fedit", [])):
-        folder = tmp_path_factory.mktemp(method)
+    for label, method, extra in (
+        ("fedtreelora", "fedtreelora", ["model.head=local"]),
+        ("fedit", "fedit", []),
+        ("personal", "fedtreelora", ["fedtreelora.personal=true"]),
+    ):
+        folder = tmp_path_factory.mktemp(label)
         SimulationEngine(load_config(overrides=TINY + extra, method=method), folder, quiet=True).run()
-        out[method] = folder
+        out[label] = folder
     return out
 
 
@@ -123,6 +128,24 @@ def test_fedtreelora_client_exports_as_one_rank_2r_lora(
     # The comparison is sharp: dropping the external expert moves the logits far beyond the tolerance.
     no_external = {k: torch.zeros_like(v) if ".external." in k else v for k, v in state.items()}
     assert (run_logits(fed, no_external, inputs) - expected).abs().max() > 100 * ATOL
+
+
+def test_personal_expert_exports_at_weight_one_in_a_rank_3r_lora(
+    runs: dict[str, Path], minilm_path: str, tmp_path: Path
+) -> None:
+    run = runs["personal"]
+    state = load_file(str(run / "clients" / "client_001.safetensors"))
+    assert all(float(v.abs().max()) > 0 for k, v in state.items() if ".personal.lora_B" in k), "personal trained"
+    adapter = export_client(run, 1, tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 24, "cluster, external and personal experts side by side"
+    fed = federation(run)
+    inputs = batch(fed)
+    expected = run_logits(fed, state, inputs)
+    got = peft_logits(minilm_path, adapter, inputs)
+    assert torch.allclose(got, expected, atol=ATOL, rtol=0), (got - expected).abs().max()
+    no_personal = {k: torch.zeros_like(v) if ".personal.lora_B" in k else v for k, v in state.items()}
+    assert (run_logits(fed, no_personal, inputs) - expected).abs().max() > 100 * ATOL
 
 
 def test_fedit_client_exports_at_rank_r_with_the_shared_head(

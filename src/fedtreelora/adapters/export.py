@@ -121,7 +121,8 @@ def client_phase(run_dir: str | Path, meta: Mapping[str, Any], client: int) -> d
       train and evaluate expert 0 alone, so ``mixer`` becomes ``single``.
 
     Returns:
-        a dict with ``name``, ``mixer``, ``experts`` and ``fixed_weights``.
+        a dict with ``name``, ``mixer``, ``experts``, ``fixed_weights`` and ``residual`` (experts at
+        weight 1 outside the mixer; absent in runs that had none).
     """
     phase = dict(meta["final_phase"])
     method = str(meta.get("method"))
@@ -132,7 +133,7 @@ def client_phase(run_dir: str | Path, meta: Mapping[str, Any], client: int) -> d
     if rows and phase.get("name") != "warmup":
         last = max(rows, key=lambda r: int(r["round"]))
         if last.get("phase") == "warmup":
-            phase.update(name="warmup", mixer="single")
+            phase.update(name="warmup", mixer="single", residual=[])  # warm-up uses no residual expert
     return phase
 
 
@@ -149,11 +150,24 @@ def expert_weights(
     Returns:
         one weight per mixed expert, in the order of ``phase["experts"]``: ``[1]`` (expert 0 alone) for
         ``single``, ``[1, 0, ...]`` in the phase's ``single_layers`` (FedTreeLoRA's layers shared by
-        everyone), ``[lambda, 1 - lambda, ...]`` for ``lambda``, the fixed weights for ``fixed``.
+        everyone), ``[lambda, 1 - lambda, ...]`` for ``lambda``, the fixed weights for ``fixed``; residual
+        experts (``phase["residual"]``, last) get 1.
     Raises:
         ExportError for a mixer whose weights depend on the input (``router``, ``instance``).
     """
-    mixer, experts = phase["mixer"], list(phase["experts"])
+    residual = list(phase.get("residual") or ())
+    mixed = [e for e in phase["experts"] if e not in residual]
+    weights = _mixed_weights(phase, mixed, state, site, method)
+    if residual:  # residual experts come last and act at weight 1 whatever the mixer
+        weights = weights + [0.0] * (len(mixed) - len(weights)) + [1.0] * len(residual)
+    return weights
+
+
+def _mixed_weights(
+    phase: Mapping[str, Any], experts: list[str], state: Mapping[str, torch.Tensor], site: str, method: str
+) -> list[float]:
+    """Weights of the mixed (non-residual) experts; ``[1.0]`` alone for expert 0 under ``single``."""
+    mixer = phase["mixer"]
     if mixer == "single":
         return [1.0]
     if layer_index(site) in set(phase.get("single_layers") or ()):  # a layer every client shares: expert 0 alone

@@ -191,7 +191,10 @@ class AdapterBank:
         layer_of = {s.name: s.layer for s in self.sites}
         for name, layer in self.layers.items():
             mixer = phase.mixer_at(layer_of[name])
-            layer.set_mixer(mixer)
+            residual = phase.residual_experts
+            if residual and len(phase.experts) < len(self.expert_names):
+                raise ValueError("a phase with residual experts must list every expert of the model")
+            layer.set_mixer(mixer, residual)
             layer.active_slots = active_slots
             if phase.fixed_weights is not None:
                 layer.fixed_weights.copy_(torch.tensor(phase.fixed_weights, dtype=torch.float32))

@@ -45,6 +45,11 @@ class MultiClientLoraLinear(nn.Module):
         between 1 and M distinct experts: that number adapts to the input. Absent experts get
         exactly zero weight.
 
+    Residual experts: the last ``residual_experts`` experts stay outside the mixer and always act at
+    weight 1, added to whatever the mixer makes of the others (a private adapter beside mixed shared
+    ones, e.g. FedTreeLoRA's ``personal`` option). The mixer then mixes the first
+    ``num_experts - residual_experts`` experts only (``lambda`` needs two of them).
+
     Attributes:
         base: the wrapped, frozen ``nn.Linear`` (d_out x d_in).
         lora_A: one Parameter per expert, (slots, rank, d_in).
@@ -58,6 +63,7 @@ class MultiClientLoraLinear(nn.Module):
         fixed_weights: (experts,) buffer for the ``fixed`` mixer.
         instance_weights: (slots, b, experts) weights of the ``instance`` mixer for the next forward
             (b rows per slot), or None.
+        residual_experts: how many trailing experts act at weight 1 outside the mixer (0: none).
     """
 
     def __init__(
@@ -101,6 +107,7 @@ class MultiClientLoraLinear(nn.Module):
         self.dropout = SlotDropout(dropout) if dropout > 0 else nn.Identity()
         self.mixer: MixerKind = "single"
         self.active_slots = 1
+        self.residual_experts = 0
         self.instance_weights: torch.Tensor | None = None
 
     @property
@@ -111,12 +118,28 @@ class MultiClientLoraLinear(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
-    def set_mixer(self, mixer: MixerKind) -> None:
+    @property
+    def mixed_experts(self) -> int:
+        """Experts the mixer weighs (the others are residual, at weight 1)."""
+        return self.num_experts - self.residual_experts
+
+    def set_mixer(self, mixer: MixerKind, residual_experts: int = 0) -> None:
+        """Use ``mixer`` over the first ``num_experts - residual_experts`` experts; the rest act at weight 1."""
         if mixer not in MIXERS:
             raise ValueError(f"mixer must be one of {MIXERS}, got {mixer!r}")
-        if mixer == "lambda" and self.num_experts < 2:
-            raise ValueError(f"the lambda mixer needs at least 2 experts, this layer has {self.num_experts}")
+        if not 0 <= residual_experts < self.num_experts:
+            raise ValueError(
+                f"residual_experts must lie in [0, {self.num_experts - 1}] (expert 0 is always mixed), "
+                f"got {residual_experts}"
+            )
+        if residual_experts and mixer not in ("single", "lambda"):
+            raise ValueError(f"residual experts work with the single and lambda mixers, not {mixer!r}")
+        if mixer == "lambda" and self.num_experts - residual_experts < 2:
+            raise ValueError(
+                f"the lambda mixer needs at least 2 mixed experts, this layer has {self.num_experts - residual_experts}"
+            )
         self.mixer = mixer
+        self.residual_experts = residual_experts
 
     def set_instance_weights(self, weights: torch.Tensor | None) -> None:
         """Expert weights of every input row for the ``instance`` mixer.
@@ -137,18 +160,21 @@ class MultiClientLoraLinear(nn.Module):
         Args:
             x: (slots, n, d_in) input rows grouped by slot.
         Returns:
-            (slots, n, experts) for the router, topm and instance mixers, else (slots, 1, experts).
+            (slots, n, experts) for the router, topm and instance mixers, else (slots, 1, experts);
+            residual experts weigh 1.
         """
         k = x.shape[0]
         if self.mixer == "single":
             w = torch.zeros(self.num_experts, device=x.device, dtype=x.dtype)
             w[0] = 1.0
+            w[self.mixed_experts :] = 1.0  # residual experts
             return w.expand(k, 1, -1)
         if self.mixer == "fixed":
             return self.fixed_weights.to(x.dtype).expand(k, 1, -1)
         if self.mixer == "lambda":
             lam = torch.sigmoid(self.mix_logit[:k]).to(x.dtype)[:, None, None]
-            return torch.cat([lam, (1.0 - lam).expand(-1, -1, self.num_experts - 1)], dim=-1)
+            rest = (1.0 - lam).expand(-1, -1, self.mixed_experts - 1)
+            return torch.cat([lam, rest, torch.ones_like(lam).expand(-1, -1, self.residual_experts)], dim=-1)
         if self.mixer == "instance":
             w = self.instance_weights
             if w is None:
@@ -199,7 +225,8 @@ class MultiClientLoraLinear(nn.Module):
         clean = x.reshape(k, -1, x.shape[-1])
         weights = self.mixing_weights(clean)
         delta = torch.zeros(k, rows.shape[1], self.out_features, device=x.device, dtype=x.dtype)
-        experts = [0] if self.mixer == "single" else range(self.num_experts)
+        mixed = [0] if self.mixer == "single" else list(range(self.mixed_experts))
+        experts = mixed + list(range(self.mixed_experts, self.num_experts))
         for e in experts:
             a = self.lora_A[e][:k].to(x.dtype)
             b = self.lora_B[e][:k].to(x.dtype)
@@ -209,5 +236,6 @@ class MultiClientLoraLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}, "
-            f"slots={self.num_slots}, experts={self.num_experts}, mixer={self.mixer}"
+            f"slots={self.num_slots}, experts={self.num_experts}, mixer={self.mixer}, "
+            f"residual={self.residual_experts}"
         )

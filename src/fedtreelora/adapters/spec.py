@@ -20,11 +20,14 @@ class ExpertSpec:
         name: role of the expert, e.g. ``"cluster"``, ``"external"``, ``"shared"``, ``"local"``.
         train_a: whether its A factor receives gradients.
         train_b: whether its B factor receives gradients.
+        residual: whether it stays outside the mixer and acts at weight 1 on top of the mixed experts
+            (a private adapter beside shared ones). Residual experts come last in a phase.
     """
 
     name: str
     train_a: bool = True
     train_b: bool = True
+    residual: bool = False
 
     @property
     def trainable(self) -> bool:
@@ -68,6 +71,20 @@ class PhaseSpec:
             raise ValueError(f"mixer must be one of {MIXERS}, got {self.mixer!r}")
         if self.mixer == "fixed" and (self.fixed_weights is None or len(self.fixed_weights) != len(self.experts)):
             raise ValueError("the fixed mixer needs one fixed weight per expert")
+        flags = [e.residual for e in self.experts]
+        if any(flags):
+            if flags[0] or flags != sorted(flags):
+                raise ValueError(
+                    f"residual experts must come after every mixed expert and expert 0 must be mixed; got "
+                    f"{[(e.name, e.residual) for e in self.experts]}"
+                )
+            if self.mixer not in ("single", "lambda"):
+                raise ValueError(f"residual experts work with the single and lambda mixers, not {self.mixer!r}")
+
+    @property
+    def residual_experts(self) -> int:
+        """How many trailing experts act at weight 1 outside the mixer."""
+        return sum(e.residual for e in self.experts)
 
     @property
     def expert_names(self) -> tuple[str, ...]:

@@ -348,6 +348,7 @@ class SimulationEngine:
                 "experts": list(last_phase.expert_names),
                 "fixed_weights": last_phase.fixed_weights,
                 "single_layers": sorted(last_phase.single_layers),
+                "residual": [e.name for e in last_phase.experts if e.residual],
             },
             "head_modules": fed.classifier.head_modules,
             "sites": [

@@ -75,6 +75,9 @@ class Strategy(ABC):
     expert_names: ClassVar[tuple[str, ...]]
     #: experts that start at zero instead of the shared random init (e.g. frozen external experts).
     zero_init_experts: ClassVar[tuple[str, ...]] = ()
+    #: experts whose random A factors are drawn after every other key's, so that adding them to a method
+    #: leaves the other experts' initialisation (and everything that follows from it) unchanged.
+    drawn_last_experts: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: StrategyOptions, context: FederationContext) -> None:
         self.options = options
@@ -103,12 +106,18 @@ class Strategy(ABC):
         """The state every client starts from (one shared initialisation, as a server would broadcast).
 
         A factors: Kaiming-uniform as in PEFT's default LoRA init; B factors zero; lambda logits at
-        :attr:`lambda_init`; routers zero (uniform mixing). Experts in ``zero_init_experts`` are zero.
+        :attr:`lambda_init`; routers zero (uniform mixing). Experts in ``zero_init_experts`` are zero;
+        those in ``drawn_last_experts`` are drawn after all others (keys keep their order otherwise).
         """
         state: Tensors = {}
         logit = math.log(self.lambda_init / (1.0 - self.lambda_init))
-        for key, shape in self.context.state_shapes.items():
-            expert = key.rsplit(".", 2)[-2] if key.endswith((".lora_A", ".lora_B")) else None
+
+        def expert_of(key: str) -> str | None:
+            return key.rsplit(".", 2)[-2] if key.endswith((".lora_A", ".lora_B")) else None
+
+        items = sorted(self.context.state_shapes.items(), key=lambda kv: expert_of(kv[0]) in self.drawn_last_experts)
+        for key, shape in items:
+            expert = expert_of(key)
             if key.endswith(".lora_A") and expert not in self.zero_init_experts:
                 # Same bound as torch.nn.init.kaiming_uniform_(a=sqrt(5)): 1 / sqrt(fan_in).
                 bound = 1.0 / math.sqrt(shape[-1])

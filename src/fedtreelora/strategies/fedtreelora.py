@@ -81,6 +81,10 @@ class FedTreeLoRAOptions(StrategyOptions):
     mixer: Literal["lambda", "router"] = "lambda"
     """Ablation. ``lambda``: the method (one learnable scalar per layer and module). ``router``: a
     per-token softmax router (linear d_in -> experts) per layer and module, trained and kept locally."""
+    personal: bool = False
+    """Beyond the paper: after warm-up every client also trains a private LoRA (the ``personal`` expert,
+    B from zero, never sent or averaged) that acts at weight 1 on top of the tree's mix at every layer,
+    so a client whose data the others pull away keeps its own adapter. Off: the paper's method."""
 
     @field_validator("tau", mode="before")
     @classmethod
@@ -95,6 +99,8 @@ class FedTreeLoRAOptions(StrategyOptions):
         check_auto_settings(self.auto_level, self.auto_permutations)
         if self.external == "none" and self.mixer != "lambda":
             raise ValueError("external='none' leaves one expert and nothing to mix; keep mixer='lambda' (unused)")
+        if self.personal and self.mixer != "lambda":
+            raise ValueError("personal=true adds a private expert beside the lambda mixer; use mixer='lambda'")
         if self.external == "per_cluster" and self.cut_mode == "fixed" and self.fixed_clusters > self.max_clusters:
             raise ValueError(
                 f"fixed_clusters ({self.fixed_clusters}) exceeds max_clusters ({self.max_clusters}), the experts "
@@ -139,6 +145,11 @@ class FedTreeLoRA(ClusteredAfterWarmup):
       external expert; with the router they are sent unscaled.
     - ``mixer="router"``: a per-token softmax router over the experts instead of lambda, trained and
       kept by the client (never sent).
+
+    Beyond the paper, ``personal=True`` adds a private ``personal`` expert per client after warm-up:
+    trained, kept, never sent, acting at weight 1 on top of the mix (``lambda * cluster + (1 - lambda)
+    * external + personal``; ``cluster + personal`` where a layer is shared by everyone). Up and down
+    links are unchanged.
     """
 
     name = "fedtreelora"
@@ -147,11 +158,13 @@ class FedTreeLoRA(ClusteredAfterWarmup):
     paper = "Bian, Wang, Zhang, Xu, FedTreeLoRA, ICML 2026 (arXiv 2603.13282)"
     Options = FedTreeLoRAOptions
     zero_init_experts = ("external",)
+    # The personal expert's A is drawn last: with and without it, warm-up computes the same thing.
+    drawn_last_experts = ("personal",)
 
     def __init__(self, options: FedTreeLoRAOptions, context: FederationContext) -> None:
         super().__init__(options, context)
-        # Every expert but the trained cluster expert is frozen and filled by the server: start at zero.
-        self.zero_init_experts = self.experts_for(options)[1:]
+        # The frozen experts are filled by the server: start at zero. The personal expert trains: random A.
+        self.zero_init_experts = tuple(n for n in self.experts_for(options)[1:] if n != "personal")
         self.plan: SharingPlan | None = None
         self.distances: np.ndarray | None = None
         self._payloads: dict[int, Tensors] = {}
@@ -163,18 +176,24 @@ class FedTreeLoRA(ClusteredAfterWarmup):
     @classmethod
     def experts_for(cls, options: StrategyOptions) -> tuple[str, ...]:
         external = getattr(options, "external", "mean")
+        personal = ("personal",) if getattr(options, "personal", False) else ()
         if external == "none":
-            return ("cluster",)
+            return ("cluster", *personal)
         if external == "per_cluster":
-            return ("cluster", *(f"other_{j}" for j in range(1, options.max_clusters)))  # type: ignore[attr-defined]
-        return cls.expert_names
+            others = (f"other_{j}" for j in range(1, options.max_clusters))  # type: ignore[attr-defined]
+            return ("cluster", *others, *personal)
+        return (*cls.expert_names, *personal)
 
     def phase(self, rnd: int) -> PhaseSpec:
         names = self.experts_for(self.options)
-        experts = (ExpertSpec(names[0]), *(ExpertSpec(n, train_a=False, train_b=False) for n in names[1:]))
-        if self.is_warmup(rnd):
-            return PhaseSpec(experts=experts, mixer="single", name="warmup")
-        if len(experts) == 1:
+        shared = [n for n in names if n != "personal"]
+        frozen = tuple(ExpertSpec(n, train_a=False, train_b=False) for n in shared[1:])
+        if self.is_warmup(rnd):  # the personal expert (if any) waits, frozen at B = 0: warm-up is local training
+            idle = tuple(ExpertSpec(n, train_a=False, train_b=False) for n in names[len(shared) :])
+            return PhaseSpec(experts=(ExpertSpec(names[0]), *frozen, *idle), mixer="single", name="warmup")
+        own = tuple(ExpertSpec(n, residual=True) for n in names[len(shared) :])
+        experts = (ExpertSpec(names[0]), *frozen, *own)
+        if len(shared) == 1:
             return PhaseSpec(experts=experts, mixer="single")
         return PhaseSpec(
             experts=experts, mixer=self.options.mixer, train_mixer=True, single_layers=self.shared_by_all()
