@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--suite",
         required=True,
-        help="suite name (cpu, nlu-cpu, depth, nlu-smoke, nlu, nlu-sweep, nlu-paper, nlg-smoke, nlg, nlg-paper; in "
+        help="suite name (cpu, nlu-cpu, nlu-cpu-tree, depth, nlu-smoke, nlu, nlu-sweep, nlu-paper, nlg-smoke, nlg, nlg-paper; in "
         "src/fedtreelora/configs/suites/) or a suite YAML file",
     )
     compare.add_argument("--methods", metavar="A,B,...", help="methods to run (default: the suite's, usually all)")
