@@ -60,8 +60,6 @@ PACKAGED_SUITES = Path(__file__).resolve().parent / "configs" / "suites"
 LOCAL_SUITES = Path("configs") / "suites"
 """Folder (relative to the current directory) searched before the packaged suites."""
 
-SUITE_FORMAT_VERSION = 1
-
 PAPER_ORDER = ("local", "fedit", "ffa", "fedsa", "feddpa", "fedalt", "fedlease", "fedtreelora")
 """Row order of the paper's tables; methods not named here come after the baselines, before fedtreelora."""
 

@@ -1,7 +1,8 @@
 """The FedTreeLoRA algorithm on adapter tensors: distances, one tree, layer-wise cuts, expert averaging;
 and how well sharing partitions recover planted client groups.
 
-Pure numpy/scipy/scikit-learn: no model, no transport, no I/O.
+Arrays in, arrays out (numpy, scipy and scikit-learn; the expert averages also take torch tensors, so
+a server can average on a GPU): no model, no transport, no I/O.
 """
 
 from fedtreelora.core.distances import layer_distances

@@ -344,8 +344,3 @@ def _select(name: str, data: InstructionSet, tasks: list[str] | None) -> Instruc
     order = {t: i for i, t in enumerate(tasks)}
     keep = sorted((i for i, t in enumerate(data.tasks) if t in order), key=lambda i: (order[data.tasks[i]], i))
     return data.subset(np.asarray(keep, dtype=np.int64))
-
-
-def is_instruction_source(source: str) -> bool:
-    """True for the names of builtin instruction federations."""
-    return source in BUILTIN_INSTRUCTION_SOURCES

@@ -37,8 +37,6 @@ from fedtreelora.train import EncodedExamples, LocalTraining, encode
 from fedtreelora.train.generation import EncodedInstructions, GenerationSettings, encode_instructions
 from fedtreelora.train.metrics import PRIMARY_METRIC
 
-Classifier = Backbone  # the backbone's type before causal LMs; kept for readers of older code
-
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present, else CPU."""
@@ -122,11 +120,6 @@ class Federation(RunTask):
     initial_state: dict[str, torch.Tensor]
     settings: LocalTraining
     device: torch.device
-
-    @property
-    def backbone(self) -> Backbone:
-        """The loaded model and tokenizer."""
-        return self.classifier
 
     def client_categories(self) -> list[str] | None:
         """Each client's category (generation: its task's category, e.g. ``Sentiment``); None for

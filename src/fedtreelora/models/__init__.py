@@ -5,14 +5,13 @@ Sequence classifiers (:func:`load_classifier`) for the NLU side, causal language
 """
 
 from fedtreelora.models.causal import QUANTIZATIONS, load_causal_lm
-from fedtreelora.models.classifier import Backbone, Classifier, is_local_path, load_classifier
+from fedtreelora.models.classifier import Backbone, is_local_path, load_classifier
 from fedtreelora.models.installed import INSTALLED_MODELS, InstalledModel, cache_dir, resolve_model_path
 
 __all__ = [
     "INSTALLED_MODELS",
     "QUANTIZATIONS",
     "Backbone",
-    "Classifier",
     "InstalledModel",
     "cache_dir",
     "is_local_path",

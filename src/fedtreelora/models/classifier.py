@@ -37,10 +37,6 @@ class Backbone:
     task: str = "classification"
 
 
-Classifier = Backbone
-"""The name of :class:`Backbone` when only classifiers existed."""
-
-
 def cut_layers(config: PretrainedConfig, num_layers: int | None, name: str) -> None:
     """Keep only the first ``num_layers`` transformer layers (their pretrained weights load as usual)."""
     if num_layers is None:

@@ -27,8 +27,6 @@ from typing import Any
 
 from fedtreelora.config import ConfigError, ExperimentConfig, validate_config
 
-RUN_KEYS = ("experiment", "out-dir", "round-timeout", "node-wait-timeout", "collect-states")
-
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
 
