@@ -46,6 +46,19 @@ SUITES = ("nlu-smoke", "nlu", "nlu-paper")
 # ----------------------------------------------------------------------------------------------
 
 
+def test_one_method_order_from_the_registry() -> None:
+    """Rows follow the paper (reference points, baselines, FedTreeLoRA last); a suite's variants and
+    unregistered names come after the baselines, by name; docs and suites use the same order."""
+    got = order_methods(["tau-0.1", "fedtreelora", "fedlease", "local", "fedit", "auto", "fedit"])
+    assert got == ["local", "fedit", "fedlease", "auto", "tau-0.1", "fedtreelora"]
+    order = order_methods(list(STRATEGIES))
+    assert order[:2] == ["local", "fedit"] and order[-1] == "fedtreelora"
+    from fedtreelora.docgen import methods_reference
+
+    page = methods_reference()
+    assert sorted(order, key=lambda name: page.index(f"## `{name}`")) == order
+
+
 @pytest.mark.parametrize("name", SUITES)
 def test_every_suite_resolves_to_valid_configs_for_every_method(name: str) -> None:
     suite = load_suite(name)

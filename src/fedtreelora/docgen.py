@@ -11,15 +11,12 @@ import sys
 from pathlib import Path
 
 from fedtreelora.config import config_reference
-from fedtreelora.strategies import STRATEGIES
-
-#: the order of the paper's tables
-METHOD_ORDER = ("local", "fedit", "ffa", "fedsa", "feddpa", "fedalt", "fedlease", "fedtreelora")
+from fedtreelora.strategies import STRATEGIES, table_order
 
 
 def methods_reference() -> str:
     """Markdown: one section per registered method with its paper, docstring and options."""
-    names = [n for n in METHOD_ORDER if n in STRATEGIES] + sorted(set(STRATEGIES) - set(METHOD_ORDER))
+    names = table_order(list(STRATEGIES))
     lines = [
         "# Methods",
         "",

@@ -52,16 +52,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedtreelora.config import ConfigError, ExperimentConfig, apply_override, validate_config
-from fedtreelora.strategies import STRATEGIES
+from fedtreelora.strategies import STRATEGIES, table_order
 
 PACKAGED_SUITES = Path(__file__).resolve().parent / "configs" / "suites"
 """Folder of the suites that ship with the package."""
 
 LOCAL_SUITES = Path("configs") / "suites"
 """Folder (relative to the current directory) searched before the packaged suites."""
-
-PAPER_ORDER = ("local", "fedit", "ffa", "fedsa", "feddpa", "fedalt", "fedlease", "fedtreelora")
-"""Row order of the paper's tables; methods not named here come after the baselines, before fedtreelora."""
 
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -154,16 +151,9 @@ def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any
 
 
 def order_methods(names: list[str] | tuple[str, ...]) -> list[str]:
-    """Methods in the paper's table order: reference points and baselines first, FedTreeLoRA last."""
-    rank = {name: i for i, name in enumerate(PAPER_ORDER)}
-    last = len(PAPER_ORDER)
-
-    def key(name: str) -> tuple[int, str]:
-        if name in rank and name != "fedtreelora":
-            return (rank[name], name)
-        return (last if name == "fedtreelora" else last - 1, name)
-
-    return sorted(dict.fromkeys(names), key=key)
+    """Methods in the paper's table order: reference points and baselines first, FedTreeLoRA last
+    (:func:`fedtreelora.strategies.table_order`; variants come after the baselines)."""
+    return table_order(names)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from fedtreelora.strategies import (  # noqa: F401  (registration)
     local,
 )
 from fedtreelora.strategies.base import FederationContext, Strategy, StrategyOptions, Tensors
-from fedtreelora.strategies.registry import STRATEGIES, get_strategy, register
+from fedtreelora.strategies.registry import STRATEGIES, get_strategy, register, table_order
 
 __all__ = [
     "STRATEGIES",
@@ -21,4 +21,5 @@ __all__ = [
     "Tensors",
     "get_strategy",
     "register",
+    "table_order",
 ]

@@ -70,6 +70,10 @@ class Strategy(ABC):
 
     name: ClassVar[str]
     paper: ClassVar[str] = ""
+    #: where the method's row goes in tables and docs (see :func:`fedtreelora.strategies.registry.table_order`):
+    #: the paper's order, reference points first (local 0, FedIT 10, ...), FedTreeLoRA last (1000); a new
+    #: method's default puts it after the baselines.
+    table_rank: ClassVar[int] = 500
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions
     #: every expert the model must hold per target module, in slot order.
     expert_names: ClassVar[tuple[str, ...]]

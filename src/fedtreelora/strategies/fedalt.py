@@ -42,6 +42,7 @@ class FedALT(Strategy):
     """
 
     name = "fedalt"
+    table_rank = 50
     expert_names = ("individual", "rest")
     zero_init_experts = ("rest",)
     paper = "Bian, Wang, Zhang, Xu, FedALT: Federated Fine-Tuning through Adaptive Local Training with Rest-of-the-World LoRA, 2025"

@@ -221,6 +221,7 @@ class FedDPA(FedIT):
     """
 
     name = "feddpa"
+    table_rank = 40
     expert_names = ("global", "local")
     paper = (
         "Yang, Long, Shen, Jiang, Blumenstein, Dual-Personalizing Adapter for Federated Foundation Models, NeurIPS 2024"

@@ -150,6 +150,7 @@ class FedIT(Strategy):
     """
 
     name = "fedit"
+    table_rank = 10
     expert_names = ("shared",)
     paper = "Zhang et al., Towards Building the Federated GPT: Federated Instruction Tuning, ICASSP 2024"
     Options = FedITOptions

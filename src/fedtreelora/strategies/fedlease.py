@@ -121,6 +121,7 @@ class FedLEASE(ClusteredAfterWarmup):
     """
 
     name = "fedlease"
+    table_rank = 60
     expert_names = ("own", "other_1", "other_2", "other_3")
     trained_expert = "own"
     paper = (

@@ -27,6 +27,7 @@ class FedSA(FedIT):
     """
 
     name = "fedsa"
+    table_rank = 30
     paper = "Guo et al., Selective Aggregation for Low-Rank Adaptation in Federated Learning, ICLR 2025"
     Options = FedSAOptions
 

@@ -153,6 +153,7 @@ class FedTreeLoRA(ClusteredAfterWarmup):
     """
 
     name = "fedtreelora"
+    table_rank = 1000
     expert_names = ("cluster", "external")
     trained_expert = "cluster"
     paper = "Bian, Wang, Zhang, Xu, FedTreeLoRA, ICML 2026 (arXiv 2603.13282)"

@@ -29,6 +29,7 @@ class FFA(FedIT):
     """
 
     name = "ffa"
+    table_rank = 20
     paper = "Sun, Li, Li, Ding, Improving LoRA in Privacy-preserving Federated Learning, ICLR 2024"
     Options = FFAOptions
 

@@ -22,6 +22,7 @@ class Local(Strategy):
     """
 
     name = "local"
+    table_rank = 0
     expert_names = ("local",)
     paper = "reference point (no federation)"
 
