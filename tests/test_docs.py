@@ -44,4 +44,13 @@ def test_example_configs_validate(path: Path) -> None:
 def test_default_yaml_is_the_built_in_default() -> None:
     from fedtreelora.config import dump_config, load_config
 
-    assert (DOCS.parent / "configs" / "default.yaml").read_text() == dump_config(load_config())
+    assert (DOCS.parent / "configs" / "default.yaml").read_text() == dump_config(load_config()), (
+        "configs/default.yaml is stale: run `python -m fedtreelora.docgen docs/`"
+    )
+
+
+def test_docgen_writes_the_default_yaml(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from fedtreelora.docgen import write_default_config
+
+    written = write_default_config(tmp_path / "configs" / "default.yaml")
+    assert written.read_text() == (DOCS.parent / "configs" / "default.yaml").read_text()

@@ -1,7 +1,8 @@
 """Reference pages generated from the code itself, so they cannot drift: the configuration keys
 (from the schema) and the methods (from each strategy's docstring).
 
-    python -m fedtreelora.docgen docs/      # rewrite docs/configuration.md and docs/methods.md
+    python -m fedtreelora.docgen docs/      # rewrite docs/configuration.md, docs/methods.md and
+                                            # configs/default.yaml (the built-in defaults)
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import inspect
 import sys
 from pathlib import Path
 
-from fedtreelora.config import config_reference
+from fedtreelora.config import config_reference, dump_config, load_config
 from fedtreelora.strategies import STRATEGIES, table_order
 
 
@@ -48,6 +49,19 @@ def write_docs(folder: str | Path) -> list[Path]:
     return [folder / name for name in pages]
 
 
+def write_default_config(path: str | Path) -> Path:
+    """Write the built-in default experiment as YAML (``configs/default.yaml``: every option, its default)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_config(load_config()))
+    return path
+
+
 if __name__ == "__main__":
-    for path in write_docs(sys.argv[1] if len(sys.argv) > 1 else "docs"):
+    # python -m fedtreelora.docgen [DOCS]: the reference pages into DOCS (default docs/) and, in a source
+    # checkout, configs/default.yaml beside it
+    docs = Path(sys.argv[1] if len(sys.argv) > 1 else "docs")
+    for path in write_docs(docs):
         print(path)
+    if (docs.resolve().parent / "configs").is_dir():
+        print(write_default_config(docs.resolve().parent / "configs" / "default.yaml"))
