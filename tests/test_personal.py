@@ -181,6 +181,7 @@ def scores(rows: list[dict[str, Any]], phase: str) -> list[tuple[int, int, tuple
     return [(r["round"], r["client"], tuple(r[f] for f in SCORES)) for r in rows if r.get("phase") == phase]
 
 
+@pytest.mark.slow
 def test_warmup_and_plan_are_the_papers_bit_for_bit(runs) -> None:  # type: ignore[no-untyped-def]
     (plain, plain_rows, _), (personal, personal_rows, _) = runs[False], runs[True]
     assert scores(plain_rows, "warmup") and scores(plain_rows, "warmup") == scores(personal_rows, "warmup")
@@ -189,6 +190,7 @@ def test_warmup_and_plan_are_the_papers_bit_for_bit(runs) -> None:  # type: igno
     assert federated and federated != scores(personal_rows, "federated"), "afterwards the personal expert acts"
 
 
+@pytest.mark.slow
 def test_personal_expert_trains_stays_private_and_differs(runs) -> None:  # type: ignore[no-untyped-def]
     summary, _, folder = runs[True]
     meta = json.loads((folder / "clients" / "meta.json").read_text())
