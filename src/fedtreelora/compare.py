@@ -2,8 +2,7 @@
 
 Layout of the output folder ``DIR``::
 
-    DIR/runs/<dataset>/<method>/seed<seed>/   one run folder each (config.yaml, partition.json,
-                                              metrics.jsonl, summary.json, clients/, checkpoints/)
+    DIR/runs/<dataset>/<method>/seed<seed>/   one run folder each (see :mod:`fedtreelora.runfolder`)
     DIR/table.md                              the tables (best round, final round, cost, paired
                                               differences), human-readable
     DIR/table.csv                             the same numbers, one row per method, full precision
@@ -12,7 +11,7 @@ Layout of the output folder ``DIR``::
                                               headline numbers, and (planted groups) every run's ARI
     DIR/compare.png                           a plot, when the report helper is installed
 
-Reuse: a run whose folder holds ``summary.json`` and a ``config.yaml`` equal to the run's resolved config
+Reuse: a run whose folder holds a finished summary and a config equal to the run's resolved config
 (compared after validating it with today's schema, and ignoring the option sections of the *other*
 methods) is read back instead of run again; a run with a matching config but no summary (an interrupted
 run) resumes from its last checkpoint; a run whose config differs is deleted and run again.
@@ -33,7 +32,7 @@ rounds included).
 Paired differences: every row of one (dataset, seed) sees the same partition, so a row is compared with
 a reference (``fedit`` and ``local``, each when it is in the comparison) seed by seed: per column, the
 differences ``score(row, seed) - score(reference, seed)`` in points over the seeds both ran, as mean +-
-sample std (ddof=1) and the number of pairs n. A pair whose runs' ``partition.json`` differ is left out
+sample std (ddof=1) and the number of pairs n. A pair whose runs' partition records differ is left out
 and listed. ``Average`` pairs the per-seed means over the columns. A cell is marked ``*`` when
 ``|mean| > 2 * std / sqrt(n)`` with n >= 2. ``table.csv`` has them as
 ``diff_<reference>_<column>_<best|final>_<mean|std|n>``.
@@ -65,9 +64,10 @@ import numpy as np
 import yaml
 from rich.console import Console
 
-from fedtreelora.config import ConfigError, ExperimentBase, ExperimentConfig, load_config
+from fedtreelora.config import ConfigError, ExperimentBase, ExperimentConfig
 from fedtreelora.data.groups import configured_dataset_name
 from fedtreelora.progress import progress_bars
+from fedtreelora.runfolder import RunFolder
 from fedtreelora.suites import Suite, check_same_partition
 
 AVERAGE = "Average"
@@ -217,26 +217,21 @@ def comparable(config: ExperimentConfig) -> dict[str, Any]:
 
 
 def stored_config_matches(folder: Path, config: ExperimentConfig) -> bool:
-    """True when ``folder/config.yaml`` validates today and equals ``config`` where it matters."""
-    path = folder / "config.yaml"
-    if not path.is_file():
+    """True when the config stored in ``folder`` validates today and equals ``config`` where it matters."""
+    run = RunFolder(folder)
+    if not run.config.is_file():
         return False
     try:
-        stored = load_config(path)
+        stored = run.read_config()
     except (ConfigError, ValueError, yaml.YAMLError):
         return False
     return comparable(stored) == comparable(config)
 
 
 def _read_summary(folder: Path) -> dict[str, Any] | None:
-    path = folder / "summary.json"
-    if not path.is_file():
-        return None
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return summary if isinstance(summary, dict) and "best_mean" in summary else None
+    """The summary of a finished run in ``folder``; None when it has none or it lacks the headline."""
+    summary = RunFolder(folder).read_summary()
+    return summary if summary is not None and "best_mean" in summary else None
 
 
 def execute_run(spec: RunSpec) -> RunResult:
@@ -248,7 +243,7 @@ def execute_run(spec: RunSpec) -> RunResult:
         summary = _read_summary(spec.folder)
         if summary is not None:
             return RunResult(spec, summary, "reused", time.perf_counter() - start)
-        if not (spec.folder / "checkpoints" / "latest.json").is_file():
+        if not RunFolder(spec.folder).has_checkpoint():
             status = "new"
     elif spec.folder.exists():
         shutil.rmtree(spec.folder)  # a run of another config: start clean (no stale checkpoints)
@@ -998,17 +993,17 @@ def run_compare(
 
 
 def read_partitions(results: Sequence[RunResult]) -> dict[RunKey, str]:
-    """Each run's ``partition.json`` text (``(missing)`` when it has none), by (method, dataset, seed)."""
+    """Each run's partition record as written (``(missing)`` when it has none), by (method, dataset, seed)."""
     texts = {}
     for r in results:
-        path = r.spec.folder / "partition.json"
-        texts[(r.spec.method, r.spec.dataset, r.spec.seed)] = path.read_text() if path.is_file() else "(missing)"
+        text = RunFolder(r.spec.folder).read_partition_text()
+        texts[(r.spec.method, r.spec.dataset, r.spec.seed)] = "(missing)" if text is None else text
     return texts
 
 
 def partition_mismatches(results: Sequence[RunResult]) -> list[str]:
     """Check on disk that every method of one (dataset, seed) trained on the same clients: the runs'
-    ``partition.json`` files must be identical. Returns one message per (dataset, seed) that differs."""
+    partition records must be identical. Returns one message per (dataset, seed) that differs."""
     groups: dict[tuple[str, int], dict[str, str]] = {}
     for (method, dataset, seed), text in read_partitions(results).items():
         groups.setdefault((dataset, seed), {})[method] = text

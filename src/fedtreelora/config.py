@@ -255,7 +255,7 @@ class FederationConfig(Section):
     (``cpu``, ``cuda``, ``cuda:1``) or ``auto`` (CUDA when available) for torch float64 there, which
     pays off with hundreds of clients or LLaMA-sized adapters on a server with a GPU."""
     evaluate: Literal["received", "trained"] = "received"
-    """Which score a round reports (both are recorded in ``metrics.jsonl`` every round): ``received``
+    """Which score a round reports (both are recorded in the run's per-client metrics every round): ``received``
     (the methods' papers' convention): after the server's step, each client's kept state plus what
     the server sends it, in the next round's phase, and after the last round the final aggregation;
     ``trained``: each client right after its local training, before the server aggregates."""

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedtreelora.engines.recorder import write_json
 from fedtreelora.errors import ConfigError
+from fedtreelora.runfolder import RunFolder, write_json
 from fedtreelora.strategies import Strategy
 
 FORMAT_VERSION = 1
@@ -65,7 +65,8 @@ def _fsync_dir(path: Path) -> None:
 
 def save_checkpoint(run_dir: str | Path, state: RunState, strategy: Strategy) -> Path:
     """Write a complete checkpoint of ``state`` and the strategy's server state; return its folder."""
-    root = Path(run_dir) / "checkpoints"
+    run = RunFolder(Path(run_dir))
+    root = run.checkpoints
     root.mkdir(parents=True, exist_ok=True)
     name = f"round_{state.next_round:04d}"
     folder = root / name
@@ -94,7 +95,7 @@ def save_checkpoint(run_dir: str | Path, state: RunState, strategy: Strategy) ->
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(staging, folder)
     _fsync_dir(root)
-    write_json(root / "latest.json", {"round": state.next_round, "path": name})  # the commit point
+    write_json(run.checkpoint_pointer, {"round": state.next_round, "path": name})  # the commit point
     _fsync_dir(root)
     for old in root.iterdir():
         if old.is_dir() and old.name != name:
@@ -104,8 +105,8 @@ def save_checkpoint(run_dir: str | Path, state: RunState, strategy: Strategy) ->
 
 def load_checkpoint(run_dir: str | Path, strategy: Strategy) -> RunState | None:
     """The latest complete checkpoint, with the strategy's server state restored; None if there is none."""
-    root = Path(run_dir) / "checkpoints"
-    pointer = root / "latest.json"
+    run = RunFolder(Path(run_dir))
+    root, pointer = run.checkpoints, run.checkpoint_pointer
     if not pointer.is_file():
         return None
     folder = root / json.loads(pointer.read_text())["path"]

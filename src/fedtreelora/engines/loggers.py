@@ -6,6 +6,8 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from fedtreelora.runfolder import RunFolder
+
 
 class ScalarLogger:
     """Per-round scalars: mean (headline, and under each evaluation convention) and per-client metric
@@ -16,7 +18,7 @@ class ScalarLogger:
 
     ``first_step`` is the 1-based step of the first round this process logs (a resumed run: the
     checkpoint's round + 1). From it on, TensorBoard hides what an earlier process of the run logged,
-    so rounds it logged after its last checkpoint appear once, as ``metrics.jsonl`` has them; 0 keeps
+    so rounds it logged after its last checkpoint appear once, as the run's metrics have them; 0 keeps
     every earlier event.
     """
 
@@ -38,7 +40,7 @@ class ScalarLogger:
 
             # purge_step writes a restart marker: readers drop older events at or after that step.
             purge_step = first_step if first_step > 0 else None
-            self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=purge_step)
+            self.writer = SummaryWriter(log_dir=str(RunFolder(out_dir).tensorboard), purge_step=purge_step)
         if wandb:
             if importlib.util.find_spec("wandb") is None:
                 self.notice = "logging.wandb is set but the wandb package is not installed; skipping W&B"
@@ -48,7 +50,7 @@ class ScalarLogger:
                 self.wandb_run = wandb_module.init(name=run_name, config=config, dir=str(out_dir))
 
     def log_round(self, record: dict[str, Any], per_client: list[float | None]) -> None:
-        """One round's record (as in ``summary.json``'s history) and each client's metric."""
+        """One round's record (as in the run summary's history) and each client's metric."""
         step = record["round"] + 1
         metric = record.get("metric", "accuracy")
         scalars = {

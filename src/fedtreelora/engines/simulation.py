@@ -95,7 +95,7 @@ class SimulationEngine:
 
     def run(self) -> dict[str, Any]:
         """Run every round (from the last checkpoint when resuming); return the summary (also
-        written to ``summary.json``)."""
+        written to the run folder)."""
         start = time.perf_counter()
         cfg = self.config
         with self.console.status("loading data and model"):
@@ -166,9 +166,9 @@ class SimulationEngine:
                 self.recorder.truncate_metrics(state.next_round)
                 return state
         self.recorder.truncate_metrics(0)
-        if self.recorder.out_dir is not None:
+        if self.recorder.folder is not None:
             # A fresh run in a used folder: an older run's checkpoint must never be resumed into this one.
-            shutil.rmtree(self.recorder.out_dir / "checkpoints", ignore_errors=True)
+            shutil.rmtree(self.recorder.folder.checkpoints, ignore_errors=True)
         return RunState(
             next_round=0,
             client_states=[dict(fed.initial_state) for _ in range(fed.num_clients)],

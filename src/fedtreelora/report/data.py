@@ -1,19 +1,17 @@
 """Read everything a report shows from a run folder, and nothing from anywhere else.
 
-A run folder holds ``config.yaml``, ``partition.json``, ``metrics.jsonl``, ``summary.json`` and
-``clients/`` (``client_NNN.safetensors`` and ``meta.json``); see :class:`fedtreelora.engines.recorder.RunRecorder`.
+What a run folder holds, and how each file is read, is :class:`fedtreelora.runfolder.RunFolder`'s.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
-from safetensors import safe_open
+
+from fedtreelora.runfolder import RunFolder
 
 
 @dataclass(frozen=True)
@@ -47,11 +45,11 @@ class RunData:
 
     Attributes:
         run_dir: the folder.
-        summary: ``summary.json``.
-        metrics: the rows of ``metrics.jsonl`` (one per client per round).
-        partition: ``partition.json``, or None when absent.
-        config: ``config.yaml`` as a plain dict, or {} when absent.
-        meta: ``clients/meta.json``, or None when the run saved no client states.
+        summary: the run summary.
+        metrics: the per-client round records (one per client per round).
+        partition: the partition record, or None when absent.
+        config: the run's config as a plain dict, or {} when absent.
+        meta: the clients' model description, or None when the run saved no client states.
     """
 
     run_dir: Path
@@ -60,6 +58,11 @@ class RunData:
     partition: dict[str, Any] | None = None
     config: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] | None = None
+
+    @property
+    def folder(self) -> RunFolder:
+        """The run folder, to reach its files."""
+        return RunFolder(self.run_dir)
 
     @property
     def method(self) -> str:
@@ -97,7 +100,7 @@ class RunData:
         """The client of each leaf of :attr:`tree`, in leaf-index order; None without a tree.
 
         The tree covers every client, or (partial participation) only the clients that uploaded during
-        warm-up, in client order; those are read from the warm-up rows of ``metrics.jsonl``. When they
+        warm-up, in client order; those are read from the warm-up rows of :attr:`metrics`. When they
         cannot be matched to the tree's size, leaves are numbered 0..m-1.
         """
         tree = self.tree
@@ -179,62 +182,46 @@ class RunData:
         return counts, names
 
     def client_files(self) -> list[Path]:
-        """``clients/client_NNN.safetensors`` in client order (empty when the run saved none)."""
-        folder = self.run_dir / "clients"
-        return sorted(folder.glob("client_*.safetensors")) if folder.is_dir() else []
+        """The saved client state files in client order (empty when the run saved none)."""
+        return self.folder.client_state_files()
 
     def lambdas(self) -> LambdaTable | None:
         """Every client's learned lambda per site, when the final phase mixed experts with lambda."""
         meta = self.meta
         if meta is None or (meta.get("final_phase") or {}).get("mixer") != "lambda":
             return None
-        files = self.client_files()
+        clients = self.folder.saved_clients()
         sites = meta.get("sites") or []
-        if not files or not sites:
+        if not clients or not sites:
             return None
         single = set((meta.get("final_phase") or {}).get("single_layers") or ())
-        values = np.zeros((len(files), len(sites)))
-        for k, path in enumerate(files):
-            with safe_open(str(path), framework="np") as f:
-                for j, site in enumerate(sites):
-                    if int(site["layer"]) in single:
-                        values[k, j] = np.nan
-                        continue
-                    logit = float(np.asarray(f.get_tensor(f"{site['name']}.mix_logit")))
-                    values[k, j] = 1.0 / (1.0 + np.exp(-logit))
+        lambda_sites = [site for site in sites if int(site["layer"]) not in single]
+        values = np.zeros((len(clients), len(sites)))
+        for row, client in enumerate(clients):
+            logits = self.folder.client_arrays(client, [f"{site['name']}.mix_logit" for site in lambda_sites])
+            for j, site in enumerate(sites):
+                if int(site["layer"]) in single:
+                    values[row, j] = np.nan
+                    continue
+                logit = float(logits[f"{site['name']}.mix_logit"])
+                values[row, j] = 1.0 / (1.0 + np.exp(-logit))
         if np.isnan(values).all():  # every layer shared by everyone: no lambda anywhere (FedIT-like)
             return None
         return LambdaTable(values, [int(s["layer"]) for s in sites], [str(s["module"]) for s in sites])
 
 
-def _json(path: Path) -> Any:
-    return json.loads(path.read_text())
-
-
 def load_run(run_dir: str | Path) -> RunData:
     """Parse a finished run folder.
 
-    Raises FileNotFoundError when ``summary.json`` is missing (the run has not finished).
+    Raises FileNotFoundError when the run summary is missing (the run has not finished).
     """
-    folder = Path(run_dir)
-    summary_path = folder / "summary.json"
-    if not summary_path.is_file():
-        raise FileNotFoundError(f"{str(folder)!r} holds no summary.json; is it a finished run folder?")
-    metrics_path = folder / "metrics.jsonl"
-    metrics = (
-        [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-        if metrics_path.is_file()
-        else []
-    )
-    config_path = folder / "config.yaml"
-    config = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else {}
-    partition_path = folder / "partition.json"
-    meta_path = folder / "clients" / "meta.json"
+    folder = RunFolder(Path(run_dir))
+    summary = folder.require_summary()
     return RunData(
-        run_dir=folder,
-        summary=_json(summary_path),
-        metrics=metrics,
-        partition=_json(partition_path) if partition_path.is_file() else None,
-        config=config,
-        meta=_json(meta_path) if meta_path.is_file() else None,
+        run_dir=folder.root,
+        summary=summary,
+        metrics=folder.read_metrics(),
+        partition=folder.read_partition(),
+        config=folder.read_config_dict(),
+        meta=folder.read_client_meta(),
     )

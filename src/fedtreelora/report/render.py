@@ -13,9 +13,10 @@ import numpy as np
 
 from fedtreelora.report import plots
 from fedtreelora.report.data import RunData, load_run
+from fedtreelora.runfolder import RunFolder
 
 #: folder next to report.md that holds its PNG figures
-FIGURES_DIR = "report_files"
+FIGURES_DIR = RunFolder.FIGURES_DIR
 FIGURE_NAMES = ("tree", "sharing", "accuracy", "lambda", "labels", "communication")
 #: figures only a run with planted groups (``data.groups``) has
 STRUCTURE_FIGURE_NAMES = ("ari",)
@@ -370,7 +371,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     """
     run = load_run(run_dir)
     sections = build_sections(run)
-    folder = run.run_dir / FIGURES_DIR
+    folder = run.folder.report_figures
     folder.mkdir(exist_ok=True)
     # Drop figures of an earlier report that this one no longer has.
     for name in (*FIGURE_NAMES, *STRUCTURE_FIGURE_NAMES):
@@ -378,8 +379,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     for section in sections:
         if section.png is not None:
             (folder / f"{section.key}.png").write_bytes(section.png)
-    html_path = run.run_dir / "report.html"
-    md_path = run.run_dir / "report.md"
+    html_path, md_path = run.folder.report_html, run.folder.report_md
     html_path.write_text(render_html(run, sections), encoding="utf-8")
     md_path.write_text(render_markdown(run, sections), encoding="utf-8")
     return html_path, md_path

@@ -23,6 +23,7 @@ from typing import Any
 import tomli_w
 
 from fedtreelora.engines.flower.certs import Credentials
+from fedtreelora.runfolder import RunFolder
 
 BIN = Path(sys.executable).parent
 
@@ -220,17 +221,16 @@ def simulate(
     stops the SuperLink. The ServerApp writes the usual outputs to ``OUT``.
 
     Returns:
-        the run summary (``OUT/summary.json``).
+        the run summary (also in ``OUT``).
     """
-    import json
-
     from fedtreelora.engines.flower.project import write_app
     from fedtreelora.engines.flower.settings import FlowerRunSettings
 
     out = Path(out_dir).resolve()
     work = out / "flower"
     work.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").unlink(missing_ok=True)
+    run = RunFolder(out)
+    run.summary.unlink(missing_ok=True)  # so that only this run's summary counts as its result
     settings = FlowerRunSettings.for_experiment(config, out_dir=out, round_timeout=round_timeout)
     app = write_app(settings, work / "app")
     home = work / "home"
@@ -244,9 +244,8 @@ def simulate(
         )  # fmt: skip
     finally:
         stop(superlink)
-    summary = out / "summary.json"
-    if not summary.exists():
+    if not run.summary.exists():
         raise RuntimeError(
             f"the Flower run ended (exit code {code}) without a summary; see {work}/run.log and superlink.log"
         )
-    return json.loads(summary.read_text())
+    return run.require_summary()

@@ -22,7 +22,6 @@ from fedtreelora.data import configured_dataset_name, planted_groups
 from fedtreelora.engines.checkpoint import RunState
 from fedtreelora.engines.flower.phases import phase_config
 from fedtreelora.engines.flower.records import from_array_record, to_array_record
-from fedtreelora.engines.recorder import write_json
 from fedtreelora.engines.setup import ModelSide, RunTask, build_model_side, group_records
 from fedtreelora.engines.simulation import SimulationEngine
 from fedtreelora.train import ClientResult
@@ -197,8 +196,8 @@ class FlowerEngine(SimulationEngine):
             label_names=labels,
             dataset_name=configured_dataset_name(cfg.data),
         )
-        if self.recorder.out_dir is not None:
-            write_json(self.recorder.out_dir / "nodes.json", {str(c): n for c, n in nodes.items()})
+        if self.recorder.folder is not None:
+            self.recorder.folder.write_nodes(nodes)
         return fed
 
     # --- one round ------------------------------------------------------------------------------------

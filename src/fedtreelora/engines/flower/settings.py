@@ -3,7 +3,7 @@
 Run config (``[tool.flwr.app.config]`` of the app's ``pyproject.toml``, or ``flwr run --run-config``):
 
 * ``experiment``: the experiment config as JSON (what ``fedtreelora config`` writes as YAML).
-* ``out-dir``: the folder the ServerApp writes ``metrics.jsonl``, ``summary.json``... to ("" for none).
+* ``out-dir``: the run folder the ServerApp writes (metrics, summary...; see :mod:`fedtreelora.runfolder`; "" for none).
 * ``round-timeout``: seconds the server waits for a round's replies; clients that have not answered
   by then miss the round (stragglers) and keep their previous state. 0 waits for every reply.
 * ``node-wait-timeout``: seconds the server waits at start for every client's node to connect.
