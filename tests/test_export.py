@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 from transformers import logging as hf_logging
 
-from fedtreelora.adapters.export import ExportError, export_client, export_trunk, trunk_layers
 from fedtreelora.cli import main
 from fedtreelora.config import load_config
 from fedtreelora.engines import Federation, SimulationEngine, build_federation
+from fedtreelora.export import ExportError, export_client, export_trunk, trunk_layers
 
 pytestmark = pytest.mark.slow
 

@@ -120,3 +120,17 @@ def test_server_state_round_trips_to_identical_payloads(name: str) -> None:
         a, b = first.payload(1, k), second.payload(1, k)
         assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
     assert (first.sharing_labels() is None) == (second.sharing_labels() is None)
+
+
+def test_trunk_expert_of_each_method() -> None:
+    """The expert ``fedtreelora export --trunk`` averages: only methods that share a whole expert have one."""
+    from fedtreelora.export import ExportError, trunk_expert
+    from fedtreelora.strategies import STRATEGIES
+
+    shared = {name: cls.trunk_expert for name, cls in STRATEGIES.items() if cls.trunk_expert is not None}
+    assert shared == {"fedtreelora": "cluster", "fedit": "shared", "ffa": "shared"}
+    assert all(STRATEGIES[name].trunk_expert in STRATEGIES[name].expert_names for name in shared)
+    assert trunk_expert("ffa") == "shared"
+    for method in ("fedsa", "no-such-method"):
+        with pytest.raises(ExportError, match=f"the {method} method shares no whole expert"):
+            trunk_expert(method)

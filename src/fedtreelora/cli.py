@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from fedtreelora.config import load_config
 from fedtreelora.errors import ConfigError
+from fedtreelora.runfolder import RunFolder
 
 DEFAULT_OUT = "runs/default"
 
@@ -20,9 +21,10 @@ def _run(args: argparse.Namespace) -> int:
         if args.config or overrides or args.method or args.seed is not None:
             raise ConfigError("--resume continues with the run's own config.yaml; drop --config/--set/--method/--seed")
         out = Path(args.resume)
-        if not (out / "config.yaml").is_file():
-            raise ConfigError(f"--resume {str(out)!r}: no config.yaml there; is it a run folder?")
-        config = load_config(out / "config.yaml")
+        run = RunFolder(out)
+        if not run.config.is_file():
+            raise ConfigError(f"--resume {str(out)!r}: no {run.config.name} there; is it a run folder?")
+        config = run.read_config()
     else:
         config = load_config(args.config, overrides, method=args.method, seed=args.seed)
         out = Path(args.out)
@@ -86,7 +88,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from fedtreelora.adapters.export import export_client, export_trunk
+    from fedtreelora.export import export_client, export_trunk
 
     # ExportError (a run that cannot be exported as asked) is a ConfigError: one line, exit 2.
     if args.trunk:

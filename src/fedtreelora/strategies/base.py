@@ -82,6 +82,10 @@ class Strategy(ABC):
     #: experts whose random A factors are drawn after every other key's, so that adding them to a method
     #: leaves the other experts' initialisation (and everything that follows from it) unchanged.
     drawn_last_experts: ClassVar[tuple[str, ...]] = ()
+    #: the expert every client shares in full (both factors) in a trunk layer (one where all clients are
+    #: in one cluster), exportable as one adapter (``fedtreelora export --trunk``); None when the method
+    #: has no such expert (e.g. FedSA-LoRA keeps B local).
+    trunk_expert: ClassVar[str | None] = None
 
     def __init__(self, options: StrategyOptions, context: FederationContext) -> None:
         self.options = options

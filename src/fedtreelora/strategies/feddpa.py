@@ -223,6 +223,7 @@ class FedDPA(FedIT):
     name = "feddpa"
     table_rank = 40
     expert_names = ("global", "local")
+    trunk_expert = None  # not exported as a trunk (yet); FedIT's "shared" expert does not exist here
     paper = (
         "Yang, Long, Shen, Jiang, Blumenstein, Dual-Personalizing Adapter for Federated Foundation Models, NeurIPS 2024"
     )

@@ -152,6 +152,7 @@ class FedIT(Strategy):
     name = "fedit"
     table_rank = 10
     expert_names = ("shared",)
+    trunk_expert = "shared"
     paper = "Zhang et al., Towards Building the Federated GPT: Federated Instruction Tuning, ICASSP 2024"
     Options = FedITOptions
 

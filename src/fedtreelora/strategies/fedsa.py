@@ -30,6 +30,7 @@ class FedSA(FedIT):
     table_rank = 30
     paper = "Guo et al., Selective Aggregation for Low-Rank Adaptation in Federated Learning, ICLR 2025"
     Options = FedSAOptions
+    trunk_expert = None  # B stays on the client: no whole expert is shared (FedIT's "shared" is not)
 
     def upload_keys(self, rnd: int, client: int) -> Sequence[str]:
         return [k for k in self.expert_keys("shared") if k.endswith(".lora_A")]

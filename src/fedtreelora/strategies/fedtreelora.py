@@ -155,6 +155,7 @@ class FedTreeLoRA(ClusteredAfterWarmup):
     name = "fedtreelora"
     table_rank = 1000
     expert_names = ("cluster", "external")
+    trunk_expert = "cluster"
     trained_expert = "cluster"
     paper = "Bian, Wang, Zhang, Xu, FedTreeLoRA, ICML 2026 (arXiv 2603.13282)"
     Options = FedTreeLoRAOptions

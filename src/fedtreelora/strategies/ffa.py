@@ -32,6 +32,7 @@ class FFA(FedIT):
     table_rank = 20
     paper = "Sun, Li, Li, Ding, Improving LoRA in Privacy-preserving Federated Learning, ICLR 2024"
     Options = FFAOptions
+    trunk_expert = "shared"  # B averaged, A the shared initialisation: the whole expert is shared
 
     def phase(self, rnd: int) -> PhaseSpec:
         return PhaseSpec(

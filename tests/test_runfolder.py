@@ -1,0 +1,176 @@
+"""The run folder's layout: what the recorder writes, RunFolder reads back; missing and broken files;
+and no other module knows the file names."""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fedtreelora
+from fedtreelora.compare import _read_summary
+from fedtreelora.config import ConfigError, load_config
+from fedtreelora.engines.recorder import RunRecorder
+from fedtreelora.report import load_run
+from fedtreelora.runfolder import RunFolder
+
+PACKAGE = Path(fedtreelora.__file__).parent
+#: the layout's file names, which only runfolder.py may spell out
+LAYOUT_NAMES = ("summary.json", "metrics.jsonl", "partition.json", "meta.json")
+
+PARTITION = {"clients": [{"train_label_counts": [3, 1]}, {"train_label_counts": [0, 4]}], "label_names": ["a", "b"]}
+SUMMARY = {"method": "fedit", "best_mean": 0.75, "final_mean": float("nan"), "cuts": (0, 1)}
+META = {"method": "fedit", "sites": [{"name": "enc.0.q", "layer": 0, "module": "q"}]}
+
+
+def record(rnd: int, client: int) -> dict[str, object]:
+    return {"round": rnd, "client": client, "accuracy": np.float64(0.5), "eval_loss": float("inf")}
+
+
+@pytest.fixture
+def written(tmp_path: Path) -> tuple[RunFolder, list[dict[str, torch.Tensor]]]:
+    """A run folder written by the recorder, as an engine writes it: client 1's state held elsewhere."""
+    recorder = RunRecorder(tmp_path / "run")
+    recorder.truncate_metrics(0)
+    recorder.write_config(load_config(method="fedit", seed=3))
+    recorder.write_partition(PARTITION)
+    recorder.log_clients([record(0, 0), record(0, 1)])
+    recorder.log_clients([record(1, 0)])
+    states = [
+        {"enc.0.q.shared.lora_A": torch.arange(6.0).reshape(2, 3), "enc.0.q.mix_logit": torch.tensor(0.0)},
+        {},
+        {"enc.0.q.shared.lora_A": torch.ones(2, 3), "enc.0.q.mix_logit": torch.tensor(2.0)},
+    ]
+    recorder.write_client_states(states, META)
+    recorder.write_summary(SUMMARY)
+    assert recorder.folder is not None
+    return recorder.folder, states
+
+
+def test_what_the_recorder_writes_reads_back(written: tuple[RunFolder, list[dict[str, torch.Tensor]]]) -> None:
+    folder, states = written
+    config = folder.read_config()
+    assert (config.method, config.seed) == ("fedit", 3)
+    assert folder.read_config_dict() == config.model_dump(mode="json")
+    assert folder.read_partition() == PARTITION
+    assert folder.read_partition_text() == json.dumps(PARTITION, indent=2) + "\n"
+    rows = folder.read_metrics()
+    assert [(r["round"], r["client"]) for r in rows] == [(0, 0), (0, 1), (1, 0)]
+    assert rows[0]["accuracy"] == 0.5 and rows[0]["eval_loss"] is None, "numpy as numbers, non-finite as null"
+    summary = folder.read_summary()
+    assert summary == {"method": "fedit", "best_mean": 0.75, "final_mean": None, "cuts": [0, 1]}
+    assert folder.require_summary() == summary
+    assert folder.read_client_meta() == META
+    assert folder.saved_clients() == [0, 2], "a state held elsewhere is not written"
+    assert folder.client_state_files() == [folder.client_state_file(0), folder.client_state_file(2)]
+    for k in (0, 2):
+        loaded = folder.client_state(k)
+        assert loaded.keys() == states[k].keys()
+        assert all(torch.equal(loaded[key], states[k][key]) for key in loaded)
+    arrays = folder.client_arrays(2, ["enc.0.q.mix_logit"])
+    assert list(arrays) == ["enc.0.q.mix_logit"] and float(arrays["enc.0.q.mix_logit"]) == 2.0
+    assert not list(folder.root.rglob("*.tmp")), "atomic writes leave no temporary files"
+
+
+def test_report_reads_the_same_folder(written: tuple[RunFolder, list[dict[str, torch.Tensor]]]) -> None:
+    folder, _ = written
+    run = load_run(folder.root)
+    assert run.folder == folder
+    assert (run.summary, run.metrics, run.partition, run.meta) == (
+        folder.read_summary(),
+        folder.read_metrics(),
+        folder.read_partition(),
+        folder.read_client_meta(),
+    )
+    assert run.client_files() == folder.client_state_files()
+
+
+def test_truncating_metrics_keeps_earlier_rounds_verbatim(
+    written: tuple[RunFolder, list[dict[str, torch.Tensor]]],
+) -> None:
+    folder, _ = written
+    first_round = folder.metrics.read_text().splitlines()[:2]
+    folder.truncate_metrics(1)
+    assert folder.metrics.read_text().splitlines() == first_round
+    folder.truncate_metrics(0)
+    assert folder.metrics.read_text() == "" and folder.read_metrics() == []
+
+
+def test_an_empty_folder_has_nothing_to_read(tmp_path: Path) -> None:
+    folder = RunFolder(tmp_path)
+    assert folder.read_summary() is None
+    with pytest.raises(FileNotFoundError, match=folder.summary.name):
+        folder.require_summary()
+    with pytest.raises(FileNotFoundError, match="finished run folder"):
+        load_run(tmp_path)
+    assert folder.read_metrics() == []
+    assert folder.read_partition() is None and folder.read_partition_text() is None
+    assert folder.read_client_meta() is None
+    assert folder.read_config_dict() == {}
+    with pytest.raises(ConfigError):
+        folder.read_config()
+    assert folder.client_state_files() == [] and folder.saved_clients() == []
+    assert not folder.has_checkpoint()
+
+
+@pytest.mark.parametrize("text", ["{", "[1, 2]", '"done"'])
+def test_a_broken_summary_means_not_finished(tmp_path: Path, text: str) -> None:
+    folder = RunFolder(tmp_path)
+    folder.summary.write_text(text)
+    assert folder.read_summary() is None
+    assert _read_summary(tmp_path) is None
+
+
+def test_a_summary_without_headline_is_not_a_finished_comparison_run(tmp_path: Path) -> None:
+    folder = RunFolder(tmp_path)
+    folder.write_summary({"method": "fedit"})
+    assert folder.read_summary() == {"method": "fedit"}
+    assert _read_summary(tmp_path) is None, "compare reuses only a run whose summary has its headline"
+    folder.write_summary({"method": "fedit", "best_mean": math.pi})
+    assert _read_summary(tmp_path) == {"method": "fedit", "best_mean": math.pi}
+
+
+def test_a_recorder_without_folder_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    recorder = RunRecorder(None)
+    recorder.truncate_metrics(0)
+    recorder.write_partition(PARTITION)
+    recorder.log_clients([record(0, 0)])
+    recorder.write_client_states([{"x": torch.zeros(1)}], META)
+    recorder.write_summary(SUMMARY)
+    assert recorder.folder is None and list(tmp_path.iterdir()) == []
+
+
+def test_a_str_path_is_accepted() -> None:
+    assert RunFolder("some/run") == RunFolder(Path("some/run"))  # type: ignore[arg-type]
+    assert RunFolder(Path("r")).client_state_file(7).name.endswith("007.safetensors")
+
+
+def test_only_runfolder_knows_the_file_names() -> None:
+    """The layout stays in one place: no other module of the package spells out a run file's name."""
+    offenders = [
+        f"{path.relative_to(PACKAGE)}: {name}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.name != "runfolder.py"
+        for name in LAYOUT_NAMES
+        if name in path.read_text()
+    ]
+    assert offenders == []
+
+
+def test_runfolder_imports_neither_torch_nor_engines() -> None:
+    """Reading a run's numbers must not need torch (imported lazily for tensors) or the engines."""
+    tree = ast.parse((PACKAGE / "runfolder.py").read_text())
+    imported = set()
+    for node in tree.body:  # module level only; TYPE_CHECKING blocks are annotations
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module or "")
+    assert imported <= {"__future__", "json", "math", "os", "collections.abc", "dataclasses", "pathlib", "typing",
+                        "numpy", "yaml", "fedtreelora.config"}  # fmt: skip
