@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
+
+
+def is_torch_tensor(value: object) -> bool:
+    """Whether ``value`` is a ``torch.Tensor``, without importing torch: a value can only be a tensor once
+    torch is loaded, so a numpy-only caller (the configuration, the CLI's listings) never pays for it."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
 
 
 def as_float_array(value: object, name: str, ndim: int) -> np.ndarray:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from fedtreelora.core.checks import as_float_array, require_finite
+from fedtreelora.core.checks import as_float_array, is_torch_tensor, require_finite
+
+if TYPE_CHECKING:
+    import torch
 
 METRICS = ("frobenius", "cosine")
 
@@ -38,6 +41,7 @@ def _pairwise(flat: np.ndarray, metric: str) -> np.ndarray:
 def _layer_distances_torch(modules: list[torch.Tensor], metric: str) -> np.ndarray:
     """:func:`layer_distances` for torch tensors: Gram matrices on the tensors' device (e.g. a GPU),
     one batched matmul per module over all layers. Each module is (clients, layers, d_out, rank)."""
+    import torch  # only here: the numpy path must not load torch
     n, layers = modules[0].shape[:2]
     out = torch.zeros(layers, n, n, dtype=torch.float64, device=modules[0].device)
     for m, x in enumerate(modules):
@@ -80,8 +84,8 @@ def layer_distances(b: np.ndarray | Sequence[np.ndarray], metric: str = "frobeni
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if isinstance(b, torch.Tensor) or (isinstance(b, (list, tuple)) and b and isinstance(b[0], torch.Tensor)):
-        return _layer_distances_torch(list(b.unbind(2)) if isinstance(b, torch.Tensor) else list(b), metric)
+    if is_torch_tensor(b) or (isinstance(b, (list, tuple)) and b and is_torch_tensor(b[0])):
+        return _layer_distances_torch(list(b.unbind(2)) if is_torch_tensor(b) else list(b), metric)
     if isinstance(b, (list, tuple)):
         if len(b) == 0:
             raise ValueError("b must hold at least one module; got an empty sequence")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from fedtreelora.core.checks import as_float_array, require_finite
+from fedtreelora.core.checks import as_float_array, is_torch_tensor, require_finite
+
+if TYPE_CHECKING:
+    import torch
 
 
 def group_means_for(
@@ -31,7 +34,7 @@ def group_means_for(
         ``(inside, outside, has_inside, has_outside)``: means (targets, ...) and (targets,) bool masks
         saying whether any supplier was inside / outside the target's cluster (the mean is zero where not).
     """
-    if isinstance(values, torch.Tensor):
+    if is_torch_tensor(values):
         return _group_means_for_torch(values, labels, target_labels, weights)
     n = values.shape[0]
     w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
@@ -60,6 +63,7 @@ def _group_means_for_torch(
     values: torch.Tensor, labels: np.ndarray, target_labels: np.ndarray, weights: np.ndarray | None
 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
     """:func:`group_means_for` on a torch tensor, on its device and in its dtype (e.g. a GPU, float32)."""
+    import torch  # only here: the numpy path must not load torch
     n, device, dtype = values.shape[0], values.device, values.dtype
     w = (
         torch.ones(n, device=device, dtype=dtype)
