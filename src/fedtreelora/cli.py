@@ -46,10 +46,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _methods(_: argparse.Namespace) -> int:
-    from fedtreelora.strategies import STRATEGIES
+    from fedtreelora.strategies.registry import METHODS  # the descriptions only: no torch
 
-    for name, cls in sorted(STRATEGIES.items()):
-        print(f"{name:<12} {cls.paper}")
+    for name, info in sorted(METHODS.items()):
+        print(f"{name:<12} {info.paper}")
     return 0
 
 

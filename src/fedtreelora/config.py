@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from fedtreelora.data.instructions import BUILTIN_INSTRUCTION_SOURCES
 from fedtreelora.errors import ConfigError
-from fedtreelora.strategies import STRATEGIES
+from fedtreelora.strategies.registry import METHODS  # torch-free: method names and options classes only
 
 CLASSIFIER_TARGETS = ["query", "value"]
 """LoRA targets when ``model.target_modules`` is not set and the task is classification (BERT names)."""
@@ -290,8 +290,8 @@ class ExperimentBase(Section):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        if value not in STRATEGIES:
-            raise ValueError(f"unknown method {value!r}; choose one of {sorted(STRATEGIES)}")
+        if value not in METHODS:
+            raise ValueError(f"unknown method {value!r}; choose one of {sorted(METHODS)}")
         return value
 
     @model_validator(mode="after")
@@ -323,16 +323,16 @@ class ExperimentBase(Section):
     def method_options(self) -> BaseModel:
         """The options section of the chosen method."""
         options = getattr(self, self.method, None)
-        return options if isinstance(options, BaseModel) else STRATEGIES[self.method].Options()
+        return options if isinstance(options, BaseModel) else METHODS[self.method].options()
 
 
 _MODEL_CACHE: dict[tuple[tuple[str, type], ...], type[ExperimentBase]] = {}
 
 
 def experiment_config_model() -> type[ExperimentBase]:
-    """The config class for the strategies registered now: :class:`ExperimentBase` plus one options
-    section per method. Rebuilt when a new method registers, so third-party methods get a section too."""
-    key = tuple(sorted((name, cls.Options) for name, cls in STRATEGIES.items()))
+    """The config class for the methods known now: :class:`ExperimentBase` plus one options section per
+    method. Rebuilt when a new method registers, so third-party methods get a section too."""
+    key = tuple(sorted((name, info.options) for name, info in METHODS.items()))
     if key not in _MODEL_CACHE:
         fields: dict[str, Any] = {name: (options, Field(default_factory=options)) for name, options in key}
         _MODEL_CACHE[key] = create_model(

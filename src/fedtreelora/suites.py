@@ -52,7 +52,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedtreelora.config import ConfigError, ExperimentConfig, apply_override, validate_config
-from fedtreelora.strategies import STRATEGIES, table_order
+from fedtreelora.strategies.registry import METHODS, table_order
 
 PACKAGED_SUITES = Path(__file__).resolve().parent / "configs" / "suites"
 """Folder of the suites that ship with the package."""
@@ -105,7 +105,7 @@ class SuiteFile(BaseModel):
     @classmethod
     def _variant_names(cls, value: dict[str, VariantFile]) -> dict[str, VariantFile]:
         for name, variant in value.items():
-            if not _LABEL.match(name) or name in STRATEGIES:
+            if not _LABEL.match(name) or name in METHODS:
                 raise ValueError(
                     f"variant name {name!r} must be letters, digits, '_', '.', '-' (it names a folder) and not a "
                     "registered method's name"
@@ -198,20 +198,20 @@ class Suite:
     def default_methods(self) -> list[str]:
         """The suite's methods (every registered one for ``methods: all``), in table order."""
         if self.methods is None:
-            return order_methods(list(STRATEGIES))
+            return order_methods(list(METHODS))
         if any(m in self.variants for m in self.methods):
             return list(dict.fromkeys(self.methods))  # a sweep reads in the order its file lists it
         return order_methods(list(self.methods))
 
     def check_methods(self, methods: list[str] | tuple[str, ...]) -> None:
         """Raise :class:`ConfigError` for a name that is neither a registered method nor a variant."""
-        unknown = [m for m in methods if m not in STRATEGIES and m not in self.variants]
+        unknown = [m for m in methods if m not in METHODS and m not in self.variants]
         if unknown:
             extra = f"; this suite's variants: {sorted(self.variants)}" if self.variants else ""
-            raise ConfigError(f"unknown method(s) {unknown}; registered: {sorted(STRATEGIES)}{extra}")
-        bad = sorted({m for m, _ in self.variants.values()} - set(STRATEGIES))
+            raise ConfigError(f"unknown method(s) {unknown}; registered: {sorted(METHODS)}{extra}")
+        bad = sorted({m for m, _ in self.variants.values()} - set(METHODS))
         if bad:
-            raise ConfigError(f"variants use unknown method(s) {bad}; registered: {sorted(STRATEGIES)}")
+            raise ConfigError(f"variants use unknown method(s) {bad}; registered: {sorted(METHODS)}")
 
     def method_of(self, row: str) -> str:
         """The registered method a table row (a method or a variant name) runs."""
@@ -226,7 +226,7 @@ class Suite:
         self.check_methods([method])
         row, method = method, self.method_of(method)
         data = deep_merge(self.base, self.datasets[dataset])
-        options = STRATEGIES[method].Options
+        options = METHODS[method].options
         # Only methods whose warm-up is part of the method (on by default: FedTreeLoRA, FedLEASE); FedIT's
         # optional warm-up stays off, so FedIT in a suite is FedAvg from the first round, as in the papers.
         field = options.model_fields.get("warmup_rounds")

@@ -42,6 +42,7 @@ def _layer_distances_torch(modules: list[torch.Tensor], metric: str) -> np.ndarr
     """:func:`layer_distances` for torch tensors: Gram matrices on the tensors' device (e.g. a GPU),
     one batched matmul per module over all layers. Each module is (clients, layers, d_out, rank)."""
     import torch  # only here: the numpy path must not load torch
+
     n, layers = modules[0].shape[:2]
     out = torch.zeros(layers, n, n, dtype=torch.float64, device=modules[0].device)
     for m, x in enumerate(modules):

@@ -64,6 +64,7 @@ def _group_means_for_torch(
 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
     """:func:`group_means_for` on a torch tensor, on its device and in its dtype (e.g. a GPU, float32)."""
     import torch  # only here: the numpy path must not load torch
+
     n, device, dtype = values.shape[0], values.device, values.dtype
     w = (
         torch.ones(n, device=device, dtype=dtype)

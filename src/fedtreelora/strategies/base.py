@@ -16,17 +16,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from fedtreelora.adapters import PhaseSpec, Site
+from fedtreelora.strategies.options import StrategyOptions
 
 Tensors = dict[str, torch.Tensor]
-
-
-class StrategyOptions(BaseModel):
-    """Options every strategy accepts. Subclasses add their own fields."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 @dataclass(frozen=True)
@@ -62,7 +56,8 @@ class FederationContext:
 class Strategy(ABC):
     """A federated LoRA method.
 
-    Subclasses set ``name``, ``paper`` and ``Options``, and implement the abstract hooks. The
+    Subclasses set ``name``, ``paper`` and ``Options`` (a built-in method gets those and ``table_rank`` from
+    its entry in :data:`fedtreelora.strategies.registry.METHODS`), and implement the abstract hooks. The
     engine calls, per round ``r``: :meth:`phase` (how adapters behave), :meth:`payload` for every
     client, then (after local training) :meth:`upload_keys` to pick what each client sends, and
     :meth:`aggregate` on all uploads.

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from fedtreelora.adapters import ExpertSpec, PhaseSpec
 from fedtreelora.core import group_means
-from fedtreelora.strategies.base import FederationContext, Strategy, StrategyOptions, Tensors, as_payload, as_payloads
+from fedtreelora.strategies.base import FederationContext, Strategy, Tensors, as_payload, as_payloads
 from fedtreelora.strategies.common import flatten_by_owner, unflatten_by_owner
+from fedtreelora.strategies.options import FedALTOptions  # noqa: F401  (re-exported)
 from fedtreelora.strategies.registry import register
-
-
-class FedALTOptions(StrategyOptions):
-    weighting: Literal["uniform", "examples"] = "uniform"
-    """How the other clients' LoRAs are averaged into the rest-of-world LoRA: equally or by example count."""
 
 
 @register
@@ -41,12 +37,9 @@ class FedALT(Strategy):
     a client that did not averages every participant.
     """
 
-    name = "fedalt"
-    table_rank = 50
+    name = "fedalt"  # paper, table rank, options: its entry in strategies/registry.py (read without torch)
     expert_names = ("individual", "rest")
     zero_init_experts = ("rest",)
-    paper = "Bian, Wang, Zhang, Xu, FedALT: Federated Fine-Tuning through Adaptive Local Training with Rest-of-the-World LoRA, 2025"
-    Options = FedALTOptions
 
     def __init__(self, options: FedALTOptions, context: FederationContext) -> None:
         super().__init__(options, context)

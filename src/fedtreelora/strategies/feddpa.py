@@ -5,40 +5,21 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from fedtreelora.adapters import AdapterBank, ExpertSpec, MultiClientLoraLinear, PhaseSpec
-from fedtreelora.strategies.fedit import AllLayersOptions, FedIT
+from fedtreelora.strategies.fedit import FedIT
+from fedtreelora.strategies.options import FedDPAOptions  # noqa: F401  (re-exported)
 from fedtreelora.strategies.registry import register
 from fedtreelora.train.batches import EncodedExamples, eval_batches
 from fedtreelora.train.client import LocalTraining
 from fedtreelora.train.generation import EncodedInstructions, iterate_prompts
 from fedtreelora.train.metrics import evaluate_client
-
-
-class FedDPAOptions(AllLayersOptions):
-    inference: Literal["instance", "fixed"] = "instance"
-    """How the two adapters mix at evaluation: FedDPA's instance-wise dynamic weighting, or the fixed
-    ``local_weight`` used in training."""
-    local_weight: float = Field(0.5, ge=0.0, le=1.0)
-    """Weight of the local adapter in training (the global adapter gets 1 - it), and at evaluation
-    when ``inference`` is ``fixed`` (the authors' code trains with 0.5 / 0.5)."""
-    max_weight: float = Field(0.5, gt=0.0, le=1.0)
-    """Instance-wise weighting: the local adapter's weight is max_weight times the mean cosine
-    similarity (the authors' code: 0.5)."""
-    num_reference: int | None = Field(5, ge=1)
-    """Instance-wise weighting: local training instances drawn at random per test instance to
-    compare it with (the authors' code: 5); None compares with all of them."""
-    pooling: Literal["mean", "cls", "last"] = "mean"
-    """Instance representation: the last hidden layer averaged over the non-padding tokens, its first
-    ([CLS]) token, or its last non-padding token (the authors' choice for decoders). For instruction data
-    the instance is the prompt."""
 
 
 @dataclass(frozen=True)
@@ -220,14 +201,9 @@ class FedDPA(FedIT):
       with ``train.clients_per_pass > 1`` must evaluate through that hook too.
     """
 
-    name = "feddpa"
-    table_rank = 40
+    name = "feddpa"  # paper, table rank, options: its entry in strategies/registry.py (read without torch)
     expert_names = ("global", "local")
     trunk_expert = None  # not exported as a trunk (yet); FedIT's "shared" expert does not exist here
-    paper = (
-        "Yang, Long, Shen, Jiang, Blumenstein, Dual-Personalizing Adapter for Federated Foundation Models, NeurIPS 2024"
-    )
-    Options = FedDPAOptions
 
     def phase(self, rnd: int) -> PhaseSpec:
         opts = self.options

@@ -2,128 +2,23 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
 
 from fedtreelora.adapters import ExpertSpec, PhaseSpec
 from fedtreelora.core import group_means
-from fedtreelora.errors import ConfigError
-from fedtreelora.strategies.base import Strategy, StrategyOptions, Tensors, as_payload
+from fedtreelora.strategies.base import Strategy, Tensors, as_payload
+from fedtreelora.strategies.options import (  # noqa: F401  (re-exported: importable from here too)
+    SHARED_LAYERS_FORMS,
+    AllLayersOptions,
+    FedITOptions,
+    parse_shared_layers,
+    resolve_shared_layers,
+)
 from fedtreelora.strategies.registry import register
-
-SHARED_LAYERS_FORMS = "all, none, first:K, last:K, or a list of layer indices such as [0, 1, 2]"
-"""The accepted forms of ``fedit.shared_layers``, as error messages list them."""
-
-_FIRST_LAST = re.compile(r"^(first|last):(\d+)$")
-
-
-def parse_shared_layers(value: object) -> str | list[int]:
-    """Check the syntax of a ``shared_layers`` value and return its canonical form.
-
-    Args:
-        value: ``"all"``, ``"none"``, ``"first:K"``, ``"last:K"`` (K >= 0), a list of distinct
-            non-negative layer indices, or the same list as a comma-separated string (``"0,2"``, what
-            ``--set fedit.shared_layers=0,2`` gives).
-    Returns:
-        the string forms as given (whitespace removed), a list sorted ascending.
-    Raises:
-        ValueError naming the accepted forms (pydantic reports it under the field's name).
-    """
-    if isinstance(value, str):
-        text = value.strip().replace(" ", "")
-        if text in ("all", "none") or _FIRST_LAST.match(text):
-            return text
-        if text and all(part.isdigit() for part in text.split(",")):
-            return parse_shared_layers([int(part) for part in text.split(",")])
-        raise ValueError(f"not a layer selection; use {SHARED_LAYERS_FORMS}")
-    if isinstance(value, (list, tuple)):
-        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
-            raise ValueError("layer indices must be non-negative integers")
-        if len(set(value)) != len(value):
-            raise ValueError("layer indices must be distinct")
-        return sorted(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        raise ValueError(
-            f"a bare number ({value}) is ambiguous: write first:{value} for the first {value} layers, "
-            f"or [{value}] for layer {value} alone"
-        )
-    if isinstance(value, dict):
-        raise ValueError("a mapping is not a layer selection: write first:K or last:K with no space after the colon")
-    raise ValueError(f"not a layer selection; use {SHARED_LAYERS_FORMS}")
-
-
-def resolve_shared_layers(
-    spec: str | Sequence[int], num_layers: int, field: str = "fedit.shared_layers"
-) -> tuple[int, ...]:
-    """The layers a ``shared_layers`` selection (in :func:`parse_shared_layers`'s canonical form) names
-    in a model with ``num_layers`` adapted layers, ascending.
-
-    Raises:
-        ConfigError naming ``field`` and the valid range when K exceeds ``num_layers`` or an index
-        is not a layer of the model.
-    """
-    valid = (
-        f"valid for this model ({num_layers} adapted layers): all, none, first:K or last:K with K in "
-        f"0..{num_layers}, or layer indices in 0..{num_layers - 1}"
-    )
-    if spec == "all":
-        return tuple(range(num_layers))
-    if spec == "none":
-        return ()
-    if isinstance(spec, str):
-        match = _FIRST_LAST.match(spec)
-        if match is None:
-            raise ConfigError(f"{field}={spec!r} is not a layer selection; use {SHARED_LAYERS_FORMS}")
-        k = int(match.group(2))
-        if k > num_layers:
-            raise ConfigError(f"{field}={spec!r} names more layers than the model has; {valid}")
-        return tuple(range(k)) if match.group(1) == "first" else tuple(range(num_layers - k, num_layers))
-    outside = [i for i in spec if not 0 <= i < num_layers]
-    if outside:
-        raise ConfigError(f"{field}={list(spec)!r}: layer(s) {outside} do not exist; {valid}")
-    return tuple(sorted(spec))
-
-
-class FedITOptions(StrategyOptions):
-    weighting: Literal["uniform", "examples"] = "uniform"
-    """How uploads are averaged: ``uniform`` (equal clients, as in the paper's setup) or by example count."""
-    warmup_rounds: int = Field(0, ge=0)
-    """Rounds of purely local training before the first average (0: FedAvg from round 1). With the same
-    warm-up, FedTreeLoRA with one cluster at every layer (``window=1``) computes exactly this."""
-    shared_layers: str | list[int] = "all"
-    """Which transformer layers' LoRAs are averaged (FedAvg); the others stay local to each client (never
-    sent, never overwritten). ``all``; ``none`` (local training); ``first:K``: layers 0..K-1, nearest the
-    input; ``last:K``: the K deepest; or a list of layer indices (``[0, 2]``, or ``0,2`` on the command
-    line). K is checked against the model's layers when the run starts (``first:0`` and ``last:0`` mean
-    none)."""
-
-    @field_validator("shared_layers", mode="before")
-    @classmethod
-    def _shared_layers(cls, value: object) -> str | list[int]:
-        return parse_shared_layers(value)
-
-
-class AllLayersOptions(FedITOptions):
-    """Options of a FedIT-derived method that shares its federated part in every layer: ``shared_layers``
-    is fixed at ``all`` (depth-limited FedAvg is FedIT's ``shared_layers``)."""
-
-    shared_layers: Literal["all"] = "all"  # type: ignore[assignment]
-    """Always ``all``: this method shares its federated part in every layer (depth-limited sharing is
-    ``fedit.shared_layers``)."""
-
-    @field_validator("shared_layers", mode="before")
-    @classmethod
-    def _shared_layers(cls, value: object) -> str:
-        if value != "all":
-            raise ValueError(
-                "only 'all' is supported here; depth-limited FedAvg is --method fedit with fedit.shared_layers"
-            )
-        return "all"
 
 
 @register
@@ -149,12 +44,9 @@ class FedIT(Strategy):
     shared layers (``shared_layers``).
     """
 
-    name = "fedit"
-    table_rank = 10
+    name = "fedit"  # paper, table rank, options: its entry in strategies/registry.py (read without torch)
     expert_names = ("shared",)
     trunk_expert = "shared"
-    paper = "Zhang et al., Towards Building the Federated GPT: Federated Instruction Tuning, ICASSP 2024"
-    Options = FedITOptions
 
     def __init__(self, options: FedITOptions, context) -> None:  # type: ignore[no-untyped-def]
         super().__init__(options, context)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
 
 from fedtreelora.adapters import ExpertSpec, PhaseSpec
 from fedtreelora.core import build_tree, cut_exact, group_means, layer_distances, mean_silhouette
-from fedtreelora.strategies.base import FederationContext, StrategyOptions, Tensors, as_payloads, rename
+from fedtreelora.strategies.base import FederationContext, Tensors, as_payloads, rename
 from fedtreelora.strategies.common import (
     ClusteredAfterWarmup,
     b_matrices_by_module,
@@ -20,23 +19,8 @@ from fedtreelora.strategies.common import (
     nearest_group,
     unflatten_by_owner,
 )
+from fedtreelora.strategies.options import FedLEASEOptions, StrategyOptions
 from fedtreelora.strategies.registry import register
-
-
-class FedLEASEOptions(StrategyOptions):
-    warmup_rounds: int = Field(3, ge=1)
-    """Rounds of purely local training before the clients are clustered from their B matrices."""
-    max_clusters: int = Field(4, ge=2)
-    """Largest number of clusters (experts) tried; the model holds this many experts per module."""
-    distance: Literal["cosine", "frobenius"] = "cosine"
-    """How B matrices are compared (FedLEASE uses one minus the cosine similarity)."""
-    linkage: Literal["average", "complete", "single", "weighted"] = "average"
-    """Linkage of the clustering (FedLEASE: average)."""
-    weighting: Literal["uniform", "examples"] = "uniform"
-    """Expert (and router) averages within a cluster: unweighted or weighted by client example count."""
-    router_sharing: Literal["cluster", "local"] = "cluster"
-    """``cluster``: the server averages the routers of each cluster's members and sends the mean back, as the
-    authors' server does; ``local``: every client keeps its own router (never sent)."""
 
 
 @register
@@ -120,14 +104,9 @@ class FedLEASE(ClusteredAfterWarmup):
     mask (``max_clusters`` numbers per module).
     """
 
-    name = "fedlease"
-    table_rank = 60
+    name = "fedlease"  # paper, table rank, options: its entry in strategies/registry.py (read without torch)
     expert_names = ("own", "other_1", "other_2", "other_3")
     trained_expert = "own"
-    paper = (
-        "Wang, Bian, Zhang, Xu, Adaptive LoRA Experts Allocation and Selection for Federated Fine-Tuning, NeurIPS 2025"
-    )
-    Options = FedLEASEOptions
 
     def __init__(self, options: FedLEASEOptions, context: FederationContext) -> None:
         super().__init__(options, context)

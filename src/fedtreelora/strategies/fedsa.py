@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fedtreelora.strategies.fedit import AllLayersOptions, FedIT
+from fedtreelora.strategies.fedit import FedIT
+from fedtreelora.strategies.options import FedSAOptions  # noqa: F401  (re-exported)
 from fedtreelora.strategies.registry import register
-
-
-class FedSAOptions(AllLayersOptions):
-    """FedSA-LoRA's options (how A uploads are averaged)."""
 
 
 @register
@@ -26,10 +23,7 @@ class FedSA(FedIT):
     on; in round 0 every client already holds the same A).
     """
 
-    name = "fedsa"
-    table_rank = 30
-    paper = "Guo et al., Selective Aggregation for Low-Rank Adaptation in Federated Learning, ICLR 2025"
-    Options = FedSAOptions
+    name = "fedsa"  # paper, table rank, options: its entry in strategies/registry.py (read without torch)
     trunk_expert = None  # B stays on the client: no whole expert is shared (FedIT's "shared" is not)
 
     def upload_keys(self, rnd: int, client: int) -> Sequence[str]:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator, model_validator
 
 from fedtreelora.adapters import ExpertSpec, PhaseSpec
 from fedtreelora.core import (
@@ -22,9 +21,9 @@ from fedtreelora.core import (
     mean_silhouette,
     plan_sharing,
 )
-from fedtreelora.core.plan import AUTO, check_tau
-from fedtreelora.core.tau_auto import DEFAULT_LEVEL, DEFAULT_PERMUTATIONS, StageTests, check_auto_settings
-from fedtreelora.strategies.base import FederationContext, StrategyOptions, Tensors, as_payloads
+from fedtreelora.core.plan import AUTO
+from fedtreelora.core.tau_auto import StageTests
+from fedtreelora.strategies.base import FederationContext, Tensors, as_payloads
 from fedtreelora.strategies.common import (
     ClusteredAfterWarmup,
     b_matrices_by_module,
@@ -32,81 +31,8 @@ from fedtreelora.strategies.common import (
     nearest_group,
     unflatten_by_owner,
 )
+from fedtreelora.strategies.options import FedTreeLoRAOptions, StrategyOptions
 from fedtreelora.strategies.registry import register
-
-
-class FedTreeLoRAOptions(StrategyOptions):
-    tau: float | Literal["auto"] = 0.3
-    """Score of full sharing (c = 1); a layer leaves the root only when a partition's silhouette beats it.
-    ``auto``: no prior; a finer cut competes only when a relabelling test admits it (its silhouette,
-    measured on the cut of a tree built without the layer, beats the ``auto_level`` quantile of its own
-    null of random relabellings, at the layer and at every deeper layer); else the layer keeps the
-    previous layer's count (the first layer: 1). A federation without structure then stays shared
-    everywhere with probability about ``auto_level`` or more. Deterministic (``auto_seed``)."""
-    auto_level: float = Field(DEFAULT_LEVEL, gt=0.0, lt=1.0)
-    """With ``tau: auto``: the test's level, the chance that a federation without structure keeps every
-    layer shared (each candidate must beat this quantile of its own null)."""
-    auto_permutations: int = Field(DEFAULT_PERMUTATIONS, ge=1)
-    """With ``tau: auto``: random relabellings per layer and previous partition (the null's size); at
-    least enough for the ``auto_level`` quantile (19 at 0.95). 999 plans 20 clients x 32 layers in
-    well under a second."""
-    auto_seed: int = Field(0, ge=0)
-    """With ``tau: auto``: seed of the relabellings; the same B matrices and seed give the same plan."""
-    window: int = Field(2, ge=1)
-    """Candidates per layer: c_{l-1} <= c < c_{l-1} + window. 1 keeps every layer shared (FedIT)."""
-    warmup_rounds: int = Field(3, ge=1)
-    """Rounds of purely local training before the tree is built from the clients' B matrices."""
-    distance: Literal["frobenius", "cosine"] = "frobenius"
-    """How B matrices are compared."""
-    linkage: Literal["average", "complete", "single", "weighted"] = "average"
-    """Linkage of the one tree (the paper's choice is average)."""
-    weighting: Literal["uniform", "examples"] = "uniform"
-    """Expert averages: unweighted (the paper) or weighted by client example count."""
-    lambda_init: float = Field(0.5, gt=0.0, lt=1.0)
-    """Initial weight of the cluster expert against the external expert."""
-    cut_mode: Literal["tree", "fixed", "independent"] = "tree"
-    """Ablation. ``tree``: the method (one tree, a cut per layer, nested). ``fixed``: the same
-    ``fixed_clusters`` clusters of the one tree at every layer. ``independent``: every layer builds its
-    own tree on its own distances and picks its count like ``tree`` does (tau, window), so partitions
-    need not nest from layer to layer."""
-    fixed_clusters: int = Field(4, ge=1)
-    """Clusters at every layer when ``cut_mode`` is ``fixed`` (at most the number of clients)."""
-    external: Literal["mean", "none", "per_cluster"] = "mean"
-    """Ablation. ``mean``: the method (one external expert, the mean of everyone outside the cluster).
-    ``none``: no external expert, the cluster expert alone. ``per_cluster``: one frozen expert per other
-    cluster of the layer (needs ``max_clusters`` experts; more downlink)."""
-    max_clusters: int = Field(4, ge=2)
-    """With ``external: per_cluster``: the experts the model holds (its own cluster's and up to
-    max_clusters - 1 others); every layer's cut is capped at this many clusters."""
-    mixer: Literal["lambda", "router"] = "lambda"
-    """Ablation. ``lambda``: the method (one learnable scalar per layer and module). ``router``: a
-    per-token softmax router (linear d_in -> experts) per layer and module, trained and kept locally."""
-    personal: bool = False
-    """Beyond the paper: after warm-up every client also trains a private LoRA (the ``personal`` expert,
-    B from zero, never sent or averaged) that acts at weight 1 on top of the tree's mix at every layer,
-    so a client whose data the others pull away keeps its own adapter. Off: the paper's method."""
-
-    @field_validator("tau", mode="before")
-    @classmethod
-    def _tau(cls, value: Any) -> float | str:
-        try:
-            return check_tau(value)
-        except ValueError:
-            raise ValueError("tau must be a number in [-1, 1] (a silhouette threshold) or 'auto'") from None
-
-    @model_validator(mode="after")
-    def _consistent(self) -> FedTreeLoRAOptions:
-        check_auto_settings(self.auto_level, self.auto_permutations)
-        if self.external == "none" and self.mixer != "lambda":
-            raise ValueError("external='none' leaves one expert and nothing to mix; keep mixer='lambda' (unused)")
-        if self.personal and self.mixer != "lambda":
-            raise ValueError("personal=true adds a private expert beside the lambda mixer; use mixer='lambda'")
-        if self.external == "per_cluster" and self.cut_mode == "fixed" and self.fixed_clusters > self.max_clusters:
-            raise ValueError(
-                f"fixed_clusters ({self.fixed_clusters}) exceeds max_clusters ({self.max_clusters}), the experts "
-                "that external='per_cluster' holds; raise max_clusters"
-            )
-        return self
 
 
 @register
@@ -152,13 +78,10 @@ class FedTreeLoRA(ClusteredAfterWarmup):
     links are unchanged.
     """
 
-    name = "fedtreelora"
-    table_rank = 1000
+    name = "fedtreelora"  # paper, table rank, options: its entry in strategies/registry.py (read without torch)
     expert_names = ("cluster", "external")
     trunk_expert = "cluster"
     trained_expert = "cluster"
-    paper = "Bian, Wang, Zhang, Xu, FedTreeLoRA, ICML 2026 (arXiv 2603.13282)"
-    Options = FedTreeLoRAOptions
     zero_init_experts = ("external",)
     # The personal expert's A is drawn last: with and without it, warm-up computes the same thing.
     drawn_last_experts = ("personal",)

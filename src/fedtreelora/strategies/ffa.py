@@ -5,12 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fedtreelora.adapters import ExpertSpec, PhaseSpec
-from fedtreelora.strategies.fedit import AllLayersOptions, FedIT
+from fedtreelora.strategies.fedit import FedIT
+from fedtreelora.strategies.options import FFAOptions  # noqa: F401  (re-exported)
 from fedtreelora.strategies.registry import register
-
-
-class FFAOptions(AllLayersOptions):
-    """FFA-LoRA's options (how B uploads are averaged)."""
 
 
 @register
@@ -28,10 +25,7 @@ class FFA(FedIT):
     scaling sweep and DP-SGD variants are not part of this baseline.
     """
 
-    name = "ffa"
-    table_rank = 20
-    paper = "Sun, Li, Li, Ding, Improving LoRA in Privacy-preserving Federated Learning, ICLR 2024"
-    Options = FFAOptions
+    name = "ffa"  # paper, table rank, options: its entry in strategies/registry.py (read without torch)
     trunk_expert = "shared"  # B averaged, A the shared initialisation: the whole expert is shared
 
     def phase(self, rnd: int) -> PhaseSpec:

@@ -21,10 +21,8 @@ class Local(Strategy):
     On the wire each round: nothing in either direction.
     """
 
-    name = "local"
-    table_rank = 0
+    name = "local"  # paper, table rank, options: its entry in strategies/registry.py (read without torch)
     expert_names = ("local",)
-    paper = "reference point (no federation)"
 
     def phase(self, rnd: int) -> PhaseSpec:
         return PhaseSpec(experts=(ExpertSpec("local"),), mixer="single", name="local")
