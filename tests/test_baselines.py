@@ -22,7 +22,7 @@ from fedtreelora.core import cut_exact
 from fedtreelora.engines import SimulationEngine, build_federation
 from fedtreelora.models import load_classifier
 from fedtreelora.strategies import STRATEGIES, FederationContext, Strategy, get_strategy
-from fedtreelora.strategies.feddpa import InstanceWeighting
+from fedtreelora.train.instance_weighting import InstanceWeighting
 
 N, LAYERS = 4, 2
 SITES = tuple(Site(f"enc.{layer}.q", layer, "q", 3, 2) for layer in range(LAYERS))
@@ -605,7 +605,8 @@ def test_feddpa_instance_weighting_mixes_each_validation_instance_with_its_own_a
     args = (tok, fed.train_data[0], fed.val_data[0], 4, fed.device, 7)
     alpha = hook.alphas(bank, *args)
     assert alpha.shape == (6,) and (alpha.abs() <= 0.5 + 1e-6).all() and alpha.std() > 0
-    got = hook(bank, tok, train_data=args[1], val_data=args[2], batch_size=4, device=fed.device, seed=7)
+    settings = dataclasses.replace(fed.settings, eval_batch_size=4)
+    got = hook(bank, tok, train_data=args[1], val_data=args[2], settings=settings, device=fed.device, seed=7)
     assert got["local_weight_mean"] == pytest.approx(float(alpha.mean()))
     layers = list(bank.layers.values())
     assert all(

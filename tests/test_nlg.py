@@ -26,13 +26,13 @@ from fedtreelora.strategies import STRATEGIES
 from fedtreelora.suites import load_suite
 from fedtreelora.train.generation import (
     IGNORE_INDEX,
-    GenerationSettings,
     collate_instructions,
     encode_instructions,
     generate,
     response_losses,
 )
 from fedtreelora.train.rouge import rouge_scores
+from fedtreelora.train.settings import GenerationSettings
 
 CPU = torch.device("cpu")
 

@@ -33,8 +33,8 @@ from fedtreelora.errors import ConfigError
 from fedtreelora.models import Backbone, load_causal_lm, load_classifier
 from fedtreelora.models.causal import is_quantized
 from fedtreelora.strategies import FederationContext, Strategy, get_strategy
-from fedtreelora.train import EncodedExamples, LocalTraining, encode
-from fedtreelora.train.generation import EncodedInstructions, GenerationSettings, encode_instructions
+from fedtreelora.train import EncodedExamples, LocalTraining, encode, local_training
+from fedtreelora.train.generation import EncodedInstructions, encode_instructions
 from fedtreelora.train.metrics import PRIMARY_METRIC
 
 
@@ -211,20 +211,6 @@ class ModelSide:
     device: torch.device
 
 
-def _generation_settings(config: ExperimentConfig) -> GenerationSettings | None:
-    """How answers are generated at evaluation; None for classification."""
-    if config.data.resolved_task() != "generation":
-        return None
-    gen = config.generation
-    return GenerationSettings(
-        max_new_tokens=gen.max_new_tokens,
-        num_beams=gen.num_beams,
-        do_sample=gen.do_sample,
-        temperature=gen.temperature,
-        top_p=gen.top_p,
-    )
-
-
 def build_model_side(
     config: ExperimentConfig, *, num_labels: int, num_examples: tuple[int, ...], num_slots: int | None = None
 ) -> ModelSide:
@@ -272,18 +258,7 @@ def build_model_side(
     initial_state = strategy.initial_state(generator)
     # A local head starts from the shared random head every client loaded.
     initial_state.update({k: v for k, v in bank.read_slot(0).items() if k in bank.local_parameters})
-    t = config.train
-    settings = LocalTraining(
-        batch_size=t.batch_size,
-        eval_batch_size=t.eval_batch_size,
-        local_epochs=t.local_epochs,
-        local_steps=t.local_steps,
-        lr=t.lr,
-        mixer_lr=t.mixer_lr,
-        weight_decay=t.weight_decay,
-        precision=("fp32" if device.type == "cpu" else "bf16") if t.precision == "auto" else t.precision,
-        generation=_generation_settings(config),
-    )
+    settings = local_training(config, device.type)
     return ModelSide(classifier, bank, strategy, initial_state, settings, device)
 
 

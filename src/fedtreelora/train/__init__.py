@@ -1,14 +1,17 @@
 """Local training and evaluation of one client."""
 
 from fedtreelora.train.batches import EncodedExamples, encode
-from fedtreelora.train.client import ClientResult, LocalTraining, run_client_round
+from fedtreelora.train.client import ClientResult, run_client_round
 from fedtreelora.train.metrics import evaluate_classifier
+from fedtreelora.train.settings import GenerationSettings, LocalTraining, local_training
 from fedtreelora.train.vectorized import run_clients_round
 
 __all__ = [
     "ClientResult",
     "EncodedExamples",
+    "GenerationSettings",
     "LocalTraining",
+    "local_training",
     "encode",
     "evaluate_classifier",
     "run_client_round",

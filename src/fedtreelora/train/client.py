@@ -17,27 +17,12 @@ from transformers import PreTrainedTokenizerBase
 from fedtreelora.adapters import AdapterBank, PhaseSpec
 from fedtreelora.adapters.slot_dropout import slot_streams, use_slot_dropout
 from fedtreelora.train.batches import EncodedExamples, train_batches
-from fedtreelora.train.generation import EncodedInstructions, GenerationSettings, response_losses
+from fedtreelora.train.generation import EncodedInstructions, response_losses
 from fedtreelora.train.metrics import evaluate_client
 from fedtreelora.train.precision import precision_context
+from fedtreelora.train.settings import LocalTraining
 
 Tensors = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class LocalTraining:
-    """Local optimisation settings (a view of ``TrainConfig``)."""
-
-    batch_size: int = 16
-    eval_batch_size: int = 64
-    local_epochs: int = 1
-    local_steps: int | None = None
-    lr: float = 1e-3
-    mixer_lr: float = 5e-2
-    weight_decay: float = 0.0
-    precision: str = "fp32"
-    generation: GenerationSettings | None = None
-    """How a causal LM's answers are generated at evaluation; None for classification."""
 
 
 @dataclass
@@ -128,9 +113,8 @@ def _run_client_round(
     optimizer.zero_grad(set_to_none=True)
     if phase.evaluate is not None:  # the strategy evaluates its own way (e.g. FedDPA's instance-wise mixing)
         evaluation = phase.evaluate(
-            bank, tokenizer, train_data=train_data, val_data=val_data,
-            batch_size=settings.eval_batch_size, device=device, seed=seed, settings=settings,
-        )  # fmt: skip
+            bank, tokenizer, train_data=train_data, val_data=val_data, settings=settings, device=device, seed=seed
+        )
     else:
         if settings.generation is not None and settings.generation.do_sample:
             torch.manual_seed(seed)  # sampled answers depend on the client's round seed only

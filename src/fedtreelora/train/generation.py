@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from fedtreelora.train.settings import GenerationSettings
+
 IGNORE_INDEX = -100
 """Label of tokens that do not count in the loss (prompt, padding)."""
 
@@ -27,17 +29,6 @@ ALPACA_PROMPT = (
     "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 )
 """Prompt of a model without a chat template (the Alpaca format used by FedDPA/FedALT-style code)."""
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """How answers are generated at evaluation (a view of the ``generation`` config section)."""
-
-    max_new_tokens: int = 32
-    num_beams: int = 1
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ ROUGE for generation."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,9 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedtreelora.train.batches import EncodedExamples, eval_batches
 from fedtreelora.train.generation import EncodedInstructions, evaluate_generation
-
-if TYPE_CHECKING:
-    from fedtreelora.train.client import LocalTraining
+from fedtreelora.train.settings import LocalTraining
 
 PRIMARY_METRIC: dict[str, str] = {"classification": "accuracy", "generation": "rouge1"}
 """Task -> the per-client metric a run records, averages and reports (``final_mean``, ``best_mean``)."""

@@ -16,10 +16,10 @@ from transformers import PreTrainedTokenizerBase
 
 from fedtreelora.adapters import AdapterBank, PhaseSpec
 from fedtreelora.train.batches import EncodedExamples
-from fedtreelora.train.client import LocalTraining
 from fedtreelora.train.generation import EncodedInstructions
 from fedtreelora.train.metrics import evaluate_client
 from fedtreelora.train.precision import precision_context
+from fedtreelora.train.settings import LocalTraining
 from fedtreelora.train.vectorized import evaluate_together
 
 
@@ -55,9 +55,8 @@ def evaluate_received(
         bank.configure(phase, active_slots=1)
         if phase.evaluate is not None:
             return phase.evaluate(
-                bank, tokenizer, train_data=train_data, val_data=val_data,
-                batch_size=settings.eval_batch_size, device=device, seed=seed, settings=settings,
-            )  # fmt: skip
+                bank, tokenizer, train_data=train_data, val_data=val_data, settings=settings, device=device, seed=seed
+            )
         if settings.generation is not None and settings.generation.do_sample:
             torch.manual_seed(seed)
         return evaluate_client(bank.model, tokenizer, val_data, settings, device)

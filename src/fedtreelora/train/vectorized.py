@@ -21,9 +21,10 @@ from transformers import PreTrainedTokenizerBase
 from fedtreelora.adapters import AdapterBank, PhaseSpec
 from fedtreelora.adapters.slot_dropout import slot_streams, use_slot_dropout
 from fedtreelora.train.batches import EncodedExamples, batch_indices, collate_clients
-from fedtreelora.train.client import ClientResult, LocalTraining, make_optimizer
+from fedtreelora.train.client import ClientResult, make_optimizer
 from fedtreelora.train.generation import EncodedInstructions, evaluate_generation, response_losses
 from fedtreelora.train.precision import precision_context
+from fedtreelora.train.settings import LocalTraining
 
 
 def _per_client_loss(model: nn.Module, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
