@@ -127,6 +127,33 @@ def test_personal_is_never_sent_nor_taken_and_trains_after_warmup() -> None:
             assert not any(".personal." in k for k in tree.payload(rnd + 1, c))
 
 
+def test_warmup_init_sends_each_client_its_own_adapter_once_and_survives_a_checkpoint() -> None:
+    tree = strategy(personal=True, personal_init="warmup")
+    state = tree.initial_state(torch.Generator().manual_seed(0))
+    keys = list(tree.upload_keys(0, 0))
+    own = {c: {k: torch.full(state[k].shape, float(c + 1)) for k in keys} for c in range(N)}
+    tree.aggregate(0, own)  # the last (only) warm-up round: the plan and the personal starts
+    for c in range(N):
+        first = tree.payload(1, c)
+        for k in keys:
+            assert torch.equal(first[k.replace(".cluster.", ".personal.")], own[c][k]), "its own, not the mean"
+        assert not any(".personal." in k for k in tree.payload(2, c)), "sent once"
+    again = strategy(personal=True, personal_init="warmup")
+    tensors, meta = tree.state_dict()
+    again.load_state_dict(tensors, meta)
+    for c in range(N):
+        a, b = tree.payload(1, c), again.payload(1, c)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    zero = strategy(personal=True)
+    zero.aggregate(0, own)
+    assert not any(".personal." in k for c in range(N) for k in zero.payload(1, c))
+
+
+def test_personal_init_needs_personal() -> None:
+    with pytest.raises(ConfigError, match="personal=true"):
+        load_config(method="fedtreelora", fedtreelora={"personal_init": "warmup"})
+
+
 def test_personal_draws_the_other_experts_as_without_it() -> None:
     plain = strategy().initial_state(torch.Generator().manual_seed(3))
     personal = strategy(personal=True).initial_state(torch.Generator().manual_seed(3))

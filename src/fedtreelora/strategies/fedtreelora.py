@@ -73,9 +73,12 @@ class FedTreeLoRA(ClusteredAfterWarmup):
       kept by the client (never sent).
 
     Beyond the paper, ``personal=True`` adds a private ``personal`` expert per client after warm-up:
-    trained, kept, never sent, acting at weight 1 on top of the mix (``lambda * cluster + (1 - lambda)
-    * external + personal``; ``cluster + personal`` where a layer is shared by everyone). Up and down
-    links are unchanged.
+    trained, kept, never averaged, acting at weight 1 on top of the mix (``lambda * cluster + (1 -
+    lambda) * external + personal``; ``cluster + personal`` where a layer is shared by everyone). It
+    starts at zero (``personal_init="zero"``: up and down links unchanged) or as the client's own
+    adapter at the end of warm-up (``"warmup"``: the client's last warm-up upload comes back once, in
+    the first federated payload; a client that did not upload in the last warm-up round, or misses the
+    first federated round, starts from zero).
     """
 
     name = "fedtreelora"  # paper, table rank, options: its entry in strategies/registry.py (read without torch)
@@ -93,6 +96,8 @@ class FedTreeLoRA(ClusteredAfterWarmup):
         self.plan: SharingPlan | None = None
         self.distances: np.ndarray | None = None
         self._payloads: dict[int, Tensors] = {}
+        # personal_init="warmup": each client's last warm-up adapter, sent back once as its personal expert
+        self._personal_start: dict[int, Tensors] = {}
 
     @property
     def lambda_init(self) -> float:
@@ -135,7 +140,10 @@ class FedTreeLoRA(ClusteredAfterWarmup):
     def payload(self, rnd: int, client: int) -> Tensors:
         if self.is_warmup(rnd):
             return {}
-        return dict(self._payloads.get(client, {}))
+        payload = dict(self._payloads.get(client, {}))
+        if rnd == self.options.warmup_rounds:  # the first federated round: the personal expert's start
+            payload.update(self._personal_start.get(client, {}))
+        return payload
 
     def upload_keys(self, rnd: int, client: int) -> Sequence[str]:
         return self.expert_keys("cluster")
@@ -243,6 +251,11 @@ class FedTreeLoRA(ClusteredAfterWarmup):
         if self.plan is None:
             self.plan = self._plan_from_warmup()
             info["cuts"] = self.plan.cuts.tolist()
+            if self.options.personal and self.options.personal_init == "warmup":
+                self._personal_start = {
+                    c: {k.replace(".cluster.", ".personal."): v.clone() for k, v in up.items()}
+                    for c, up in uploads.items()
+                }
         clients = sorted(uploads)
         placed_now = [c for c in clients if self.plan.labels[0, c] < 0]
         for c in placed_now:
@@ -337,6 +350,7 @@ class FedTreeLoRA(ClusteredAfterWarmup):
     def state_dict(self) -> tuple[Tensors, dict[str, Any]]:
         tensors = flatten_by_owner(self._payloads)
         tensors.update({f"warmup/{k}": v for k, v in flatten_by_owner(self._warmup_b).items()})
+        tensors.update({f"personal/{k}": v for k, v in flatten_by_owner(self._personal_start).items()})
         meta = {
             "plan": None if self.plan is None else self.plan.to_dict(),
             "distances": None if self.distances is None else self.distances.tolist(),
@@ -346,7 +360,12 @@ class FedTreeLoRA(ClusteredAfterWarmup):
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
         self.plan = None if meta.get("plan") is None else SharingPlan.from_dict(meta["plan"])
         self.distances = None if meta.get("distances") is None else np.asarray(meta["distances"])
-        self._payloads = unflatten_by_owner({k: v for k, v in tensors.items() if not k.startswith("warmup/")})
+        self._payloads = unflatten_by_owner(
+            {k: v for k, v in tensors.items() if not k.startswith(("warmup/", "personal/"))}
+        )
+        self._personal_start = unflatten_by_owner(
+            {k[len("personal/") :]: v for k, v in tensors.items() if k.startswith("personal/")}
+        )
         self._warmup_b = unflatten_by_owner(
             {k[len("warmup/") :]: v for k, v in tensors.items() if k.startswith("warmup/")}
         )

@@ -235,8 +235,13 @@ class FedTreeLoRAOptions(StrategyOptions):
     per-token softmax router (linear d_in -> experts) per layer and module, trained and kept locally."""
     personal: bool = False
     """Beyond the paper: after warm-up every client also trains a private LoRA (the ``personal`` expert,
-    B from zero, never sent or averaged) that acts at weight 1 on top of the tree's mix at every layer,
+    never averaged; see ``personal_init``) that acts at weight 1 on top of the tree's mix at every layer,
     so a client whose data the others pull away keeps its own adapter. Off: the paper's method."""
+    personal_init: Literal["zero", "warmup"] = "zero"
+    """With ``personal: true``: how the personal expert starts. ``zero``: a fresh LoRA (B = 0, adds nothing
+    at first). ``warmup``: the client's own adapter at the end of warm-up (its last warm-up upload, sent
+    back once with the first federated payload), so the client starts from what local training gave it
+    and the tree's experts add to that."""
 
     @field_validator("tau", mode="before")
     @classmethod
@@ -253,6 +258,8 @@ class FedTreeLoRAOptions(StrategyOptions):
             raise ValueError("external='none' leaves one expert and nothing to mix; keep mixer='lambda' (unused)")
         if self.personal and self.mixer != "lambda":
             raise ValueError("personal=true adds a private expert beside the lambda mixer; use mixer='lambda'")
+        if self.personal_init != "zero" and not self.personal:
+            raise ValueError("personal_init applies to the personal expert; set personal=true as well")
         if self.external == "per_cluster" and self.cut_mode == "fixed" and self.fixed_clusters > self.max_clusters:
             raise ValueError(
                 f"fixed_clusters ({self.fixed_clusters}) exceeds max_clusters ({self.max_clusters}), the experts "
