@@ -11,9 +11,9 @@ __all__ = [
     "EncodedExamples",
     "GenerationSettings",
     "LocalTraining",
-    "local_training",
     "encode",
     "evaluate_classifier",
+    "local_training",
     "run_client_round",
     "run_clients_round",
 ]
