@@ -1,11 +1,14 @@
 """A Flower app folder for one experiment: the ``pyproject.toml`` that ``flwr run`` builds into a FAB.
 
 The app's code is fedtreelora itself, installed on the SuperLink and on every SuperNode; the folder
-only names the ServerApp and ClientApp and carries the run config (the experiment as JSON).
+only names the ServerApp and ClientApp and carries the run config: one key per experiment setting
+(``method``, ``rounds``, ``train.lr``...; see :mod:`fedtreelora.engines.flower.settings`), so that
+``flwr run APP --run-config "train.lr=1e-3"`` overrides one of them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,19 @@ from fedtreelora.engines.flower.settings import FlowerRunSettings
 
 SERVER_APP = "fedtreelora.engines.flower.server_app:app"
 CLIENT_APP = "fedtreelora.engines.flower.client_app:app"
+
+
+def nested_run_config(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat run-config keys as TOML tables (``train.lr`` -> ``[...config.train] lr``); Flower flattens
+    them back to the same keys."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        *sections, name = key.split(".")
+        table = nested
+        for section in sections:
+            table = table.setdefault(section, {})
+        table[name] = value
+    return nested
 
 
 def app_pyproject(settings: FlowerRunSettings, *, name: str = "fedtreelora-run") -> dict[str, Any]:
@@ -33,7 +49,7 @@ def app_pyproject(settings: FlowerRunSettings, *, name: str = "fedtreelora-run")
                 "app": {
                     "publisher": "fedtreelora",
                     "components": {"serverapp": SERVER_APP, "clientapp": CLIENT_APP},
-                    "config": settings.to_run_config(),
+                    "config": nested_run_config(settings.to_run_config()),
                 }
             }
         },
