@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,51 +160,87 @@ def plan_sharing(
     require_distance_stack(d, "distances")
     window = require_positive_int(window, "window", 1)
     tau = check_tau(tau)
-    n_layers, n_clients, _ = d.shape
+    n_clients = d.shape[1]
     tree = build_tree(d.mean(axis=0), method=linkage_method)
     test = RelabellingTest(d, level, permutations, seed, linkage_method) if tau == AUTO else None
+    partitions: dict[int, np.ndarray] = {1: np.zeros(n_clients, dtype=np.int64)}
 
+    def partition(layer: int, c: int) -> np.ndarray:
+        if c not in partitions:
+            partitions[c] = cut_exact(tree, n_clients, c)
+        return partitions[c]
+
+    return search_cuts(d, tree, partition, tau=tau, window=window, test=test)
+
+
+def search_cuts(
+    distances: np.ndarray,
+    tree: np.ndarray,
+    partition: Callable[[int, int], np.ndarray],
+    *,
+    tau: float | str,
+    window: int,
+    test: RelabellingTest | None,
+    cap: int | None = None,
+) -> SharingPlan:
+    """The layer-by-layer candidate search behind :func:`plan_sharing`, for any way of cutting a layer.
+
+    Layer l tries ``c_{l-1} <= c < min(N, c_{l-1} + window)`` (``c_0 = 1``; and ``c <= cap`` when a cap
+    is given) and keeps the best score: ``tau`` for c = 1, else the mean silhouette of
+    ``partition(l, c)`` under ``distances[l]``; ties go to the smaller c. Under ``tau="auto"`` (``test``
+    given) a count above c_{l-1} competes only when the relabelling test, run within layer l-1's
+    chosen partition, admits it; c = 1 then has no score.
+
+    Args:
+        distances: (layers, clients, clients), already checked.
+        tree: (clients - 1, 4) linkage matrix stored in the plan (for plotting).
+        partition: ``(layer, c) -> (clients,)`` int64 labels of the layer's exactly-c partition; c = 1
+            must give all zeros. Cuts of one tree nest from layer to layer; cuts of per-layer trees
+            need not.
+        tau: score of c = 1 (already checked), or ``"auto"``.
+        window: candidates per layer, >= 1.
+        test: the relabelling test, exactly when ``tau == "auto"``.
+        cap: the largest count any layer may take, or None.
+    """
+    n_layers, n_clients, _ = distances.shape
     cuts = np.ones(n_layers, dtype=np.int64)
     labels = np.zeros((n_layers, n_clients), dtype=np.int64)
     scores: list[dict[int, float]] = []
     quantiles: list[dict[int, float]] = []
     statistics: list[dict[int, float]] = []
     admissible: list[list[int]] = []
-    partitions: dict[int, np.ndarray] = {1: np.zeros(n_clients, dtype=np.int64)}
-
-    def partition(c: int) -> np.ndarray:
-        if c not in partitions:
-            partitions[c] = cut_exact(tree, n_clients, c)
-        return partitions[c]
-
     previous = 1
     stage: tuple[int, StageTests] | None = None  # (previous count, its tests) under "auto"
     for layer in range(n_layers):
-        layer_scores: dict[int, float] = {}
-        best_c, best_score = previous, -np.inf
-        candidates = range(previous, max(previous + 1, min(n_clients, previous + window)))
+        top = max(previous + 1, min(n_clients, previous + window))
+        if cap is not None:
+            top = min(top, cap + 1)
+        candidates = range(previous, top)
         allowed = set(candidates)
         if test is not None:
             above = [c for c in candidates if c > previous]
             if above and (stage is None or stage[0] != previous):
-                stage = (previous, test.stage(partition(previous), layer, above))
+                parent = labels[layer - 1] if layer else np.zeros(n_clients, dtype=np.int64)
+                stage = (previous, test.stage(parent, layer, above))
             tests = stage[1] if above and stage is not None else StageTests()
             allowed = {previous, *tests.admissible.get(layer, [])}
             quantiles.append(dict(tests.quantiles.get(layer, {})))
             statistics.append(dict(tests.statistics.get(layer, {})))
             admissible.append(list(tests.admissible.get(layer, [])))
+        layer_scores: dict[int, float] = {}
+        best_c, best_score = previous, -np.inf
         for c in candidates:
             if c == 1:
                 if test is not None:
                     continue  # no score: c = 1 is what the layer keeps when nothing is admissible
                 score = float(tau)
             else:
-                score = mean_silhouette(d[layer], partition(c))
+                score = mean_silhouette(distances[layer], partition(layer, c))
             layer_scores[c] = score
             if c in allowed and score > best_score:  # strict: a tie keeps the smaller c
                 best_c, best_score = c, score
         cuts[layer] = best_c
-        labels[layer] = partition(best_c)
+        labels[layer] = partition(layer, best_c)
         scores.append(layer_scores)
         previous = best_c
     return SharingPlan(

@@ -18,11 +18,9 @@ from fedtreelora.core import (
     group_means,
     group_means_for,
     layer_distances,
-    mean_silhouette,
     plan_sharing,
 )
-from fedtreelora.core.plan import AUTO
-from fedtreelora.core.tau_auto import StageTests
+from fedtreelora.core.plan import AUTO, search_cuts
 from fedtreelora.strategies.base import FederationContext, Tensors, as_payloads
 from fedtreelora.strategies.common import (
     ClusteredAfterWarmup,
@@ -190,59 +188,18 @@ class FedTreeLoRA(ClusteredAfterWarmup):
         competes only when the relabelling test admits it (relabelling within the previous layer's
         clusters); c = 1 then has no score."""
         opts = self.options
-        n_layers, n_clients, _ = distances.shape
-        cuts = np.ones(n_layers, dtype=np.int64)
-        labels = np.zeros((n_layers, n_clients), dtype=np.int64)
-        scores: list[dict[int, float]] = []
+        n_clients = distances.shape[1]
         test = None
         if opts.tau == AUTO:
             test = RelabellingTest(distances, opts.auto_level, opts.auto_permutations, opts.auto_seed, opts.linkage)
-        quantiles: list[dict[int, float]] = []
-        statistics: list[dict[int, float]] = []
-        admissible: list[list[int]] = []
-        stage: tuple[int, StageTests] | None = None
-        previous = 1
-        for layer in range(n_layers):
-            layer_tree = build_tree(distances[layer], method=opts.linkage)
-            top = max(previous + 1, min(n_clients, previous + opts.window))
-            if cap is not None:
-                top = min(top, cap + 1)
-            allowed = set(range(previous, top))
-            if test is not None:
-                above = [c for c in range(previous, top) if c > previous]
-                if above and (stage is None or stage[0] != previous):
-                    parent = labels[layer - 1] if layer else np.zeros(n_clients, dtype=np.int64)
-                    stage = (previous, test.stage(parent, layer, above))
-                tests = stage[1] if above and stage is not None else StageTests()
-                allowed = {previous, *tests.admissible.get(layer, [])}
-                quantiles.append(dict(tests.quantiles.get(layer, {})))
-                statistics.append(dict(tests.statistics.get(layer, {})))
-                admissible.append(list(tests.admissible.get(layer, [])))
-            best_c, best_score, best_labels = previous, -np.inf, np.zeros(n_clients, dtype=np.int64)
-            layer_scores: dict[int, float] = {}
-            for c in range(previous, top):
-                if c == 1 and test is not None:
-                    continue  # no score: one cluster is what the layer keeps when nothing is admissible
-                partition = cut_exact(layer_tree, n_clients, c)
-                score = opts.tau if c == 1 else mean_silhouette(distances[layer], partition)
-                layer_scores[c] = score
-                if c in allowed and score > best_score:  # strict: a tie keeps the smaller c
-                    best_c, best_score, best_labels = c, score, partition
-            cuts[layer], labels[layer] = best_c, best_labels
-            scores.append(layer_scores)
-            previous = best_c
-        return SharingPlan(
-            cuts=cuts,
-            labels=labels,
-            tree=tree,
-            scores=scores,
-            tau=opts.tau,
-            window=opts.window,
-            null_quantiles=quantiles,
-            test_scores=statistics,
-            admissible=admissible,
-            auto={} if test is None else {"level": test.level, "permutations": test.permutations, "seed": test.seed},
-        )
+        layer_trees: dict[int, np.ndarray] = {}
+
+        def partition(layer: int, c: int) -> np.ndarray:
+            if layer not in layer_trees:
+                layer_trees[layer] = build_tree(distances[layer], method=opts.linkage)
+            return cut_exact(layer_trees[layer], n_clients, c)
+
+        return search_cuts(distances, tree, partition, tau=opts.tau, window=opts.window, test=test, cap=cap)
 
     def aggregate(self, rnd: int, uploads: Mapping[int, Tensors]) -> dict[str, Any]:
         if self.remember_warmup(rnd, uploads):
