@@ -126,10 +126,10 @@ def test_loopback_run_matches_in_process_and_a_silent_node_keeps_its_state(tmp_p
     grid = LoopbackGrid(settings, num_nodes=3)
 
     class GoesSilent(FlowerEngine):
-        def _round(self, fed, rnd, run, tick):  # type: ignore[no-untyped-def]
+        def _round(self, fed, runner, rnd, run, tick):  # type: ignore[no-untyped-def]
             if rnd == 2:
                 grid.silent.add(fed.nodes[2])  # client 2's node stops answering in the last round
-            return super()._round(fed, rnd, run, tick)
+            return super()._round(fed, runner, rnd, run, tick)
 
     summary = GoesSilent(config, grid, tmp_path / "run", quiet=True, report=False).run()
     got = metrics_by_client_round(tmp_path / "run")

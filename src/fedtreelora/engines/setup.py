@@ -6,6 +6,7 @@ Shared by every engine, so a run sees the same clients and the same initialisati
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -84,6 +85,71 @@ def clients_per_pass(config: ExperimentConfig, device: torch.device) -> int:
     return int(value)
 
 
+class FederationView(Protocol):
+    """What the server side of a run knows of its federation, wherever the clients live: the config,
+    the model side (backbone, adapters, strategy), and the clients' label counts. Both
+    :class:`Federation` (in process) and Flower's ``ServerFederation`` are one."""
+
+    @property
+    def config(self) -> ExperimentConfig: ...
+
+    @property
+    def classifier(self) -> Backbone:
+        """The backbone: a classifier or a causal LM."""
+        ...
+
+    @property
+    def bank(self) -> AdapterBank: ...
+
+    @property
+    def strategy(self) -> Strategy: ...
+
+    @property
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        """Every client's state before its first round."""
+        ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def task(self) -> str:
+        """``classification`` or ``generation``."""
+        ...
+
+    @property
+    def metric(self) -> str:
+        """The per-client metric the run records and averages: ``accuracy`` or ``rouge1``."""
+        ...
+
+    @property
+    def dataset_name(self) -> str: ...
+
+    @property
+    def num_clients(self) -> int: ...
+
+    @property
+    def num_labels(self) -> int:
+        """Classes (classification) or tasks (generation)."""
+        ...
+
+    @property
+    def label_names(self) -> list[str]: ...
+
+    @property
+    def label_counts(self) -> list[list[int]]:
+        """(clients, labels) training examples per label."""
+        ...
+
+    def client_categories(self) -> list[str] | None:
+        """Each client's category (generation); None for classification."""
+        ...
+
+    def partition_record(self) -> dict[str, Any]:
+        """Each client's label counts (JSON-ready), as the run folder records them."""
+        ...
+
+
 class RunTask:
     """A run's task and metric, read from its ``config`` (shared by every view of a federation)."""
 
@@ -154,7 +220,7 @@ class Federation(RunTask):
         """(clients, labels) training examples per label."""
         return [c.train_label_counts.tolist() for c in self.clients]
 
-    def partition_record(self) -> dict:
+    def partition_record(self) -> dict[str, Any]:
         """Each client's label (generation: task) counts and proportions (JSON-ready)."""
         categories = self.client_categories()
         extra = {} if categories is None else {"task": "generation", "client_categories": categories}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +19,15 @@ from fedtreelora.engines.checkpoint import RunState, load_checkpoint, save_check
 from fedtreelora.engines.loggers import ScalarLogger
 from fedtreelora.engines.recorder import RunRecorder
 from fedtreelora.engines.round_table import RoundTable
-from fedtreelora.engines.setup import Federation, build_federation, client_seed
+from fedtreelora.engines.runners import ClientRunner, in_process_runner
+from fedtreelora.engines.setup import FederationView, build_federation
 from fedtreelora.engines.validation import RejectedUpdate, check_update
 from fedtreelora.progress import progress_bars
-from fedtreelora.train import ClientResult, run_client_round, run_clients_round
-from fedtreelora.train.received import evaluate_received, evaluate_received_together
 
 
-def run_metric(fed: Any) -> str:
-    """The per-client metric a federation is scored on (``accuracy``, ``rouge1``); a federation object
-    that does not say (e.g. one that only serves classification) is scored on accuracy."""
-    return str(getattr(fed, "metric", "accuracy"))
+def run_metric(fed: FederationView) -> str:
+    """The per-client metric a federation is scored on (``accuracy``, ``rouge1``)."""
+    return fed.metric
 
 
 def round_mean(record: dict[str, Any]) -> float | None:
@@ -74,6 +73,10 @@ class SimulationEngine:
     The model is built once; each client's adapter state lives off the model (CPU tensors) and is
     written into the adapter slot before the client trains, read back after. Rounds: the strategy
     decides each round's phase (e.g. FedTreeLoRA's warm-up), payloads and aggregation.
+
+    The round loop reaches the clients through a :class:`~fedtreelora.engines.runners.ClientRunner`;
+    an engine whose clients live elsewhere (Flower) gives its own federation view and runner in
+    :meth:`setup`.
     """
 
     def __init__(
@@ -99,7 +102,7 @@ class SimulationEngine:
         start = time.perf_counter()
         cfg = self.config
         with self.console.status("loading data and model"):
-            fed = self.build_federation()
+            fed, runner = self.setup()
         run = self._start_state(fed)
         if run.next_round == 0:
             self.recorder.write_config(cfg)
@@ -127,7 +130,7 @@ class SimulationEngine:
             for rnd in range(run.next_round, cfg.federation.rounds):
                 progress.reset(clients_task, total=fed.num_clients)
                 round_start = time.perf_counter()
-                record = self._round(fed, rnd, run, lambda: progress.advance(clients_task))
+                record = self._round(fed, runner, rnd, run, lambda: progress.advance(clients_task))
                 run.history.append(record)
                 run.next_round = rnd + 1
                 progress.advance(rounds_task)
@@ -142,7 +145,7 @@ class SimulationEngine:
                     run.wall_seconds = run_wall
         if scalars is not None:
             scalars.close()
-        self.finish(fed, run)
+        self.finish(runner, run)
         summary = self._summary(fed, run, run.wall_seconds + time.perf_counter() - start)
         self.recorder.write_client_states(run.client_states, self._model_meta(fed))
         self.recorder.write_summary(summary)
@@ -153,12 +156,14 @@ class SimulationEngine:
             self.console.print(f"report: {html}")
         return summary
 
-    def build_federation(self) -> Federation:
-        """Data, model, adapters and strategy for this run (an engine whose clients live elsewhere
+    def setup(self) -> tuple[FederationView, ClientRunner]:
+        """This run's federation as the server side sees it, and the runner that reaches its clients:
+        here data, model, adapters and strategy in this process (an engine whose clients live elsewhere
         builds only the model side)."""
-        return build_federation(self.config)
+        fed = build_federation(self.config)
+        return fed, in_process_runner(fed)
 
-    def _start_state(self, fed: Federation) -> RunState:
+    def _start_state(self, fed: FederationView) -> RunState:
         """A fresh state, or the latest checkpoint when resuming (metrics past it are dropped)."""
         if self.resume and self.recorder.out_dir is not None:
             state = load_checkpoint(self.recorder.out_dir, fed.strategy)
@@ -185,7 +190,11 @@ class SimulationEngine:
         rng = np.random.default_rng([self.config.seed, rnd, 0x5A4D])
         return sorted(rng.choice(num_clients, size=count, replace=False).tolist())
 
-    def _round(self, fed: Federation, rnd: int, run: RunState, tick) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    def _round(
+        self, fed: FederationView, runner: ClientRunner, rnd: int, run: RunState, tick: Callable[[], None]
+    ) -> dict[str, Any]:
+        """Round ``rnd``: sample, send payloads, train (through ``runner``), validate and aggregate the
+        uploads, score what the clients receive; returns the round's record."""
         strategy = fed.strategy
         phase = strategy.phase(rnd)
         shapes = fed.bank.state_shapes()
@@ -193,7 +202,7 @@ class SimulationEngine:
         chosen = self.participants(rnd, fed.num_clients)
         payloads = {k: strategy.payload(rnd, k) for k in chosen}
         keys = {k: list(strategy.upload_keys(rnd, k)) for k in chosen}
-        results = self._train(fed, rnd, phase, chosen, payloads, keys, run, tick)
+        results = runner.train(rnd, phase, payloads, keys, run.client_states, tick)
         uploads: dict[int, dict[str, torch.Tensor]] = {}
         records: list[dict[str, Any]] = []
         rejected: list[int] = []
@@ -221,7 +230,7 @@ class SimulationEngine:
             )
         info = strategy.aggregate(rnd, uploads)
         metric = run_metric(fed)
-        received = self._evaluate_received(fed, rnd, [r["client"] for r in records], run)
+        received = self._evaluate_received(fed, runner, rnd, [r["client"] for r in records], run)
         for r in records:
             r.update({f"received_{key}": value for key, value in received.get(r["client"], {}).items()})
         headline = metric if self.config.federation.evaluate == "trained" else f"received_{metric}"
@@ -229,6 +238,7 @@ class SimulationEngine:
         for k in range(fed.num_clients):
             run.per_client[k].append(scores.get(k))
         self.recorder.log_clients(records)
+        runner.settle(chosen, [r["client"] for r in records])
 
         def mean(key: str) -> float | None:
             values = [r[key] for r in records if r.get(key) is not None]
@@ -251,49 +261,9 @@ class SimulationEngine:
             **({"server": info} if info else {}),
         }
 
-    @staticmethod
-    def passes(fed: Federation, clients: list[int]) -> list[list[int]]:
-        """Clients grouped for training: up to ``train.clients_per_pass`` per group, members of a group
-        holding equal numbers of training and validation examples."""
-        size = fed.bank.num_slots
-        by_shape: dict[tuple[int, int], list[int]] = {}
-        for k in clients:
-            by_shape.setdefault((len(fed.train_data[k]), len(fed.val_data[k])), []).append(k)
-        groups = [members[i : i + size] for members in by_shape.values() for i in range(0, len(members), size)]
-        return sorted(groups)
-
-    def _train(
-        self, fed: Federation, rnd: int, phase, chosen, payloads, keys, run: RunState, tick
-    ) -> dict[int, ClientResult]:  # type: ignore[no-untyped-def]
-        """Every chosen client's local round, one at a time or several per pass."""
-        results: dict[int, ClientResult] = {}
-        common = {"phase": phase, "settings": fed.settings, "device": fed.device}
-        # A strategy with its own evaluation (FedDPA's instance-wise weights) evaluates one client at a time.
-        groups = self.passes(fed, chosen) if phase.evaluate is None else [[k] for k in chosen]
-        for group in groups:
-            seeds = [client_seed(fed.config.seed, rnd, k) for k in group]
-            if len(group) == 1:
-                (k,) = group
-                out = [
-                    run_client_round(
-                        fed.bank, fed.classifier.tokenizer, state=run.client_states[k], payload=payloads[k],
-                        upload_keys=keys[k], train_data=fed.train_data[k], val_data=fed.val_data[k], seed=seeds[0],
-                        **common,
-                    )
-                ]  # fmt: skip
-            else:
-                out = run_clients_round(
-                    fed.bank, fed.classifier.tokenizer, states=[run.client_states[k] for k in group],
-                    payloads=[payloads[k] for k in group], upload_keys=[keys[k] for k in group],
-                    train_data=[fed.train_data[k] for k in group], val_data=[fed.val_data[k] for k in group],
-                    seeds=seeds, **common,
-                )  # fmt: skip
-            for k, result in zip(group, out, strict=True):
-                results[k] = result
-                tick()
-        return results
-
-    def _evaluate_received(self, fed: Federation, rnd: int, clients: list[int], run: RunState) -> dict[int, dict]:
+    def _evaluate_received(
+        self, fed: FederationView, runner: ClientRunner, rnd: int, clients: list[int], run: RunState
+    ) -> dict[int, dict[str, Any]]:
         """After round ``rnd``'s aggregation, the scores of what each of ``clients`` receives: its kept
         state plus the server's payload for round ``rnd + 1``, in that round's phase (after the last
         round: the final aggregation). Scored with round ``rnd``'s client seeds, so where nothing is
@@ -301,43 +271,26 @@ class SimulationEngine:
         strategy = fed.strategy
         phase = strategy.phase(rnd + 1)
         payloads = {k: strategy.payload(rnd + 1, k) for k in clients}
-        common = {"phase": phase, "settings": fed.settings, "device": fed.device}
-        tokenizer = fed.classifier.tokenizer
-        groups = self.passes(fed, clients) if phase.evaluate is None else [[k] for k in clients]
-        scores: dict[int, dict] = {}
-        for group in groups:
-            seeds = [client_seed(fed.config.seed, rnd, k) for k in group]
-            if len(group) == 1:
-                (k,) = group
-                scores[k] = evaluate_received(
-                    fed.bank, tokenizer, state=run.client_states[k], payload=payloads[k],
-                    train_data=fed.train_data[k], val_data=fed.val_data[k], seed=seeds[0], **common,
-                )  # fmt: skip
-                continue
-            out = evaluate_received_together(
-                fed.bank, tokenizer, states=[run.client_states[k] for k in group],
-                payloads=[payloads[k] for k in group], val_data=[fed.val_data[k] for k in group], seeds=seeds,
-                **common,
-            )  # fmt: skip
-            scores.update(zip(group, out, strict=True))
-        return scores
+        return runner.evaluate_received(rnd, phase, payloads, run.client_states)
 
-    def finish(self, fed: Federation, run: RunState) -> None:
-        """Called after the last round, before states and summary are written. Nothing to do here:
-        every client's state is already in ``run.client_states``."""
+    def finish(self, runner: ClientRunner, run: RunState) -> None:
+        """Called after the last round, before states and summary are written: the final states of
+        clients the engine does not hold (none in process) go into ``run.client_states``."""
+        for k, state in runner.finish().items():
+            run.client_states[k] = state
 
     def tamper(self, rnd: int, client: int, upload: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The upload as it reaches the server. Identity here; fault-injection tests override it."""
         return upload
 
     @staticmethod
-    def _model_meta(fed: Federation) -> dict[str, Any]:
+    def _model_meta(fed: FederationView) -> dict[str, Any]:
         cfg = fed.config
         last_phase = fed.strategy.phase(cfg.federation.rounds - 1)
         return {
             "method": cfg.method,
             "model": cfg.model.model_dump(mode="json"),
-            "task": getattr(fed, "task", "classification"),
+            "task": fed.task,
             "num_labels": fed.num_labels,
             "label_names": fed.label_names,
             "seed": cfg.seed,
@@ -357,7 +310,7 @@ class SimulationEngine:
             ],
         }
 
-    def _summary(self, fed: Federation, run: RunState, wall: float) -> dict[str, Any]:
+    def _summary(self, fed: FederationView, run: RunState, wall: float) -> dict[str, Any]:
         history = run.history
         means = [round_mean(h) if round_mean(h) is not None else -1.0 for h in history]
         best = int(np.argmax(means))
@@ -374,8 +327,7 @@ class SimulationEngine:
         def last_seen(values: list[float | None]) -> float | None:
             return next((v for v in reversed(values) if v is not None), None)
 
-        categories_of = getattr(fed, "client_categories", None)
-        categories = categories_of() if callable(categories_of) else None
+        categories = fed.client_categories()
         per_client_final = [last_seen(acc) for acc in run.per_client]
         per_client_best = [last_seen(acc[: best + 1]) for acc in run.per_client]
         return {

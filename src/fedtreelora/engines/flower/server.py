@@ -2,27 +2,30 @@
 
 :class:`FlowerEngine` reuses :class:`~fedtreelora.engines.simulation.SimulationEngine` whole (participant
 sampling, payloads, update validation, aggregation, metrics, summary, report); only how a round's
-clients train differs: each chosen client's payload goes to its node as a Flower ``train`` message and
-the upload comes back. The server builds the model side only (adapter shapes, strategy); it never
-sees data.
+clients are reached differs (:class:`FlowerRunner`): each chosen client's payload goes to its node as a
+Flower ``train`` message and the upload comes back. The server builds the model side only (adapter
+shapes, strategy, a :class:`~fedtreelora.engines.setup.FederationView`); it never sees data.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from rich.console import Console
 
+from fedtreelora.adapters import PhaseSpec
 from fedtreelora.config import ExperimentConfig
 from fedtreelora.data import configured_dataset_name, planted_groups
-from fedtreelora.engines.checkpoint import RunState
 from fedtreelora.engines.flower.phases import phase_config
 from fedtreelora.engines.flower.records import from_array_record, to_array_record
-from fedtreelora.engines.setup import ModelSide, RunTask, build_model_side, group_records
+from fedtreelora.engines.runners import ClientRunner, Tensors
+from fedtreelora.engines.setup import FederationView, ModelSide, RunTask, build_model_side, group_records
 from fedtreelora.engines.simulation import SimulationEngine
 from fedtreelora.train import ClientResult
 
@@ -32,8 +35,8 @@ class ServerFederation(ModelSide, RunTask):
     """What the server knows of a federation whose clients live on Flower nodes: the model side
     (backbone, adapters, strategy) and what each node reported.
 
-    Quacks like :class:`~fedtreelora.engines.setup.Federation` for everything the engine's server
-    side reads; ``nodes`` maps client id -> Flower node id.
+    A :class:`~fedtreelora.engines.setup.FederationView`, as the in-process
+    :class:`~fedtreelora.engines.setup.Federation` is; ``nodes`` maps client id -> Flower node id.
     """
 
     config: ExperimentConfig
@@ -156,7 +159,22 @@ class FlowerEngine(SimulationEngine):
                 )
             time.sleep(0.5)
 
-    def build_federation(self) -> ServerFederation:  # type: ignore[override]
+    def setup(self) -> tuple[FederationView, ClientRunner]:
+        """The model side, built once every client's node has answered, and a runner that reaches the
+        nodes."""
+        fed = self._connect()
+        runner = FlowerRunner(
+            fed,
+            self.grid,
+            self.console,
+            round_timeout=self.round_timeout,
+            node_wait_timeout=self.node_wait_timeout,
+            collect_states=self.collect_states,
+        )
+        return fed, runner
+
+    def _connect(self) -> ServerFederation:
+        """Wait for every client's node, ask each for its counts, and build the model side."""
         cfg = self.config
         count = cfg.data.num_clients
         node_ids = self._wait_for_nodes(count)
@@ -200,49 +218,126 @@ class FlowerEngine(SimulationEngine):
             self.recorder.folder.write_nodes(nodes)
         return fed
 
-    # --- one round ------------------------------------------------------------------------------------
-    def _train(self, fed, rnd, phase, chosen, payloads, keys, run: RunState, tick) -> dict[int, ClientResult]:  # type: ignore[no-untyped-def,override]
+
+class FlowerRunner:
+    """Clients on Flower nodes, reached through a ServerApp's ``Grid``: a ``train`` message per chosen
+    client, an ``evaluate`` message per accepted one, and a ``finish`` query per node at the end.
+
+    Args:
+        fed: the server's view of the federation (which node holds which client; it records who
+            answered and whose upload counted).
+        grid: the ServerApp's grid.
+        console: where a failed or missing reply is reported.
+        round_timeout: seconds to wait for a round's replies (None: wait for all).
+        node_wait_timeout: seconds to wait for the final replies when ``round_timeout`` is None.
+        collect_states: fetch every client's final personal adapters at the end.
+    """
+
+    def __init__(
+        self,
+        fed: ServerFederation,
+        grid: Grid,
+        console: Console,
+        *,
+        round_timeout: float | None,
+        node_wait_timeout: float,
+        collect_states: bool,
+    ) -> None:
+        self.fed = fed
+        self.grid = grid
+        self.console = console
+        self.round_timeout = round_timeout
+        self.node_wait_timeout = node_wait_timeout
+        self.collect_states = collect_states
+
+    def train(
+        self,
+        rnd: int,
+        phase: PhaseSpec,
+        payloads: Mapping[int, Tensors],
+        upload_keys: Mapping[int, list[str]],
+        states: Sequence[Tensors],
+        tick: Callable[[], None],
+    ) -> dict[int, ClientResult]:
+        """Each chosen client trains on its node; a result's ``state`` is empty (the node keeps it)."""
+        fed = self.fed
+        chosen = list(payloads)
         messages = []
         for k in chosen:
             config = {
                 "round": rnd,
                 **phase_config(phase),
                 "accepted": fed.accepted.get(k, False),
-                "upload-keys": list(keys[k]),
+                "upload-keys": list(upload_keys[k]),
                 "label-names": fed.label_names,
             }
             content = RecordDict({"config": ConfigRecord(config), "payload": to_array_record(payloads[k])})
             messages.append(Message(content, dst_node_id=fed.nodes[k], message_type=MessageType.TRAIN))
         results: dict[int, ClientResult] = {}
-        for k, (reply, metrics) in self._exchange(
-            fed, messages, chosen, f"round {rnd + 1}: client {{}} failed"
-        ).items():
+        for k, (reply, metrics) in self._exchange(messages, chosen, f"round {rnd + 1}: client {{}} failed").items():
             results[k] = ClientResult(state={}, upload=from_array_record(reply.content.get("upload")), metrics=metrics)
             tick()
         for k in sorted(set(chosen) - set(results)):
             self.console.print(f"[yellow]round {rnd + 1}: no reply from client {k} in time; it keeps its state[/]")
         return results
 
-    def _evaluate_received(self, fed, rnd: int, clients: list[int], run: RunState) -> dict[int, dict]:  # type: ignore[no-untyped-def,override]
+    def evaluate_received(
+        self, rnd: int, phase: PhaseSpec, payloads: Mapping[int, Tensors], states: Sequence[Tensors]
+    ) -> dict[int, dict[str, Any]]:
         """Each client scores what it receives on its node: an ``evaluate`` message with the payload of
         round ``rnd + 1`` (the node first commits the state whose upload was just accepted)."""
-        phase = fed.strategy.phase(rnd + 1)
+        fed = self.fed
+        clients = list(payloads)
         messages = []
         for k in clients:
             config = {"round": rnd, **phase_config(phase), "accepted": True, "label-names": fed.label_names}
-            content = RecordDict(
-                {"config": ConfigRecord(config), "payload": to_array_record(fed.strategy.payload(rnd + 1, k))}
-            )
+            content = RecordDict({"config": ConfigRecord(config), "payload": to_array_record(payloads[k])})
             messages.append(Message(content, dst_node_id=fed.nodes[k], message_type=MessageType.EVALUATE))
-        replies = self._exchange(fed, messages, clients, f"round {rnd + 1}: client {{}} failed to evaluate")
+        replies = self._exchange(messages, clients, f"round {rnd + 1}: client {{}} failed to evaluate")
         return {k: metrics for k, (_, metrics) in replies.items()}
 
+    def settle(self, chosen: Sequence[int], accepted: Sequence[int]) -> None:
+        """A node commits its pending state only when the server accepted the upload it came with; the
+        next message to it says so."""
+        kept = set(accepted)
+        for k in chosen:
+            self.fed.accepted[k] = k in kept
+
+    def finish(self) -> dict[int, Tensors]:
+        """Tell every node whether its last upload counted; collect final states if asked.
+
+        A node that did not answer its last message is skipped (it may be gone); it never commits the
+        state of an upload the server did not accept, so it stays as it was.
+        """
+        fed = self.fed
+        order = [k for k in sorted(fed.nodes) if fed.answered.get(k, True)]
+        messages = [
+            Message(
+                RecordDict({"config": ConfigRecord({
+                    "action": "finish", "accepted": fed.accepted.get(k, False), "send-state": self.collect_states,
+                })}),
+                dst_node_id=fed.nodes[k],
+                message_type=MessageType.QUERY,
+            )
+            for k in order
+        ]  # fmt: skip
+        client_of = {n: k for k, n in fed.nodes.items()}
+        states: dict[int, Tensors] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.round_timeout or self.node_wait_timeout):
+            k = client_of.get(reply.metadata.src_node_id)
+            if k is None or reply.has_error():
+                continue
+            if self.collect_states and "state" in reply.content:
+                states[k] = from_array_record(reply.content["state"])
+        return states
+
     def _exchange(
-        self, fed: ServerFederation, messages: list[Message], clients: list[int], failure: str
+        self, messages: list[Message], clients: list[int], failure: str
     ) -> dict[int, tuple[Message, dict[str, Any]]]:
         """Send ``messages`` (one per client of ``clients``) and collect each answering client's reply and
         its scalar metrics; a failed reply is reported (``failure`` formatted with the client) and left
         out. Records which clients answered."""
+        fed = self.fed
         client_of = {n: k for k, n in fed.nodes.items()}
         out: dict[int, tuple[Message, dict[str, Any]]] = {}
         for reply in self.grid.send_and_receive(messages, timeout=self.round_timeout):
@@ -258,36 +353,3 @@ class FlowerEngine(SimulationEngine):
         for k in clients:
             fed.answered[k] = k in out
         return out
-
-    def _round(self, fed, rnd: int, run: RunState, tick) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-        chosen = self.participants(rnd, fed.num_clients)
-        record = super()._round(fed, rnd, run, tick)
-        for k in chosen:
-            # A node commits its pending state only when the server accepted the upload it came with.
-            fed.accepted[k] = k in record["clients"]
-        return record
-
-    def finish(self, fed, run: RunState) -> None:  # type: ignore[no-untyped-def,override]
-        """Tell every node whether its last upload counted; collect final states if asked.
-
-        A node that did not answer its last message is skipped (it may be gone); it never commits the
-        state of an upload the server did not accept, so it stays as it was.
-        """
-        order = [k for k in sorted(fed.nodes) if fed.answered.get(k, True)]
-        messages = [
-            Message(
-                RecordDict({"config": ConfigRecord({
-                    "action": "finish", "accepted": fed.accepted.get(k, False), "send-state": self.collect_states,
-                })}),
-                dst_node_id=fed.nodes[k],
-                message_type=MessageType.QUERY,
-            )
-            for k in order
-        ]  # fmt: skip
-        client_of = {n: k for k, n in fed.nodes.items()}
-        for reply in self.grid.send_and_receive(messages, timeout=self.round_timeout or self.node_wait_timeout):
-            k = client_of.get(reply.metadata.src_node_id)
-            if k is None or reply.has_error():
-                continue
-            if self.collect_states and "state" in reply.content:
-                run.client_states[k] = from_array_record(reply.content["state"])
