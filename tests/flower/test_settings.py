@@ -98,6 +98,9 @@ def test_flwr_run_config_overrides_the_written_app(tmp_path: Path):
     assert (got.train.lr, got.fedtreelora.tau, got.model.target_modules) == (1e-3, 0.2, ["query", "key"])
     differ = _fields_that_differ(experiment_to_run_config(got), experiment_to_run_config(base))
     assert differ == ["fedtreelora.tau", "model.target_modules", "train.lr"]
+    # Flower itself refuses an override of a key the app does not have (the app writes every setting)
+    with pytest.raises(ValueError, match="'train.lrr' is not present"):
+        get_fused_config_from_dir(app, parse_config_args(["train.lrr=1e-3"]))
     # with no overrides the app's keys give back the experiment exactly
     assert FlowerRunSettings.from_run_config(get_fused_config_from_dir(app, {})).experiment == base
     # a TOML file of overrides works the same
