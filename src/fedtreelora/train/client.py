@@ -15,12 +15,14 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedtreelora.adapters import AdapterBank, PhaseSpec
-from fedtreelora.adapters.slot_dropout import slot_streams, use_slot_dropout
-from fedtreelora.train.batches import EncodedExamples, train_batches
+from fedtreelora.train.batches import EncodedExamples
 from fedtreelora.train.generation import EncodedInstructions, response_losses
+from fedtreelora.train.local import make_optimizer, train_slots
 from fedtreelora.train.metrics import evaluate_client
 from fedtreelora.train.precision import precision_context
 from fedtreelora.train.settings import LocalTraining
+
+__all__ = ["ClientResult", "batch_loss", "make_optimizer", "run_client_round"]
 
 Tensors = dict[str, torch.Tensor]
 
@@ -51,15 +53,9 @@ def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     return model(**batch).loss
 
 
-def make_optimizer(
-    bank: AdapterBank, params: list[torch.nn.Parameter], settings: LocalTraining
-) -> torch.optim.Optimizer:
-    mixer_ids = {id(p) for p in bank.mixer_parameters()}
-    groups = [
-        {"params": [p for p in params if id(p) not in mixer_ids], "lr": settings.lr},
-        {"params": [p for p in params if id(p) in mixer_ids], "lr": settings.mixer_lr},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=settings.weight_decay)
+def _one_client_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
+    """:func:`batch_loss` as the one slot's loss -> (1,)."""
+    return batch_loss(model, batch).reshape(1)
 
 
 def _run_client_round(
@@ -81,36 +77,10 @@ def _run_client_round(
     ``seed`` fixes batch order and dropout, so a client's round does not depend on which clients
     ran before it (in-process or on Flower).
     """
-    model = bank.model
-    merged = {**state, **payload}
-    bank.write_slot(0, merged)
-    params = bank.configure(phase, active_slots=1)
-    optimizer = make_optimizer(bank, params, settings)
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)  # dropout that bypasses the slot streams (functional dropout in a model's own code)
-    use_slot_dropout(model)
-    model.train()
-    losses: list[float] = []
-    # Dropout masks come from the client's seed as slot 0, the same masks it draws in any slot of a vectorised pass.
-    with slot_streams([seed]) as streams:
-        for batch in train_batches(
-            tokenizer,
-            train_data,
-            batch_size=settings.batch_size,
-            epochs=settings.local_epochs,
-            steps=settings.local_steps,
-            rng=rng,
-        ):
-            streams.set_batch(batch.get("attention_mask"))
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = batch_loss(model, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"local training loss is {loss.item()} at step {len(losses)}; lower train.lr")
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-    optimizer.zero_grad(set_to_none=True)
+    (losses,) = train_slots(
+        bank, tokenizer, phase=phase, inputs=[{**state, **payload}], train_data=[train_data], settings=settings,
+        seeds=[seed], device=device, slot_losses=_one_client_loss,
+    ).T  # fmt: skip
     if phase.evaluate is not None:  # the strategy evaluates its own way (e.g. FedDPA's instance-wise mixing)
         evaluation = phase.evaluate(
             bank, tokenizer, train_data=train_data, val_data=val_data, settings=settings, device=device, seed=seed
@@ -118,11 +88,12 @@ def _run_client_round(
     else:
         if settings.generation is not None and settings.generation.do_sample:
             torch.manual_seed(seed)  # sampled answers depend on the client's round seed only
-        evaluation = evaluate_client(model, tokenizer, val_data, settings, device)
+        evaluation = evaluate_client(bank.model, tokenizer, val_data, settings, device)
     new_state = bank.read_slot(0)
     upload = {k: new_state[k] for k in upload_keys}
     metrics = {
-        "train_loss": float(np.mean(losses)) if losses else float("nan"),
+        # The mean in float64 (a pass of several clients averages in float32, as each always has).
+        "train_loss": float(np.mean(losses.astype(np.float64))) if len(losses) else float("nan"),
         "steps": len(losses),
         **evaluation,
         "num_train": len(train_data),

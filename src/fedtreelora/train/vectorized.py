@@ -19,10 +19,10 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from fedtreelora.adapters import AdapterBank, PhaseSpec
-from fedtreelora.adapters.slot_dropout import slot_streams, use_slot_dropout
-from fedtreelora.train.batches import EncodedExamples, batch_indices, collate_clients
-from fedtreelora.train.client import ClientResult, make_optimizer
+from fedtreelora.train.batches import EncodedExamples, collate_clients
+from fedtreelora.train.client import ClientResult
 from fedtreelora.train.generation import EncodedInstructions, evaluate_generation, response_losses
+from fedtreelora.train.local import train_slots
 from fedtreelora.train.precision import precision_context
 from fedtreelora.train.settings import LocalTraining
 
@@ -104,39 +104,12 @@ def _run_clients_round(
         raise ValueError(f"{k} clients do not fit {bank.num_slots} adapter slots")
     if len({len(d) for d in train_data}) != 1 or len({len(d) for d in val_data}) != 1:
         raise ValueError("clients trained together need equal numbers of training and of validation examples")
-    model = bank.model
-    for j in range(k):
-        bank.write_slot(j, {**states[j], **payloads[j]})
-    params = bank.configure(phase, active_slots=k)
-    optimizer = make_optimizer(bank, params, settings)
-    # Only dropout that bypasses the slot streams (functional dropout in a model's own code) still draws from
-    # this one global stream, and so still depends on the pass's companions.
-    torch.manual_seed(seeds[0])
-    use_slot_dropout(model)
-    model.train()
-    orders = [
-        batch_indices(
-            len(d), batch_size=settings.batch_size, epochs=settings.local_epochs, steps=settings.local_steps,
-            rng=np.random.default_rng(seed),
-        )
-        for d, seed in zip(train_data, seeds, strict=True)
-    ]  # fmt: skip
-    losses: list[np.ndarray] = []
+    inputs = [{**state, **payload} for state, payload in zip(states, payloads, strict=True)]
     # Slot j's rows draw their dropout masks from seeds[j], as client j alone would (run_client_round).
-    with slot_streams(seeds) as dropout_streams:
-        for step in zip(*orders, strict=True):
-            batch = collate_clients(tokenizer, list(zip(train_data, step, strict=True)))
-            dropout_streams.set_batch(batch.get("attention_mask"))
-            batch = {key: v.to(device) for key, v in batch.items()}
-            per_client = _per_client_loss(model, batch, k)
-            if not torch.isfinite(per_client).all():
-                raise FloatingPointError(
-                    f"local training loss is {per_client.tolist()} at step {len(losses)}; lower train.lr"
-                )
-            per_client.sum().backward()  # each slot's gradient is its own client's
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(per_client.detach().cpu().numpy())
+    losses = train_slots(
+        bank, tokenizer, phase=phase, inputs=inputs, train_data=train_data, settings=settings, seeds=seeds,
+        device=device, slot_losses=_per_client_loss,
+    )  # fmt: skip
     if settings.generation is not None and settings.generation.do_sample:
         torch.manual_seed(seeds[0])
     evaluations = evaluate_together(bank, tokenizer, val_data, settings, device)
@@ -144,7 +117,8 @@ def _run_clients_round(
     for j in range(k):
         state = bank.read_slot(j)
         metrics = {
-            "train_loss": float(np.mean([step[j] for step in losses])) if losses else float("nan"),
+            # The mean in float32 (one client alone averages in float64, as each always has).
+            "train_loss": float(np.mean(np.ascontiguousarray(losses[:, j]))) if len(losses) else float("nan"),
             "steps": len(losses),
             **evaluations[j],
             "num_train": len(train_data[j]),
