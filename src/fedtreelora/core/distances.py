@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -15,27 +16,28 @@ if TYPE_CHECKING:
 METRICS = ("frobenius", "cosine")
 
 
-def _pairwise(flat: np.ndarray, metric: str) -> np.ndarray:
-    """Distances between rows through one Gram matrix (no Python loop over pairs).
+# The numpy and the torch path share this arithmetic: numpy for numpy input (the default,
+# ``federation.server_device`` unset), torch on the tensors' device under ``server_device``.
+def _distances_from_gram(xp: ModuleType, gram: Any, metric: str) -> Any:
+    """Distances between rows from their Gram matrix, written once for ``xp`` = numpy or torch.
 
     Args:
-        flat: (clients, features) float64.
+        xp: the array module of ``gram`` (numpy, or torch for a tensor on any device).
+        gram: (..., clients, clients) float64 inner products of the flattened matrices.
     Returns:
-        (clients, clients), symmetric, zero diagonal.
+        (..., clients, clients), symmetric; the diagonal is left to the caller to zero.
     """
-    gram = flat @ flat.T
-    sq_norms = np.diag(gram).copy()
+    sq_norms = xp.einsum("...ii->...i", gram)
     if metric == "frobenius":
-        dist = np.sqrt(np.maximum(sq_norms[:, None] + sq_norms[None, :] - 2.0 * gram, 0.0))
+        dist = xp.sqrt((sq_norms[..., :, None] + sq_norms[..., None, :] - 2.0 * gram).clip(min=0.0))
     else:
-        norms = np.sqrt(sq_norms)
-        denom = norms[:, None] * norms[None, :]
+        norms = xp.sqrt(sq_norms)
+        denom = norms[..., :, None] * norms[..., None, :]
         # A zero matrix has no direction: call it orthogonal to everything (similarity 0).
-        cos = np.divide(gram, denom, out=np.zeros_like(gram), where=denom > 0)
-        dist = 1.0 - np.clip(cos, -1.0, 1.0)
-    dist = 0.5 * (dist + dist.T)
-    np.fill_diagonal(dist, 0.0)
-    return dist
+        positive = denom > 0
+        cos = xp.where(positive, gram / xp.where(positive, denom, 1.0), 0.0)
+        dist = 1.0 - cos.clip(-1.0, 1.0)
+    return 0.5 * (dist + dist.swapaxes(-1, -2))
 
 
 def _layer_distances_torch(modules: list[torch.Tensor], metric: str) -> np.ndarray:
@@ -51,16 +53,7 @@ def _layer_distances_torch(modules: list[torch.Tensor], metric: str) -> np.ndarr
         if not torch.isfinite(x).all():
             raise ValueError(f"b[{m}] must be finite")
         flat = x.reshape(n, layers, -1).transpose(0, 1)  # (layers, clients, features)
-        gram = (flat @ flat.transpose(1, 2)).double()  # (layers, clients, clients)
-        sq = torch.diagonal(gram, dim1=1, dim2=2)
-        if metric == "frobenius":
-            dist = (sq[:, :, None] + sq[:, None, :] - 2.0 * gram).clamp_min(0.0).sqrt()
-        else:
-            norms = sq.sqrt()
-            denom = norms[:, :, None] * norms[:, None, :]
-            cos = torch.where(denom > 0, gram / denom.clamp_min(1e-300), torch.zeros_like(gram))
-            dist = 1.0 - cos.clamp(-1.0, 1.0)
-        out += 0.5 * (dist + dist.transpose(1, 2))
+        out += _distances_from_gram(torch, (flat @ flat.transpose(1, 2)).double(), metric)
     out /= len(modules)
     out.diagonal(dim1=1, dim2=2).zero_()
     return out.cpu().numpy()
@@ -113,5 +106,8 @@ def layer_distances(b: np.ndarray | Sequence[np.ndarray], metric: str = "frobeni
         require_finite(x, f"b[{m}]" if isinstance(b, (list, tuple)) else "b")
         flat = x.reshape(n_clients, n_layers, -1)
         for layer in range(n_layers):
-            out[layer] += _pairwise(flat[:, layer], metric)
-    return out / len(modules)
+            out[layer] += _distances_from_gram(np, flat[:, layer] @ flat[:, layer].T, metric)
+    out /= len(modules)
+    for layer in range(n_layers):
+        np.fill_diagonal(out[layer], 0.0)
+    return out

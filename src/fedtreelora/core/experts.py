@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
 from fedtreelora.core.checks import as_float_array, is_torch_tensor, require_finite
 
-if TYPE_CHECKING:
-    import torch
+Array = Any
+"""A numpy array or a torch tensor (see :func:`_group_means`)."""
 
 
 def group_means_for(
@@ -34,15 +35,49 @@ def group_means_for(
         ``(inside, outside, has_inside, has_outside)``: means (targets, ...) and (targets,) bool masks
         saying whether any supplier was inside / outside the target's cluster (the mean is zero where not).
     """
-    if is_torch_tensor(values):
-        return _group_means_for_torch(values, labels, target_labels, weights)
     n = values.shape[0]
-    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
-    ids, member = np.unique(np.concatenate([labels, target_labels]), return_inverse=True)
+    _, member = np.unique(np.concatenate([labels, target_labels]), return_inverse=True)
+    clusters = np.arange(int(member.max()) + 1)
+    if is_torch_tensor(values):
+        import torch  # only here: numpy callers must not load torch
+
+        device, dtype = values.device, values.dtype
+        w = (
+            torch.ones(n, device=device, dtype=dtype)
+            if weights is None
+            else torch.as_tensor(weights, device=device, dtype=dtype)
+        )
+        member_t, clusters_t = (torch.as_tensor(x, device=device) for x in (member, clusters))
+        inside, outside, has_inside, has_outside = _group_means(torch, values.reshape(n, -1), w, member_t, clusters_t)
+        has_inside, has_outside = has_inside.cpu().numpy(), has_outside.cpu().numpy()
+    else:
+        w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+        flat = values.reshape(n, -1).astype(np.float64, copy=False)
+        inside, outside, has_inside, has_outside = _group_means(np, flat, w, member, clusters)
+    shape = (len(target_labels), *values.shape[1:])
+    return inside.reshape(shape), outside.reshape(shape), has_inside, has_outside
+
+
+# The numpy and the torch path share this arithmetic: numpy for numpy input (the default,
+# ``federation.server_device`` unset), torch on the tensors' device under ``server_device``.
+def _group_means(
+    xp: ModuleType, flat: Array, w: Array, member: Array, clusters: Array
+) -> tuple[Array, Array, Array, Array]:
+    """:func:`group_means_for` on flattened values, written once for ``xp`` = numpy or torch.
+
+    Args:
+        xp: the array module of every argument (numpy arrays, or torch tensors on one device).
+        flat: (clients, size) values, float64 for numpy.
+        w: (clients,) weights in ``flat``'s dtype.
+        member: (clients + targets,) cluster index of each supplier, then of each target.
+        clusters: (clusters,) 0..clusters-1.
+
+    Returns:
+        ``(inside, outside, has_inside, has_outside)``: (targets, size) means and (targets,) bool masks.
+    """
+    n = flat.shape[0]
     member_src, member_tgt = member[:n], member[n:]
-    one_hot = np.zeros((len(ids), n))
-    one_hot[member_src, np.arange(n)] = w
-    flat = values.reshape(n, -1).astype(np.float64, copy=False)
+    one_hot = (clusters[:, None] == member_src[None, :]) * w  # (clusters, clients): w where a member, else 0
     # Cluster sums cost O(clusters x clients x size), not the O(clients^2 x size) of a weight matrix.
     sums = one_hot @ flat  # (clusters, size)
     weight = one_hot.sum(axis=1)  # (clusters,)
@@ -50,44 +85,12 @@ def group_means_for(
     in_weight = weight[member_tgt]
     out_weight = w.sum() - in_weight
     has_inside, has_outside = in_weight > tol, out_weight > tol
-    shape = (len(target_labels), *values.shape[1:])
-    inside = np.zeros((len(target_labels), flat.shape[1]))
-    outside = np.zeros_like(inside)
+    inside = xp.zeros_like(sums[member_tgt])  # (targets, size)
+    outside = xp.zeros_like(inside)
     inside[has_inside] = sums[member_tgt[has_inside]] / in_weight[has_inside, None]
     total = flat.T @ w
     outside[has_outside] = (total - sums[member_tgt[has_outside]]) / out_weight[has_outside, None]
-    return inside.reshape(shape), outside.reshape(shape), has_inside, has_outside
-
-
-def _group_means_for_torch(
-    values: torch.Tensor, labels: np.ndarray, target_labels: np.ndarray, weights: np.ndarray | None
-) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
-    """:func:`group_means_for` on a torch tensor, on its device and in its dtype (e.g. a GPU, float32)."""
-    import torch  # only here: the numpy path must not load torch
-
-    n, device, dtype = values.shape[0], values.device, values.dtype
-    w = (
-        torch.ones(n, device=device, dtype=dtype)
-        if weights is None
-        else torch.as_tensor(weights, device=device, dtype=dtype)
-    )
-    _, member = np.unique(np.concatenate([labels, target_labels]), return_inverse=True)
-    member_src = torch.as_tensor(member[:n], device=device)
-    member_tgt = torch.as_tensor(member[n:], device=device)
-    one_hot = torch.zeros(int(member.max()) + 1, n, device=device, dtype=dtype)
-    one_hot[member_src, torch.arange(n, device=device)] = w
-    flat = values.reshape(n, -1)
-    sums = one_hot @ flat  # (clusters, size)
-    weight = one_hot.sum(dim=1)
-    tol = 1e-12 * max(float(w.sum()), 1.0)
-    in_weight = weight[member_tgt]
-    out_weight = w.sum() - in_weight
-    has_inside, has_outside = in_weight > tol, out_weight > tol
-    inside = torch.where(has_inside[:, None], sums[member_tgt] / in_weight.clamp_min(tol)[:, None], 0.0)
-    outside_sum = (flat.T @ w)[None, :] - sums[member_tgt]
-    outside = torch.where(has_outside[:, None], outside_sum / out_weight.clamp_min(tol)[:, None], 0.0)
-    shape = (len(target_labels), *values.shape[1:])
-    return inside.reshape(shape), outside.reshape(shape), has_inside.cpu().numpy(), has_outside.cpu().numpy()
+    return inside, outside, has_inside, has_outside
 
 
 def group_means(
