@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from fedtreelora.data.instructions import BUILTIN_INSTRUCTION_SOURCES
 from fedtreelora.errors import ConfigError
+from fedtreelora.strategies.options import StrategyOptions
 from fedtreelora.strategies.registry import METHODS  # torch-free: method names and options classes only
 
 CLASSIFIER_TARGETS = ["query", "value"]
@@ -320,10 +321,10 @@ class ExperimentBase(Section):
             )
         return self
 
-    def method_options(self) -> BaseModel:
-        """The options section of the chosen method."""
+    def method_options(self) -> StrategyOptions:
+        """The options section of the chosen method (an instance of its registered options class)."""
         options = getattr(self, self.method, None)
-        return options if isinstance(options, BaseModel) else METHODS[self.method].options()
+        return options if isinstance(options, StrategyOptions) else METHODS[self.method].options()
 
 
 _MODEL_CACHE: dict[tuple[tuple[str, type], ...], type[ExperimentBase]] = {}

@@ -181,8 +181,9 @@ class Federation(RunTask):
     """The backbone: a classifier or a causal LM (the field's name predates generation)."""
     bank: AdapterBank
     strategy: Strategy
-    train_data: list[EncodedExamples] | list[EncodedInstructions]
-    val_data: list[EncodedExamples] | list[EncodedInstructions]
+    train_data: list[EncodedExamples | EncodedInstructions]
+    """Each client's encoded training split (all classification or all instruction examples)."""
+    val_data: list[EncodedExamples | EncodedInstructions]
     initial_state: dict[str, torch.Tensor]
     settings: LocalTraining
     device: torch.device
@@ -245,7 +246,7 @@ class Federation(RunTask):
         }
 
 
-def group_records(config: ExperimentConfig) -> list[dict]:
+def group_records(config: ExperimentConfig) -> list[dict[str, Any]]:
     """Each group of ``data.groups`` with its options resolved (JSON-ready; empty without groups)."""
     return [
         {

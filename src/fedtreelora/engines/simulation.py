@@ -134,7 +134,10 @@ class SimulationEngine:
                 run.history.append(record)
                 run.next_round = rnd + 1
                 progress.advance(rounds_task)
-                values = [acc[-1] for k, acc in enumerate(run.per_client) if k in record["clients"]]
+                # (a client whose evaluation did not come back has no value this round)
+                values = [
+                    v for k, acc in enumerate(run.per_client) if k in record["clients"] and (v := acc[-1]) is not None
+                ]
                 progress.console.print(table.row(record, values, time.perf_counter() - round_start), soft_wrap=True)
                 if scalars is not None:
                     scalars.log_round(record, [acc[-1] for acc in run.per_client])
@@ -312,7 +315,7 @@ class SimulationEngine:
 
     def _summary(self, fed: FederationView, run: RunState, wall: float) -> dict[str, Any]:
         history = run.history
-        means = [round_mean(h) if round_mean(h) is not None else -1.0 for h in history]
+        means = [-1.0 if (mean := round_mean(h)) is None else mean for h in history]
         best = int(np.argmax(means))
         labels = fed.strategy.sharing_labels()
         fed.bank.configure(fed.strategy.phase(len(history) - 1))

@@ -19,14 +19,17 @@ The personal state (lambda logits, routers, local experts, every adapter) lives 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtreelora.engines.flower.node import client_id, node_client, node_info
 from fedtreelora.engines.flower.phases import node_phase
-from fedtreelora.engines.flower.records import from_array_record, to_array_record
+from fedtreelora.engines.flower.records import Tensors, from_array_record, to_array_record
 from fedtreelora.engines.flower.settings import FlowerRunSettings
-from fedtreelora.engines.setup import client_seed
+from fedtreelora.engines.setup import Federation, client_seed
 from fedtreelora.train import run_client_round
 from fedtreelora.train.received import evaluate_received
 
@@ -64,20 +67,21 @@ def query(msg: Message, context: Context) -> Message:
     raise ValueError(f"unknown query action {action!r}")
 
 
-def _state(context: Context, fed) -> dict:  # type: ignore[no-untyped-def]
+def _state(context: Context, fed: Federation) -> Tensors:
     """The node's committed personal state (the shared initialisation before its first round)."""
     committed = context.state.get(COMMITTED)
     return from_array_record(committed) if isinstance(committed, ArrayRecord) else dict(fed.initial_state)
 
 
-def _numbers(metrics: dict) -> dict:  # type: ignore[type-arg]
+def _numbers(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The plain numbers of ``metrics`` (what a ``MetricRecord`` carries)."""
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     settings = FlowerRunSettings.from_run_config(context.run_config)
-    cfg = msg.content["config"]
+    cfg: Mapping[str, Any] = msg.content.config_records["config"]
     node = node_client(settings.experiment, context.node_config, list(cfg["label-names"]))
     rnd = int(cfg["round"])  # the round whose aggregation is scored
     _settle(context, bool(cfg["accepted"]))
@@ -87,7 +91,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         fed.classifier.tokenizer,
         phase=node_phase(fed.strategy, rnd + 1, cfg),
         state=_state(context, fed),
-        payload=from_array_record(msg.content.get("payload")),
+        payload=from_array_record(msg.content.array_records.get("payload")),
         train_data=fed.train_data[node.index],
         val_data=fed.val_data[node.index],
         settings=fed.settings,
@@ -102,7 +106,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     settings = FlowerRunSettings.from_run_config(context.run_config)
-    cfg = msg.content["config"]
+    cfg: Mapping[str, Any] = msg.content.config_records["config"]
     node = node_client(settings.experiment, context.node_config, list(cfg["label-names"]))
     rnd = int(cfg["round"])
     _settle(context, bool(cfg["accepted"]))
@@ -113,7 +117,7 @@ def train(msg: Message, context: Context) -> Message:
         fed.bank,
         fed.classifier.tokenizer,
         state=state,
-        payload=from_array_record(msg.content.get("payload")),
+        payload=from_array_record(msg.content.array_records.get("payload")),
         upload_keys=list(cfg["upload-keys"]),
         train_data=fed.train_data[node.index],
         val_data=fed.val_data[node.index],

@@ -177,7 +177,8 @@ def node_info(config: ExperimentConfig, node_config: Mapping[str, Any]) -> dict[
         fed = node_client(config, node_config).fed
         train_counts, val_counts = fed.clients[client].train_label_counts, fed.clients[client].val_label_counts
         names = list(fed.label_names)
-        categories = [fed.dataset.task_category(t) for t in names] if fed.task == "generation" else None
+        dataset = fed.dataset
+        categories = [dataset.task_category(t) for t in names] if isinstance(dataset, InstructionDataset) else None
     info: dict[str, Any] = {
         "client": client,
         "num-train": int(train_counts.sum()),

@@ -184,7 +184,7 @@ class FlowerEngine(SimulationEngine):
         for reply in replies:
             if reply.has_error():
                 raise RuntimeError(f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
-            info = dict(reply.content["info"])
+            info: dict[str, Any] = dict(reply.content["info"])
             client = int(info["client"])
             if client in nodes:
                 raise ValueError(
@@ -264,7 +264,7 @@ class FlowerRunner:
         chosen = list(payloads)
         messages = []
         for k in chosen:
-            config = {
+            config: dict[str, Any] = {
                 "round": rnd,
                 **phase_config(phase),
                 "accepted": fed.accepted.get(k, False),
@@ -275,7 +275,8 @@ class FlowerRunner:
             messages.append(Message(content, dst_node_id=fed.nodes[k], message_type=MessageType.TRAIN))
         results: dict[int, ClientResult] = {}
         for k, (reply, metrics) in self._exchange(messages, chosen, f"round {rnd + 1}: client {{}} failed").items():
-            results[k] = ClientResult(state={}, upload=from_array_record(reply.content.get("upload")), metrics=metrics)
+            upload = from_array_record(reply.content.array_records.get("upload"))
+            results[k] = ClientResult(state={}, upload=upload, metrics=metrics)
             tick()
         for k in sorted(set(chosen) - set(results)):
             self.console.print(f"[yellow]round {rnd + 1}: no reply from client {k} in time; it keeps its state[/]")
@@ -290,7 +291,12 @@ class FlowerRunner:
         clients = list(payloads)
         messages = []
         for k in clients:
-            config = {"round": rnd, **phase_config(phase), "accepted": True, "label-names": fed.label_names}
+            config: dict[str, Any] = {
+                "round": rnd,
+                **phase_config(phase),
+                "accepted": True,
+                "label-names": fed.label_names,
+            }
             content = RecordDict({"config": ConfigRecord(config), "payload": to_array_record(payloads[k])})
             messages.append(Message(content, dst_node_id=fed.nodes[k], message_type=MessageType.EVALUATE))
         replies = self._exchange(messages, clients, f"round {rnd + 1}: client {{}} failed to evaluate")
@@ -328,7 +334,7 @@ class FlowerRunner:
             if k is None or reply.has_error():
                 continue
             if self.collect_states and "state" in reply.content:
-                states[k] = from_array_record(reply.content["state"])
+                states[k] = from_array_record(reply.content.array_records["state"])
         return states
 
     def _exchange(
