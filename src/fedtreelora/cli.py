@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -193,7 +194,10 @@ def _flower_sites(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_flower(sub: argparse._SubParsersAction, config_options) -> None:  # type: ignore[no-untyped-def]
+def _add_flower(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    config_options: Callable[[argparse.ArgumentParser], None],
+) -> None:
     flower = sub.add_parser("flower", help="run on Flower: its simulation engine, or a deployment across machines")
     fsub = flower.add_subparsers(dest="flower_command", required=True)
 

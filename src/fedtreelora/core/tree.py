@@ -35,7 +35,8 @@ def build_tree(global_distances: np.ndarray, method: str = "average") -> np.ndar
     if n < 2:
         return np.zeros((0, 4))
     condensed = squareform(global_distances, checks=False)
-    return linkage(condensed, method=method)
+    matrix: np.ndarray = linkage(condensed, method=method)
+    return matrix
 
 
 def cut_exact(tree: np.ndarray, n_clients: int, n_clusters: int) -> np.ndarray:

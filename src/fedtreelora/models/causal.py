@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -13,11 +14,14 @@ from fedtreelora.errors import ConfigError
 from fedtreelora.models.classifier import Backbone, cut_layers
 from fedtreelora.models.installed import resolve_model_path
 
+if TYPE_CHECKING:
+    from transformers import BitsAndBytesConfig
+
 QUANTIZATIONS = ("none", "8bit", "4bit")
 """Values of ``model.quantization``."""
 
 
-def quantization_config(quantization: str, device: torch.device):  # type: ignore[no-untyped-def]
+def quantization_config(quantization: str, device: torch.device) -> BitsAndBytesConfig | None:
     """A ``BitsAndBytesConfig`` for ``8bit``/``4bit`` (None for ``none``), after checking that it can run.
 
     Raises:

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from fedtreelora.errors import ConfigError
-from fedtreelora.strategies.base import FederationContext, Strategy, StrategyOptions, Tensors, stack
+from fedtreelora.strategies.base import FederationContext, Strategy, Tensors, stack
+from fedtreelora.strategies.options import FedLEASEOptions, FedTreeLoRAOptions
 
 
 def flatten_by_owner(per_owner: Mapping[int, Mapping[str, torch.Tensor]]) -> Tensors:
@@ -95,13 +96,14 @@ class ClusteredAfterWarmup(Strategy):
 
     #: the expert whose B factors the clustering compares
     trained_expert: ClassVar[str]
+    options: FedLEASEOptions | FedTreeLoRAOptions
 
-    def __init__(self, options: StrategyOptions, context: FederationContext) -> None:
+    def __init__(self, options: FedLEASEOptions | FedTreeLoRAOptions, context: FederationContext) -> None:
         super().__init__(options, context)
         self._warmup_b: dict[int, Tensors] = {}  # latest warm-up B per client (and per placed newcomer)
 
     def is_warmup(self, rnd: int) -> bool:
-        return rnd < self.options.warmup_rounds  # type: ignore[attr-defined]
+        return rnd < self.options.warmup_rounds
 
     def remember_warmup(self, rnd: int, uploads: Mapping[int, Tensors]) -> bool:
         """Keep warm-up uploads' B; True while warm-up continues after round ``rnd`` (nothing to aggregate).
@@ -112,7 +114,7 @@ class ClusteredAfterWarmup(Strategy):
         if not self.is_warmup(rnd):
             return False
         remember_b(self._warmup_b, uploads)
-        return rnd < self.options.warmup_rounds - 1  # type: ignore[attr-defined]
+        return rnd < self.options.warmup_rounds - 1
 
     def warmup_members(self) -> list[int]:
         """Clients with a warm-up B, sorted.
@@ -134,7 +136,7 @@ class ClusteredAfterWarmup(Strategy):
             upload,
             self.context,
             self.trained_expert,
-            self.options.distance,  # type: ignore[attr-defined]
+            self.options.distance,
         )
         remember_b(self._warmup_b, {client: upload})
         return d

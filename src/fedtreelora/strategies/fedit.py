@@ -10,7 +10,7 @@ import torch
 
 from fedtreelora.adapters import ExpertSpec, PhaseSpec
 from fedtreelora.core import group_means
-from fedtreelora.strategies.base import Strategy, Tensors, as_payload
+from fedtreelora.strategies.base import FederationContext, Strategy, Tensors, as_payload
 from fedtreelora.strategies.options import (  # noqa: F401  (re-exported: importable from here too)
     SHARED_LAYERS_FORMS,
     AllLayersOptions,
@@ -48,7 +48,7 @@ class FedIT(Strategy):
     expert_names = ("shared",)
     trunk_expert = "shared"
 
-    def __init__(self, options: FedITOptions, context) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, options: FedITOptions, context: FederationContext) -> None:
         super().__init__(options, context)
         # The layers whose uploads are averaged, ascending (a range error names this method's option).
         self.shared_layers = resolve_shared_layers(

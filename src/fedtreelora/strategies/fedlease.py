@@ -119,7 +119,7 @@ class FedLEASE(ClusteredAfterWarmup):
 
     @classmethod
     def experts_for(cls, options: StrategyOptions) -> tuple[str, ...]:
-        return ("own", *(f"other_{j}" for j in range(1, options.max_clusters)))  # type: ignore[attr-defined]
+        return ("own", *(f"other_{j}" for j in range(1, options.max_clusters)))  # type: ignore[attr-defined]  # options: the registered FedLEASEOptions
 
     @property
     def num_clusters(self) -> int:

@@ -122,7 +122,7 @@ class AllLayersOptions(FedITOptions):
     """Options of a FedIT-derived method that shares its federated part in every layer: ``shared_layers``
     is fixed at ``all`` (depth-limited FedAvg is FedIT's ``shared_layers``)."""
 
-    shared_layers: Literal["all"] = "all"  # type: ignore[assignment]
+    shared_layers: Literal["all"] = "all"
     """Always ``all``: this method shares its federated part in every layer (depth-limited sharing is
     ``fedit.shared_layers``)."""
 

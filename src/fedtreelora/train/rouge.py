@@ -5,12 +5,13 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import Any
 
 ROUGE_TYPES = ("rouge1", "rougeL")
 
 
 @lru_cache(maxsize=2)
-def _scorer(use_stemmer: bool):  # type: ignore[no-untyped-def]
+def _scorer(use_stemmer: bool) -> Any:  # rouge_score ships no type information
     from rouge_score import rouge_scorer
 
     return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=use_stemmer)
