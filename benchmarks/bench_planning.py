@@ -1,6 +1,7 @@
 """Server planning cost: distances, tree, cuts and expert averaging for N clients at real adapter shapes.
 
     python benchmarks/bench_planning.py [--clients 20 100 1000] [--backend numpy|torch] [--device cpu|cuda]
+    python benchmarks/bench_planning.py --compare [--clients 8 20 100] [--repeats 9]
 
 Shapes (LoRA on two projections per layer): RoBERTa-large 24 layers, d 1024, rank 4; LLaMA-7B 32 layers,
 d 4096, rank 8. Work is done the way the FedTreeLoRA strategy does it: distances from every client's B
@@ -10,6 +11,11 @@ layer by layer (as stated in its output). ``--backend torch`` passes float64 tor
 ``--device`` (what a strategy does under ``federation.server_device``), which the core computes on
 that device; numpy computes in float64 on the CPU. Expert times include copying every client's
 cluster and external expert back to the host as float32, as the server sends them.
+
+``--compare`` times numpy against torch float64 on the CPU side by side in one process, the two
+alternating on the same inputs ``--repeats`` times, for the distances of all layers and the expert
+averages of every A and B (one layer's inputs at a time, as above, copies to float32 included), and
+prints the medians and the median ratio torch / numpy (less noisy than two separate runs).
 """
 
 from __future__ import annotations
@@ -95,6 +101,36 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def compare(name: str, n: int, rng: np.random.Generator, repeats: int) -> dict[str, tuple[float, float, float]]:
+    """Median seconds of numpy and of torch-CPU float64, and the median ratio torch / numpy, per step."""
+    layers, d_out, d_in, rank = SHAPES[name]
+    b = [rng.standard_normal((n, layers, d_out, rank), dtype=np.float32) for _ in range(MODULES)]
+    a = [rng.standard_normal((n, layers, rank, d_in), dtype=np.float32) for _ in range(MODULES)]
+    labels = rng.integers(0, max(2, n // 4), size=n)
+
+    def distances(backend: str) -> None:
+        layer_distances([to_backend(x, backend, "cpu") for x in b])
+
+    def experts(backend: str) -> None:
+        for layer in range(layers):
+            for x in (*a, *b):
+                inside, outside = group_means(to_backend(x[:, layer], backend, "cpu"), labels)
+                to_host(inside), to_host(outside)
+
+    out = {}
+    for step, run in (("distances", distances), ("experts", experts)):
+        run("numpy"), run("torch")  # warm-up
+        seconds: dict[str, list[float]] = {"numpy": [], "torch": []}
+        for _ in range(repeats):
+            for backend in seconds:
+                t0 = time.perf_counter()
+                run(backend)
+                seconds[backend].append(time.perf_counter() - t0)
+        ratios = np.array(seconds["torch"]) / np.array(seconds["numpy"])
+        out[step] = (float(np.median(seconds["numpy"])), float(np.median(seconds["torch"])), float(np.median(ratios)))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[20, 100, 1000])
@@ -102,8 +138,24 @@ def main() -> None:
     parser.add_argument("--memory-budget-gb", type=float, default=6.0)
     parser.add_argument("--backend", choices=["numpy", "torch"], default="numpy")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compare", action="store_true", help="numpy against torch-CPU float64, side by side")
+    parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
+    if args.compare:
+        print(
+            f"numpy {np.__version__} against torch {torch.__version__} float64 on the CPU, {torch.get_num_threads()} threads"
+        )
+        print("| shape | clients | step | numpy ms | torch ms | torch / numpy |")
+        print("|---|---|---|---|---|---|")
+        for name in args.shapes:
+            for n in args.clients:
+                for step, (t_numpy, t_torch, ratio) in compare(name, n, rng, args.repeats).items():
+                    print(
+                        f"| {name} | {n} | {step} | {t_numpy * 1e3:.1f} | {t_torch * 1e3:.1f} | {ratio:.2f} |",
+                        flush=True,
+                    )
+        return
     print(f"backend {args.backend}, device {args.device}")
     print("| shape | clients | distances s | tree + cuts s | experts s | total s | streamed |")
     print("|---|---|---|---|---|---|---|")
