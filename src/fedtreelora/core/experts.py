@@ -58,8 +58,10 @@ def group_means_for(
     return inside.reshape(shape), outside.reshape(shape), has_inside, has_outside
 
 
-# The numpy and the torch path share this arithmetic: numpy for numpy input (the default,
-# ``federation.server_device`` unset), torch on the tensors' device under ``server_device``.
+# One arithmetic for both array modules: numpy for numpy input (the default, ``federation.server_device``
+# unset), torch on the tensors' device under ``server_device``. Numpy stays the CPU path because it is
+# faster there: torch float64 on the CPU took expert averages 1.35-1.7x as long at 8, 20 and 100 clients
+# (RoBERTa-large shapes, one thread; ``python benchmarks/bench_planning.py --compare``).
 def _group_means(
     xp: ModuleType, flat: Array, w: Array, member: Array, clusters: Array
 ) -> tuple[Array, Array, Array, Array]:
