@@ -87,11 +87,12 @@ def _group_means(
     in_weight = weight[member_tgt]
     out_weight = w.sum() - in_weight
     has_inside, has_outside = in_weight > tol, out_weight > tol
-    inside = xp.zeros_like(sums[member_tgt])  # (targets, size)
-    outside = xp.zeros_like(inside)
-    inside[has_inside] = sums[member_tgt[has_inside]] / in_weight[has_inside, None]
-    total = flat.T @ w
-    outside[has_outside] = (total - sums[member_tgt[has_outside]]) / out_weight[has_outside, None]
+    own_sums = sums[member_tgt]  # (targets, size)
+    inside = own_sums / xp.where(has_inside, in_weight, 1.0)[:, None]
+    inside[~has_inside] = 0.0
+    total = flat.T @ w  # (size,)
+    outside = (total - own_sums) / xp.where(has_outside, out_weight, 1.0)[:, None]
+    outside[~has_outside] = 0.0
     return inside, outside, has_inside, has_outside
 
 
