@@ -20,7 +20,7 @@ from fedtreelora.engines.loggers import ScalarLogger
 from fedtreelora.engines.recorder import RunRecorder
 from fedtreelora.engines.round_table import RoundTable
 from fedtreelora.engines.runners import ClientRunner, in_process_runner
-from fedtreelora.engines.setup import FederationView, build_federation
+from fedtreelora.engines.setup import Federation, FederationView, build_federation
 from fedtreelora.engines.validation import RejectedUpdate, check_update
 from fedtreelora.progress import progress_bars
 
@@ -163,8 +163,12 @@ class SimulationEngine:
         """This run's federation as the server side sees it, and the runner that reaches its clients:
         here data, model, adapters and strategy in this process (an engine whose clients live elsewhere
         builds only the model side)."""
-        fed = build_federation(self.config)
+        fed = self.build_federation()
         return fed, in_process_runner(fed)
+
+    def build_federation(self) -> Federation:
+        """Data, model, adapters and strategy for this run, in this process."""
+        return build_federation(self.config)
 
     def _start_state(self, fed: FederationView) -> RunState:
         """A fresh state, or the latest checkpoint when resuming (metrics past it are dropped)."""
