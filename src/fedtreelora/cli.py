@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import ValidationError
 
@@ -37,7 +38,7 @@ def _run(args: argparse.Namespace) -> int:
     scored = {"received": "of the model each client receives", "trained": "after local training"}
     headline, aside = summary.get("by_convention", {}).get(other, {}), scored[other]
     line = (
-        f"{summary['method']} on {summary['dataset']}: final mean {metric} {scored.get(summary.get('evaluate'), '')} "
+        f"{summary['method']} on {summary['dataset']}: final mean {metric} {scored.get(summary.get('evaluate', ''), '')} "
         f"{summary['final_mean']:.4f}, best {summary['best_mean']:.4f} (round {summary['best_round'] + 1}); "
         + (f"{aside}: final {headline['final_mean']:.4f}, best {headline['best_mean']:.4f}; " if headline else "")
         + f"cuts {summary['cuts']}, {summary['wall_seconds']:.0f} s -> {out}"
@@ -105,8 +106,11 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _csv_list(text: str | None, kind: type[int] | type[str] = str) -> list[int] | list[str] | None:
-    """``a,b,c`` as a list (None stays None); ``kind`` converts each item."""
+_Item = TypeVar("_Item", int, str)
+
+
+def _csv_list(text: str | None, kind: type[_Item]) -> list[_Item] | None:
+    """``a,b,c`` as a list (None stays None); ``kind`` (``int`` or ``str``) converts each item."""
     if text is None:
         return None
     try:
@@ -132,9 +136,9 @@ def _compare(args: argparse.Namespace) -> int:
     result = run_compare(
         suite,
         out,
-        methods=_csv_list(args.methods),
+        methods=_csv_list(args.methods, str),
         seeds=_csv_list(args.seeds, int),
-        datasets=_csv_list(args.datasets),
+        datasets=_csv_list(args.datasets, str),
         overrides=list(args.set or []),
         quiet=args.quiet,
         command=_compare_command(args, out),

@@ -404,7 +404,8 @@ def _paired_seeds(
     """The seeds at which ``method`` and ``reference`` both ran ``dataset``, split into usable pairs and
     pairs left out because the two runs' partitions differ."""
     seeds = sorted(s for (m, d, s) in by_key if m == method and d == dataset and (reference, dataset, s) in by_key)
-    usable, excluded = [], []
+    usable: list[int] = []
+    excluded: list[int] = []
     for seed in seeds:
         same = _same_partition(partitions, (method, dataset, seed), (reference, dataset, seed))
         (usable if same else excluded).append(seed)
@@ -536,9 +537,9 @@ def _ari_cells(values: Sequence[Sequence[Sequence[float | None]]], layers: int, 
         means, stds, counts = [], [], []
         for depth in range(depths):
             cell = [
-                float(v[layer][depth])
+                float(score)
                 for v in values
-                if layer < len(v) and depth < len(v[layer]) and v[layer][depth] is not None
+                if layer < len(v) and depth < len(v[layer]) and (score := v[layer][depth]) is not None
             ]
             cell = [x for x in cell if not math.isnan(x)]
             mean, std = mean_std(cell)
@@ -570,7 +571,9 @@ def ari_tables(summaries: Mapping[RunKey, Mapping[str, Any]], methods: Sequence[
     tables: dict[str, dict[str, Any]] = {}
     for dataset in datasets:
         mine = {(m, seed): s for (m, d, seed), s in summaries.items() if d == dataset and "ari" in s}
-        levels = next((s["planted_levels"] for s in mine.values() if s.get("planted_levels")), [])
+        levels: Sequence[Sequence[str]] = next(
+            (s["planted_levels"] for s in mine.values() if s.get("planted_levels")), []
+        )
         scored = [s["ari"] for s in mine.values() if s["ari"] is not None]
         layers = max((len(a) for a in scored), default=0)
         depths = max([len(levels), *(len(row) for a in scored for row in a)])
@@ -966,7 +969,7 @@ def run_compare(
     mismatched = partition_mismatches(results)
     for message in mismatched:
         console.print(f"[red]partition mismatch: {message}[/]")
-    meta = {
+    meta: dict[str, Any] = {
         "suite": suite.name,
         "suite_file": None if suite.path is None else str(suite.path),
         "description": suite.description,

@@ -8,6 +8,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from fedtreelora.data.instructions import BUILTIN_INSTRUCTION_SOURCES
 from fedtreelora.errors import ConfigError
@@ -28,20 +29,20 @@ class ModelConfig(Section):
     name: str = "minilm"
     """Backbone: ``minilm`` (installed all-MiniLM-L6-v2), ``smollm2`` (installed SmolLM2-135M-Instruct, a causal
     LM for generation), a hub id (e.g. ``roberta-large``, ``meta-llama/Llama-2-7b-hf``) or a local path."""
-    num_layers: int | None = Field(None, ge=1)
+    num_layers: int | None = Field(default=None, ge=1)
     """Keep only the first n transformer layers (fast tests); None keeps all."""
     target_modules: list[str] = Field(default_factory=lambda: list(CLASSIFIER_TARGETS))
     """Linear modules that get LoRA, matched by name suffix as in PEFT. Unset: ``query``/``value`` for
     classification, ``q_proj``/``v_proj`` for generation (LLaMA, Qwen, Mistral, SmolLM2 names)."""
-    rank: int = Field(8, ge=1)
+    rank: int = Field(default=8, ge=1)
     """LoRA rank r."""
-    alpha: float = Field(16.0, gt=0)
+    alpha: float = Field(default=16.0, gt=0)
     """LoRA alpha; the update is scaled by alpha / rank."""
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
     """Dropout on the LoRA input."""
     head: Literal["frozen", "local"] = "frozen"
     """Classification head: a shared random initialisation kept frozen (the paper), or trained and kept by each client."""
-    max_length: int = Field(64, ge=8)
+    max_length: int = Field(default=64, ge=8)
     """Tokens per example after truncation (generation: prompt plus answer; the prompt keeps its last
     ``max_length - generation.max_new_tokens`` tokens)."""
     quantization: Literal["none", "8bit", "4bit"] = "none"
@@ -77,11 +78,11 @@ class GroupConfig(Section):
     label_map: dict[str, str | None] | None = None
     """Source label name -> the name this group uses (rename, or permute for concept shift); a name
     mapped to null drops that class's examples from the group; unmapped names stay as they are."""
-    dirichlet_alpha: float | None = Field(None, gt=0)
+    dirichlet_alpha: float | None = Field(default=None, gt=0)
     """Label skew of the group's clients; None: ``data.dirichlet_alpha``."""
-    n_train: int | None = Field(None, ge=1)
+    n_train: int | None = Field(default=None, ge=1)
     """Training examples per client of the group; None: ``data.n_train``."""
-    n_val: int | None = Field(None, ge=1)
+    n_val: int | None = Field(default=None, ge=1)
     """Validation examples per client of the group; None: ``data.n_val``."""
 
     @field_validator("label_map", mode="before")
@@ -155,14 +156,14 @@ class DataConfig(Section):
     """Split the client training sets are drawn from."""
     validation_split: str | None = None
     """Split the client validation sets are drawn from; None uses the source's validation split or holds out 20%."""
-    num_clients: int = Field(10, ge=1)
+    num_clients: int = Field(default=10, ge=1)
     """Number of clients N."""
-    n_train: int = Field(128, ge=1)
+    n_train: int = Field(default=128, ge=1)
     """Training examples per client."""
-    n_val: int = Field(64, ge=1)
+    n_val: int = Field(default=64, ge=1)
     """Validation examples per client, drawn with the client's own label proportions (generation: its
     test split, from its own task)."""
-    dirichlet_alpha: float = Field(0.5, gt=0)
+    dirichlet_alpha: float = Field(default=0.5, gt=0)
     """Concentration of the Dirichlet label skew; smaller is more skewed (classification only)."""
     groups: list[GroupConfig] | None = None
     """A federation with planted structure (classification only): groups of clients, each with its own
@@ -203,19 +204,19 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(default=16, ge=1)
     """Examples per local step."""
-    eval_batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(default=64, ge=1)
     """Examples per evaluation forward pass."""
-    local_epochs: int = Field(2, ge=1)
+    local_epochs: int = Field(default=2, ge=1)
     """Passes over the client's training set per round (ignored when local_steps is set)."""
-    local_steps: int | None = Field(None, ge=1)
+    local_steps: int | None = Field(default=None, ge=1)
     """Fixed number of local steps per round instead of epochs."""
-    lr: float = Field(5e-3, gt=0)
+    lr: float = Field(default=5e-3, gt=0)
     """AdamW learning rate of the LoRA factors (and a local head)."""
-    mixer_lr: float = Field(5e-2, gt=0)
+    mixer_lr: float = Field(default=5e-2, gt=0)
     """AdamW learning rate of the mixer (lambda logits, routers): one scalar per module moves slowly at the LoRA rate."""
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
     """AdamW weight decay."""
     clients_per_pass: int | Literal["auto"] = "auto"
     """Clients trained together in one forward/backward, each in its own adapter slot; 1 trains them one at a
@@ -230,26 +231,26 @@ class TrainConfig(Section):
 
 
 class GenerationConfig(Section):
-    max_new_tokens: int = Field(32, ge=1)
+    max_new_tokens: int = Field(default=32, ge=1)
     """Longest generated answer in tokens (training answers are cut to this length too)."""
-    num_beams: int = Field(1, ge=1)
+    num_beams: int = Field(default=1, ge=1)
     """Beam search width; 1 is greedy (the default) or sampling."""
     do_sample: bool = False
     """Sample answers instead of greedy/beam decoding (seeded by the client's round seed)."""
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(default=1.0, gt=0)
     """Sampling temperature (with do_sample)."""
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(default=1.0, gt=0, le=1)
     """Nucleus sampling mass (with do_sample)."""
 
 
 class FederationConfig(Section):
-    rounds: int = Field(12, ge=1)
+    rounds: int = Field(default=12, ge=1)
     """Communication rounds, warm-up included."""
-    fraction_train: float = Field(1.0, gt=0.0, le=1.0)
+    fraction_train: float = Field(default=1.0, gt=0.0, le=1.0)
     """Share of clients sampled to train each round (from the seed); the others keep their state."""
-    max_update_norm: float | None = Field(None, gt=0)
+    max_update_norm: float | None = Field(default=None, gt=0)
     """Reject an uploaded tensor whose Frobenius norm exceeds this; None: no bound."""
-    checkpoint_every: int = Field(1, ge=0)
+    checkpoint_every: int = Field(default=1, ge=0)
     """Write a checkpoint every n rounds (0: never); `fedtreelora run --resume DIR` continues from it."""
     server_device: str | None = None
     """Where the server aggregates and plans: None (default) numpy float64 on the CPU; a torch device
@@ -345,7 +346,7 @@ def experiment_config_model() -> type[ExperimentBase]:
 ExperimentConfig = ExperimentBase  # type of a validated config (its class is experiment_config_model())
 
 
-def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
+def _describe(error: ErrorDetails, model: type[BaseModel]) -> str:
     loc = ".".join(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
         section: Any = model
