@@ -148,7 +148,8 @@ def _write_adapter(
             raise ExportError(f"head tensors {missing.unexpected_keys} do not belong to the backbone")
     config = LoraConfig(
         r=rank,
-        lora_alpha=float(model_cfg["alpha"]) * rank / int(model_cfg["rank"]),
+        # peft annotates an int, but scales by lora_alpha / r in floating point; a fractional alpha is meant.
+        lora_alpha=float(model_cfg["alpha"]) * rank / int(model_cfg["rank"]),  # type: ignore[arg-type]
         lora_dropout=float(model_cfg.get("dropout", 0.0)),
         target_modules=list(model_cfg["target_modules"]),
         layers_to_transform=None if layers is None else [int(x) for x in layers],
@@ -158,7 +159,7 @@ def _write_adapter(
     with warnings.catch_warnings():  # transformers' deprecation notices from inside peft
         warnings.simplefilter("ignore", FutureWarning)
         model = get_peft_model(base, config)
-    inner = model.base_model.model
+    inner = model.get_base_model()  # for LoRA, base_model.model (with a declared type)
     adapted = {
         name for name, module in inner.named_modules() if hasattr(module, "lora_A") and "default" in module.lora_A
     }
@@ -169,9 +170,8 @@ def _write_adapter(
         )
     with torch.no_grad():
         for name, (a, b) in factors.items():
-            module = inner.get_submodule(name)
-            module.lora_A["default"].weight.copy_(a)
-            module.lora_B["default"].weight.copy_(b)
+            inner.get_parameter(f"{name}.lora_A.default.weight").copy_(a)
+            inner.get_parameter(f"{name}.lora_B.default.weight").copy_(b)
     out_dir.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():  # transformers' deprecation notices from inside peft's save
         warnings.simplefilter("ignore", FutureWarning)

@@ -261,10 +261,10 @@ def _text(value: Any) -> str:
 def _records(name: str, split: str, ds: Dataset, cols: InstructionColumns) -> InstructionSet:
     """One split as an InstructionSet; rows with an empty instruction or output are dropped."""
     present = set(ds.column_names)
-    for option, column in (("instruction_column", cols.instruction), ("output_column", cols.output)):
-        if column not in present:
+    for option, required in (("instruction_column", cols.instruction), ("output_column", cols.output)):
+        if required not in present:
             raise ConfigError(
-                f"{name} (split {split!r}): no column {column!r} for data.{option}; the data has columns "
+                f"{name} (split {split!r}): no column {required!r} for data.{option}; the data has columns "
                 f"{sorted(present)}. Set data.{option} to one of them."
             )
     if len(ds) == 0:

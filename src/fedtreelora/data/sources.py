@@ -458,11 +458,12 @@ def _encode_labels(
             raise ConfigError(f"{name}: {label_column!r} has no label >= 0")
         return [str(i) for i in range(top + 1)], {s: np.where(a < 0, -1, a) for s, a in ids.items()}
     if kinds == {str}:
-        values = {v for vs in raw.values() for v in vs}
+        texts = {s: [str(v) for v in vs] for s, vs in raw.items()}  # the same strings, typed as str
+        values = {v for vs in texts.values() for v in vs}
         numeric = all(re.fullmatch(r"[+-]?\d+", v) for v in values)
         names = sorted(values, key=(lambda v: (int(v), v)) if numeric else None)
         index = {v: i for i, v in enumerate(names)}
-        return names, {s: np.asarray([index[v] for v in vs], dtype=np.int64) for s, vs in raw.items()}
+        return names, {s: np.asarray([index[v] for v in vs], dtype=np.int64) for s, vs in texts.items()}
     raise ConfigError(
         f"{name}: {label_column!r} mixes integer and string labels; make the column all strings or all "
         "integers, or set `label_column` to the right column"

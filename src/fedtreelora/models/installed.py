@@ -105,8 +105,10 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     # loads look for the GGUF quantizer again.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
+    # Both attributes are set on the instance by from_pretrained, undeclared on the model class, so mypy
+    # reads them through torch's Module.__getattr__ (Tensor | Module).
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
     model.config.dtype = "float32"
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
