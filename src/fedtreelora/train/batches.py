@@ -104,10 +104,13 @@ def collate_clients(
     sizes = {len(idx) for _, idx in parts}
     if len(sizes) != 1:
         raise ValueError(f"clients trained together need equal batch sizes, got {sorted(sizes)}")
-    if all(isinstance(data, EncodedInstructions) for data, _ in parts):
-        return collate_instructions(tokenizer, parts)
+    instruction_parts = [(data, idx) for data, idx in parts if isinstance(data, EncodedInstructions)]
+    if len(instruction_parts) == len(parts):
+        return collate_instructions(tokenizer, instruction_parts)
     features, labels = [], []
     for data, idx in parts:
+        if isinstance(data, EncodedInstructions):
+            raise TypeError("clients trained together need the same kind of data")
         for i in idx:
             row = {"input_ids": data.input_ids[i]}
             if data.token_type_ids is not None:

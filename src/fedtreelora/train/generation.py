@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -64,7 +65,11 @@ def _chat(tokenizer: PreTrainedTokenizerBase, instruction: str, text: str, answe
     error: Exception | None = None
     for messages in attempts:
         try:
-            return tokenizer.apply_chat_template(messages + tail, tokenize=False, add_generation_prompt=answer is None)
+            # tokenize=False returns the rendered text; the annotation covers every mode (ids, BatchEncoding).
+            return cast(
+                str,
+                tokenizer.apply_chat_template(messages + tail, tokenize=False, add_generation_prompt=answer is None),
+            )
         except Exception as exc:  # e.g. a template that rejects the system role
             error = exc
     raise ValueError(f"the tokenizer's chat template cannot render this example: {error}")
@@ -178,7 +183,7 @@ def response_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
     ``logits_to_keep``, as LLaMA, Qwen and Mistral do), which gives the same loss as full logits.
     """
     labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs: dict[str, torch.Tensor | int] = {k: v for k, v in batch.items() if k != "labels"}
     scored = (labels != IGNORE_INDEX).any(dim=0).nonzero()
     if scored.numel() and _takes_logits_to_keep(model):
         inputs["logits_to_keep"] = labels.shape[1] - int(scored[0]) + 1
@@ -220,12 +225,13 @@ def generate(
     model.eval()
     input_ids = pad_rows(prompts, tokenizer.pad_token_id, left=True).to(device)
     mask = pad_rows([[1] * len(p) for p in prompts], 0, left=True).to(device)
-    options = {"do_sample": settings.do_sample, "num_beams": settings.num_beams}
+    options: dict[str, bool | int | float | None] = {"do_sample": settings.do_sample, "num_beams": settings.num_beams}
     if settings.do_sample:
         options.update(temperature=settings.temperature, top_p=settings.top_p)
     else:  # greedy / beam: the checkpoint's sampling defaults would only trigger warnings
         options.update(temperature=None, top_p=None, top_k=None)
-    out = model.generate(
+    # generate comes from transformers' GenerationMixin, which torch's Module does not declare.
+    out = model.generate(  # type: ignore[operator]
         input_ids=input_ids,
         attention_mask=mask,
         max_new_tokens=settings.max_new_tokens,

@@ -98,7 +98,7 @@ class InstanceWeighting:
         with _restoring(layers):
             for layer in layers:
                 layer.set_mixer("fixed")
-                layer.fixed_weights.copy_(only_local)
+                layer.get_buffer("fixed_weights").copy_(only_local)
             reference = self.representations(bank.model, tokenizer, train_data, batch_size, device)
             test = self.representations(bank.model, tokenizer, val_data, batch_size, device)
         return self.local_weights(test, reference, np.random.default_rng(seed))
@@ -159,11 +159,11 @@ class InstanceWeighting:
 @contextmanager
 def _restoring(layers: Sequence[MultiClientLoraLinear]) -> Iterator[None]:
     """Put every layer's mixer, fixed weights and instance weights back as they were on exit."""
-    saved = [(layer.mixer, layer.fixed_weights.clone()) for layer in layers]
+    saved = [(layer.mixer, layer.get_buffer("fixed_weights").clone()) for layer in layers]
     try:
         yield
     finally:
         for layer, (mixer, fixed) in zip(layers, saved, strict=True):
             layer.set_mixer(mixer)
-            layer.fixed_weights.copy_(fixed)
+            layer.get_buffer("fixed_weights").copy_(fixed)
             layer.set_instance_weights(None)

@@ -57,10 +57,11 @@ def evaluate_together(
     generated in one left-padded batch (each row through its own client's adapters), then scored.
     """
     batch_size = settings.eval_batch_size
-    if all(isinstance(d, EncodedInstructions) for d in val_data):
+    instructions = [d for d in val_data if isinstance(d, EncodedInstructions)]
+    if len(instructions) == len(val_data):
         if settings.generation is None:
             raise ValueError("instruction data needs generation settings (LocalTraining.generation)")
-        return evaluate_generation(bank.model, tokenizer, list(val_data), settings.generation, batch_size, device)
+        return evaluate_generation(bank.model, tokenizer, instructions, settings.generation, batch_size, device)
     k = len(val_data)
     n = len(val_data[0])
     model = bank.model
