@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    import torch
+    from typing_extensions import TypeIs
 
-def is_torch_tensor(value: object) -> bool:
+
+def is_torch_tensor(value: object) -> TypeIs[torch.Tensor]:
     """Whether ``value`` is a ``torch.Tensor``, without importing torch: a value can only be a tensor once
     torch is loaded, so a numpy-only caller (the configuration, the CLI's listings) never pays for it."""
     torch = sys.modules.get("torch")

@@ -11,6 +11,8 @@ import numpy as np
 from fedtreelora.core.checks import as_float_array, is_torch_tensor, require_finite
 
 if TYPE_CHECKING:
+    from typing import TypeGuard
+
     import torch
 
 METRICS = ("frobenius", "cosine")
@@ -61,7 +63,14 @@ def _layer_distances_torch(modules: list[torch.Tensor], metric: str) -> np.ndarr
     return out.cpu().numpy()
 
 
-def layer_distances(b: np.ndarray | Sequence[np.ndarray], metric: str = "frobenius") -> np.ndarray:
+def _is_torch_sequence(b: object) -> TypeGuard[Sequence[torch.Tensor]]:
+    """Whether ``b`` is a non-empty list or tuple of torch tensors (its first item tells)."""
+    return isinstance(b, (list, tuple)) and bool(b) and is_torch_tensor(b[0])
+
+
+def layer_distances(
+    b: np.ndarray | torch.Tensor | Sequence[np.ndarray] | Sequence[torch.Tensor], metric: str = "frobenius"
+) -> np.ndarray:
     """Distances between clients at every layer, from their LoRA B matrices.
 
     ``D[l, i, j] = mean over modules m of dist(b[i, l, m], b[j, l, m])`` where ``dist`` is the
@@ -80,8 +89,10 @@ def layer_distances(b: np.ndarray | Sequence[np.ndarray], metric: str = "frobeni
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if is_torch_tensor(b) or (isinstance(b, (list, tuple)) and b and is_torch_tensor(b[0])):
-        return _layer_distances_torch(list(b.unbind(2)) if is_torch_tensor(b) else list(b), metric)
+    if is_torch_tensor(b):
+        return _layer_distances_torch(list(b.unbind(2)), metric)
+    if _is_torch_sequence(b):
+        return _layer_distances_torch(list(b), metric)
     if isinstance(b, (list, tuple)):
         if len(b) == 0:
             raise ValueError("b must hold at least one module; got an empty sequence")

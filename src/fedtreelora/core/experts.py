@@ -4,22 +4,38 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
 from fedtreelora.core.checks import as_float_array, is_torch_tensor, require_finite
 
+if TYPE_CHECKING:
+    import torch
+
 Array = Any
-"""A numpy array or a torch tensor (see :func:`_group_means`)."""
+"""A numpy array or a torch tensor inside :func:`_group_means`, whose one arithmetic serves both through
+its array module ``xp``: the two libraries' type stubs share no protocol to name, hence Any."""
+
+
+@overload
+def group_means_for(
+    values: np.ndarray, labels: np.ndarray, target_labels: np.ndarray, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]: ...
+
+
+@overload
+def group_means_for(
+    values: torch.Tensor, labels: np.ndarray, target_labels: np.ndarray, weights: np.ndarray | None = None
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]: ...
 
 
 def group_means_for(
-    values: np.ndarray,
+    values: np.ndarray | torch.Tensor,
     labels: np.ndarray,
     target_labels: np.ndarray,
     weights: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor, np.ndarray, np.ndarray]:
     """For targets in given clusters, the (weighted) mean of ``values`` over that cluster and over all
     other clusters. Targets need not be among the clients that supplied ``values`` (a client that
     missed a round still gets its cluster's experts from those who took part).
@@ -42,13 +58,13 @@ def group_means_for(
         import torch  # only here: numpy callers must not load torch
 
         device, dtype = values.device, values.dtype
-        w = (
+        w_t = (
             torch.ones(n, device=device, dtype=dtype)
             if weights is None
             else torch.as_tensor(weights, device=device, dtype=dtype)
         )
         member_t, clusters_t = (torch.as_tensor(x, device=device) for x in (member, clusters))
-        inside, outside, has_inside, has_outside = _group_means(torch, values.reshape(n, -1), w, member_t, clusters_t)
+        inside, outside, has_inside, has_outside = _group_means(torch, values.reshape(n, -1), w_t, member_t, clusters_t)
         has_inside, has_outside = has_inside.cpu().numpy(), has_outside.cpu().numpy()
     else:
         w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
@@ -96,13 +112,26 @@ def _group_means(
     return inside, outside, has_inside, has_outside
 
 
+@overload
 def group_means(
     values: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@overload
+def group_means(
+    values: torch.Tensor, labels: np.ndarray, weights: np.ndarray | None = None
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def group_means(
+    values: np.ndarray | torch.Tensor, labels: np.ndarray, weights: np.ndarray | None = None
+) -> tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]:
     """Per client, the (weighted) mean of ``values`` over its own cluster and over everyone else.
 
     Args:
-        values: (clients, ...) one tensor per client.
+        values: (clients, ...) one tensor per client: a numpy array, or a torch tensor (as
+            :func:`group_means_for`).
         labels: (clients,) cluster id of every client.
         weights: (clients,) non-negative, e.g. example counts; None for an unweighted mean.
 

@@ -12,7 +12,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar, overload
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from fedtreelora.adapters import PhaseSpec, Site
 from fedtreelora.strategies.options import StrategyOptions
 
 Tensors = dict[str, torch.Tensor]
+
+OptionsT = TypeVar("OptionsT", bound=StrategyOptions)
+"""A strategy's options class: what :attr:`Strategy.options` holds (e.g. ``FedIT(Strategy[FedITOptions])``)."""
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,8 @@ class FederationContext:
     server_device: str | None = None
 
 
-class Strategy(ABC):
-    """A federated LoRA method.
+class Strategy(ABC, Generic[OptionsT]):
+    """A federated LoRA method, generic over its options class ``OptionsT``.
 
     Subclasses set ``name``, ``paper`` and ``Options`` (a built-in method gets those and ``table_rank`` from
     its entry in :data:`fedtreelora.strategies.registry.METHODS`), and implement the abstract hooks. The
@@ -72,8 +75,9 @@ class Strategy(ABC):
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions
     #: every expert the model must hold per target module, in slot order.
     expert_names: ClassVar[tuple[str, ...]]
-    #: experts that start at zero instead of the shared random init (e.g. frozen external experts).
-    zero_init_experts: ClassVar[tuple[str, ...]] = ()
+    #: experts that start at zero instead of the shared random init (e.g. frozen external experts); a
+    #: method whose experts depend on its options sets it per instance.
+    zero_init_experts: tuple[str, ...] = ()
     #: experts whose random A factors are drawn after every other key's, so that adding them to a method
     #: leaves the other experts' initialisation (and everything that follows from it) unchanged.
     drawn_last_experts: ClassVar[tuple[str, ...]] = ()
@@ -82,13 +86,13 @@ class Strategy(ABC):
     #: has no such expert (e.g. FedSA-LoRA keeps B local).
     trunk_expert: ClassVar[str | None] = None
 
-    def __init__(self, options: StrategyOptions, context: FederationContext) -> None:
-        self.options = options
+    def __init__(self, options: OptionsT, context: FederationContext) -> None:
+        self.options: OptionsT = options
         self.context = context
 
     # --- what the model holds ---------------------------------------------------------------------
     @classmethod
-    def experts_for(cls, options: StrategyOptions) -> tuple[str, ...]:
+    def experts_for(cls, options: OptionsT) -> tuple[str, ...]:
         """Experts the model must hold per target module under ``options`` (slot order).
 
         Defaults to :attr:`expert_names`; methods whose expert count depends on an option (e.g. a
@@ -188,6 +192,14 @@ class Strategy(ABC):
         """(clients, ...) float64 values of one key across uploads, where this server aggregates
         (:attr:`FederationContext.server_device`)."""
         return stack(uploads, clients, key, self.context.server_device)
+
+
+@overload
+def stack(uploads: Mapping[int, Tensors], clients: Sequence[int], key: str, device: None = None) -> np.ndarray: ...
+
+
+@overload
+def stack(uploads: Mapping[int, Tensors], clients: Sequence[int], key: str, device: str) -> torch.Tensor: ...
 
 
 def stack(

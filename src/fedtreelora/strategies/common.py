@@ -4,7 +4,7 @@ module for the distance computations of :mod:`fedtreelora.core`."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -12,6 +12,9 @@ import torch
 from fedtreelora.errors import ConfigError
 from fedtreelora.strategies.base import FederationContext, Strategy, Tensors, stack
 from fedtreelora.strategies.options import FedLEASEOptions, FedTreeLoRAOptions
+
+ClusteredOptionsT = TypeVar("ClusteredOptionsT", bound=FedLEASEOptions | FedTreeLoRAOptions)
+"""The options of a :class:`ClusteredAfterWarmup` strategy (both have ``warmup_rounds`` and ``distance``)."""
 
 
 def flatten_by_owner(per_owner: Mapping[int, Mapping[str, torch.Tensor]]) -> Tensors:
@@ -41,16 +44,21 @@ def b_matrices_by_module(
     Raises:
         ValueError when a target module is not adapted in every layer.
     """
-    per_module = []
+    device = context.server_device
+    on_host: list[np.ndarray] = []  # device None: numpy
+    on_device: list[torch.Tensor] = []  # else torch, on the device
     for module in context.module_names:
         sites = sorted((s for s in context.sites if s.module == module), key=lambda s: s.layer)
         if [s.layer for s in sites] != list(range(context.num_layers)):
             raise ConfigError(
                 f"target module {module!r} is not adapted in every layer; layer-wise distances need one per layer"
             )
-        layers = [stack(uploads, clients, f"{s.name}.{expert}.lora_B", context.server_device) for s in sites]
-        per_module.append(np.stack(layers, axis=1) if context.server_device is None else torch.stack(layers, dim=1))
-    return per_module
+        keys = [f"{s.name}.{expert}.lora_B" for s in sites]
+        if device is None:
+            on_host.append(np.stack([stack(uploads, clients, k) for k in keys], axis=1))
+        else:
+            on_device.append(torch.stack([stack(uploads, clients, k, device) for k in keys], dim=1))
+    return on_host if device is None else on_device
 
 
 def remember_b(store: dict[int, Tensors], uploads: Mapping[int, Tensors]) -> None:
@@ -86,7 +94,7 @@ def nearest_group(groups: np.ndarray, distances: np.ndarray) -> int:
     return int(min(np.unique(groups), key=lambda g: float(distances[groups == g].mean())))
 
 
-class ClusteredAfterWarmup(Strategy):
+class ClusteredAfterWarmup(Strategy[ClusteredOptionsT]):
     """A strategy that clusters clients from the B matrices they upload during warm-up (FedTreeLoRA,
     FedLEASE): it keeps each client's latest warm-up B, and places a client that missed warm-up by
     its distances to those.
@@ -96,9 +104,8 @@ class ClusteredAfterWarmup(Strategy):
 
     #: the expert whose B factors the clustering compares
     trained_expert: ClassVar[str]
-    options: FedLEASEOptions | FedTreeLoRAOptions
 
-    def __init__(self, options: FedLEASEOptions | FedTreeLoRAOptions, context: FederationContext) -> None:
+    def __init__(self, options: ClusteredOptionsT, context: FederationContext) -> None:
         super().__init__(options, context)
         self._warmup_b: dict[int, Tensors] = {}  # latest warm-up B per client (and per placed newcomer)
 

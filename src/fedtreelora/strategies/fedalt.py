@@ -12,12 +12,12 @@ from fedtreelora.adapters import ExpertSpec, PhaseSpec
 from fedtreelora.core import group_means
 from fedtreelora.strategies.base import FederationContext, Strategy, Tensors, as_payload, as_payloads
 from fedtreelora.strategies.common import flatten_by_owner, unflatten_by_owner
-from fedtreelora.strategies.options import FedALTOptions  # noqa: F401  (re-exported)
+from fedtreelora.strategies.options import FedALTOptions
 from fedtreelora.strategies.registry import register
 
 
 @register
-class FedALT(Strategy):
+class FedALT(Strategy[FedALTOptions]):
     """FedALT (Bian, Wang, Zhang, Xu, "FedALT: Federated Fine-Tuning through Adaptive Local Training
     with Rest-of-the-World LoRA", 2025, arXiv 2503.11880).
 

@@ -6,13 +6,13 @@ from collections.abc import Sequence
 
 from fedtreelora.adapters import ExpertSpec, PhaseSpec
 from fedtreelora.strategies.fedit import FedIT
-from fedtreelora.strategies.options import FedDPAOptions  # noqa: F401  (re-exported)
+from fedtreelora.strategies.options import FedDPAOptions
 from fedtreelora.strategies.registry import register
 from fedtreelora.train.instance_weighting import InstanceWeighting
 
 
 @register
-class FedDPA(FedIT):
+class FedDPA(FedIT[FedDPAOptions]):
     """FedDPA (Yang, Long, Shen, Jiang, Blumenstein, "Dual-Personalizing Adapter for Federated
     Foundation Models", NeurIPS 2024).
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -20,9 +20,12 @@ from fedtreelora.strategies.options import (  # noqa: F401  (re-exported: import
 )
 from fedtreelora.strategies.registry import register
 
+FedITOptionsT = TypeVar("FedITOptionsT", bound=FedITOptions)
+"""The options of FedIT or of a method built on it (FFA, FedSA, FedDPA)."""
+
 
 @register
-class FedIT(Strategy):
+class FedIT(Strategy[FedITOptionsT]):
     """FedIT (Zhang et al., "Towards Building the Federated GPT: Federated Instruction Tuning", ICASSP 2024).
 
     Shared: one LoRA (A and B averaged separately, FedAvg). Local: nothing persists that the server
@@ -45,10 +48,10 @@ class FedIT(Strategy):
     """
 
     name = "fedit"  # paper, table rank, options: its entry in strategies/registry.py (read without torch)
-    expert_names = ("shared",)
-    trunk_expert = "shared"
+    expert_names: ClassVar[tuple[str, ...]] = ("shared",)
+    trunk_expert: ClassVar[str | None] = "shared"
 
-    def __init__(self, options: FedITOptions, context: FederationContext) -> None:
+    def __init__(self, options: FedITOptionsT, context: FederationContext) -> None:
         super().__init__(options, context)
         # The layers whose uploads are averaged, ascending (a range error names this method's option).
         self.shared_layers = resolve_shared_layers(

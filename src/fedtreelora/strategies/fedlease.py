@@ -19,12 +19,12 @@ from fedtreelora.strategies.common import (
     nearest_group,
     unflatten_by_owner,
 )
-from fedtreelora.strategies.options import FedLEASEOptions, StrategyOptions
+from fedtreelora.strategies.options import FedLEASEOptions
 from fedtreelora.strategies.registry import register
 
 
 @register
-class FedLEASE(ClusteredAfterWarmup):
+class FedLEASE(ClusteredAfterWarmup[FedLEASEOptions]):
     """FedLEASE (Wang, Bian, Zhang, Xu, "Adaptive LoRA Experts Allocation and Selection for Federated
     Fine-Tuning", NeurIPS 2025, arXiv 2509.15087).
 
@@ -118,8 +118,8 @@ class FedLEASE(ClusteredAfterWarmup):
         self._routers: dict[int, Tensors] = {}  # cluster -> its members' mean top-M router
 
     @classmethod
-    def experts_for(cls, options: StrategyOptions) -> tuple[str, ...]:
-        return ("own", *(f"other_{j}" for j in range(1, options.max_clusters)))  # type: ignore[attr-defined]  # options: the registered FedLEASEOptions
+    def experts_for(cls, options: FedLEASEOptions) -> tuple[str, ...]:
+        return ("own", *(f"other_{j}" for j in range(1, options.max_clusters)))
 
     @property
     def num_clusters(self) -> int:
@@ -210,36 +210,46 @@ class FedLEASE(ClusteredAfterWarmup):
             info["clusters"] = self.num_clusters
             info["cuts"] = [self.num_clusters] * self.context.num_layers
         clients = sorted(uploads)
-        placed_now = [c for c in clients if self.labels[c] < 0]
+        labels = self.labels
+        placed_now = [c for c in clients if labels[c] < 0]
         for c in placed_now:
-            self._place(c, uploads[c])
+            self._place(labels, c, uploads[c])
             info.setdefault("placed", []).append(c)
         if not clients:
             return info
         routers = set(self.router_keys())
-        self._cluster_means(uploads, clients, [k for k in uploads[clients[0]] if k not in routers], self._experts)
+        self._cluster_means(
+            labels, uploads, clients, [k for k in uploads[clients[0]] if k not in routers], self._experts
+        )
         # A client placed this round routed over its own expert alone: its router did not train.
         routed = [c for c in clients if c not in placed_now and routers <= uploads[c].keys()]
         if routed and self.options.router_sharing == "cluster":
-            self._cluster_means(uploads, routed, sorted(routers), self._routers)
+            self._cluster_means(labels, uploads, routed, sorted(routers), self._routers)
         return info
 
     def _cluster_means(
-        self, uploads: Mapping[int, Tensors], clients: list[int], keys: Sequence[str], store: dict[int, Tensors]
+        self,
+        all_labels: np.ndarray,
+        uploads: Mapping[int, Tensors],
+        clients: list[int],
+        keys: Sequence[str],
+        store: dict[int, Tensors],
     ) -> None:
-        """Store, per cluster of ``clients``, the (weighted) mean of their uploads of ``keys``."""
-        labels = self.labels[clients]
+        """Store, per cluster of ``clients`` (``all_labels``: :attr:`labels`), the (weighted) mean of their
+        uploads of ``keys``."""
+        labels = all_labels[clients]
         weights = self.weights(clients, self.options.weighting)
         for key in keys:
             inside = as_payloads(group_means(self.stack(uploads, clients, key), labels, weights)[0])
             for i, cluster in enumerate(labels.tolist()):
                 store.setdefault(cluster, {})[key] = inside[i]
 
-    def _place(self, client: int, upload: Tensors) -> None:
-        """A client that missed warm-up joins the cluster at the smallest average (layer-mean) B distance."""
-        members = [c for c in range(self.context.num_clients) if self.labels[c] >= 0]
+    def _place(self, labels: np.ndarray, client: int, upload: Tensors) -> None:
+        """A client that missed warm-up joins the cluster at the smallest average (layer-mean) B distance
+        (``labels``: :attr:`labels`, updated in place)."""
+        members = [c for c in range(self.context.num_clients) if labels[c] >= 0]
         d = self.newcomer_distances(client, upload, members)
-        self.labels[client] = nearest_group(self.labels[members], d.mean(axis=0))
+        labels[client] = nearest_group(labels[members], d.mean(axis=0))
 
     def sharing_labels(self) -> np.ndarray | None:
         return None if self.labels is None else np.tile(self.labels, (self.context.num_layers, 1))

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fedtreelora.strategies.fedit import FedIT
-from fedtreelora.strategies.options import FedSAOptions  # noqa: F401  (re-exported)
+from fedtreelora.strategies.options import FedSAOptions
 from fedtreelora.strategies.registry import register
 
 
 @register
-class FedSA(FedIT):
+class FedSA(FedIT[FedSAOptions]):
     """FedSA-LoRA (Guo et al., "Selective Aggregation for Low-Rank Adaptation in Federated Learning",
     ICLR 2025).
 

@@ -29,12 +29,12 @@ from fedtreelora.strategies.common import (
     nearest_group,
     unflatten_by_owner,
 )
-from fedtreelora.strategies.options import FedTreeLoRAOptions, StrategyOptions
+from fedtreelora.strategies.options import FedTreeLoRAOptions
 from fedtreelora.strategies.registry import register
 
 
 @register
-class FedTreeLoRA(ClusteredAfterWarmup):
+class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
     """FedTreeLoRA (Bian, Wang, Zhang, Xu, ICML 2026, arXiv 2603.13282).
 
     Warm-up: every client trains its own LoRA; nothing is shared. After the last warm-up round the
@@ -83,7 +83,7 @@ class FedTreeLoRA(ClusteredAfterWarmup):
     expert_names = ("cluster", "external")
     trunk_expert = "cluster"
     trained_expert = "cluster"
-    zero_init_experts = ("external",)
+    zero_init_experts: tuple[str, ...] = ("external",)
     # The personal expert's A is drawn last: with and without it, warm-up computes the same thing.
     drawn_last_experts = ("personal",)
 
@@ -102,13 +102,13 @@ class FedTreeLoRA(ClusteredAfterWarmup):
         return self.options.lambda_init
 
     @classmethod
-    def experts_for(cls, options: StrategyOptions) -> tuple[str, ...]:
+    def experts_for(cls, options: FedTreeLoRAOptions) -> tuple[str, ...]:
         external = getattr(options, "external", "mean")
         personal = ("personal",) if getattr(options, "personal", False) else ()
         if external == "none":
             return ("cluster", *personal)
         if external == "per_cluster":
-            others = (f"other_{j}" for j in range(1, options.max_clusters))  # type: ignore[attr-defined]
+            others = (f"other_{j}" for j in range(1, options.max_clusters))
             return ("cluster", *others, *personal)
         return (*cls.expert_names, *personal)
 
@@ -214,14 +214,14 @@ class FedTreeLoRA(ClusteredAfterWarmup):
                     for c, up in uploads.items()
                 }
         clients = sorted(uploads)
-        placed_now = [c for c in clients if self.plan.labels[0, c] < 0]
+        labels = self.plan.labels
+        placed_now = [c for c in clients if labels[0, c] < 0]
         for c in placed_now:
-            self._place(c, uploads[c])
+            self._place(labels, c, uploads[c])
         if placed_now:
             info["placed"] = placed_now
         if not clients:
             return info
-        labels = self.plan.labels
         targets = [c for c in range(self.context.num_clients) if labels[0, c] >= 0]
         weights = self.weights(clients, self.options.weighting)
         payloads: dict[int, Tensors] = {c: dict(self._payloads.get(c, {})) for c in targets}
@@ -231,18 +231,18 @@ class FedTreeLoRA(ClusteredAfterWarmup):
             inside, outside, has_inside, has_outside = group_means_for(
                 values, labels[layer][clients], labels[layer][targets], weights
             )
-            inside = as_payloads(inside)
-            outside = as_payloads(outside) if self.options.external == "mean" else []
+            inside_rows = as_payloads(inside)
+            outside_rows = as_payloads(outside) if self.options.external == "mean" else []
             external_key = key.replace(".cluster.", ".external.")
             for i, c in enumerate(targets):
                 if has_inside[i]:  # else no cluster member took part: the client keeps its own cluster expert
-                    payloads[c][key] = inside[i]
+                    payloads[c][key] = inside_rows[i]
                 # No one outside the client's cluster took part: it keeps the external expert it holds.
                 if self.options.external == "mean" and has_outside[i]:
-                    payloads[c][external_key] = outside[i]
+                    payloads[c][external_key] = outside_rows[i]
             if self.options.external == "per_cluster":
                 own = as_payloads(group_means(values, labels[layer][clients], weights)[0])
-                self._add_other_clusters(payloads, key, clients, own, targets)
+                self._add_other_clusters(labels, payloads, key, clients, own, targets)
         self._payloads.update(payloads)
         return info
 
@@ -258,12 +258,11 @@ class FedTreeLoRA(ClusteredAfterWarmup):
         labels[:, members] = plan.labels
         return replace(plan, labels=labels)
 
-    def _place(self, client: int, upload: Tensors) -> None:
+    def _place(self, labels: np.ndarray, client: int, upload: Tensors) -> None:
         """Put a client that missed warm-up into the plan by its first upload: it joins the deepest
         layer's cluster at the smallest average distance (layer-mean distance of B), and the coarser
         layers' clusters containing that one, so partitions stay nested. Under ``cut_mode="independent"``
-        each layer picks its nearest cluster on its own distances."""
-        labels = self.plan.labels
+        each layer picks its nearest cluster on its own distances. ``labels``: the plan's, updated in place."""
         members = [c for c in range(self.context.num_clients) if labels[0, c] >= 0]
         d = self.newcomer_distances(client, upload, members)
         if self.options.cut_mode == "independent":
@@ -276,20 +275,27 @@ class FedTreeLoRA(ClusteredAfterWarmup):
             labels[:, client] = labels[:, anchor]
 
     def _add_other_clusters(
-        self, payloads: dict[int, Tensors], key: str, clients: list[int], inside: list[torch.Tensor], targets: list[int]
+        self,
+        plan_labels: np.ndarray,
+        payloads: dict[int, Tensors],
+        key: str,
+        clients: list[int],
+        inside: list[torch.Tensor],
+        targets: list[int],
     ) -> None:
         """``external="per_cluster"``: put every other cluster's expert factor ``key`` into slots
         ``other_1, other_2, ...`` (other clusters of the layer in id order) of each client's payload.
 
         Args:
+            plan_labels: (layers, clients) the plan's labels.
             inside: per participant, its own-cluster mean of ``key`` (a CPU float32 tensor).
         """
-        labels = self.plan.labels[self.site_of(key).layer]  # (clients,) over the whole federation
+        labels = plan_labels[self.site_of(key).layer]  # (clients,) over the whole federation
         share = np.ones(self.context.num_clients)
         if self.options.weighting == "examples":
             share = np.asarray(self.context.num_examples, dtype=np.float64)
         scale_b = self.options.mixer == "lambda" and key.endswith(".lora_B")
-        first = {}  # cluster id -> row in `inside` of one participating member
+        first: dict[int, int] = {}  # cluster id -> row in `inside` of one participating member
         for i, c in enumerate(clients):
             first.setdefault(int(labels[c]), i)
         placed = labels >= 0

@@ -6,12 +6,12 @@ from collections.abc import Sequence
 
 from fedtreelora.adapters import ExpertSpec, PhaseSpec
 from fedtreelora.strategies.fedit import FedIT
-from fedtreelora.strategies.options import FFAOptions  # noqa: F401  (re-exported)
+from fedtreelora.strategies.options import FFAOptions
 from fedtreelora.strategies.registry import register
 
 
 @register
-class FFA(FedIT):
+class FFA(FedIT[FFAOptions]):
     """FFA-LoRA (Sun, Li, Li, Ding, "Improving LoRA in Privacy-preserving Federated Learning", ICLR 2024).
 
     Every client starts from the same random A (the server's one initialisation) and never trains

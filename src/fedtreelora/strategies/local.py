@@ -10,11 +10,12 @@ import torch
 
 from fedtreelora.adapters import ExpertSpec, PhaseSpec
 from fedtreelora.strategies.base import Strategy, Tensors
+from fedtreelora.strategies.options import StrategyOptions
 from fedtreelora.strategies.registry import register
 
 
 @register
-class Local(Strategy):
+class Local(Strategy[StrategyOptions]):
     """Local-only training, the no-collaboration reference point.
 
     Shared: nothing. Local: the client's one LoRA (A and B). Frozen: backbone and head.

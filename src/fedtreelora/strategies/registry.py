@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedtreelora.strategies.options import (
     FedALTOptions,
@@ -26,7 +26,9 @@ from fedtreelora.strategies.options import (
 if TYPE_CHECKING:
     from fedtreelora.strategies.base import Strategy
 
-StrategyClass = TypeVar("StrategyClass", bound="type[Strategy]")
+# Strategy[Any]: the registry holds every method, each over its own options class; which one a run
+# gets is known only at run time (the configuration checks its section against ``cls.Options``).
+StrategyClass = TypeVar("StrategyClass", bound="type[Strategy[Any]]")
 
 DEFAULT_TABLE_RANK = 500
 """Table rank of a method that gives none: after the baselines, before FedTreeLoRA (see :func:`table_order`)."""
@@ -109,7 +111,7 @@ _BUILTIN_METHODS = (
 METHODS: dict[str, MethodInfo] = {info.name: info for info in _BUILTIN_METHODS}
 """Every known method by name (torch-free); the configuration has one options section per entry."""
 
-STRATEGIES: dict[str, type[Strategy]] = {}
+STRATEGIES: dict[str, type[Strategy[Any]]] = {}
 """The strategy classes registered so far. ``fedtreelora.strategies.STRATEGIES`` loads every built-in one first."""
 
 _DESCRIBED_BY_REGISTRY = ("paper", "table_rank", "Options")
@@ -137,14 +139,14 @@ def register(cls: StrategyClass) -> StrategyClass:
     return cls
 
 
-def load_strategies() -> dict[str, type[Strategy]]:
+def load_strategies() -> dict[str, type[Strategy[Any]]]:
     """Import every known method's strategy module (torch) and return :data:`STRATEGIES`, complete."""
     for name in list(METHODS):
         get_strategy(name)
     return STRATEGIES
 
 
-def get_strategy(name: str) -> type[Strategy]:
+def get_strategy(name: str) -> type[Strategy[Any]]:
     """The strategy class called ``name`` (its module is imported on first use); a ValueError lists the
     valid names otherwise."""
     if name not in STRATEGIES:
