@@ -114,7 +114,7 @@ class AdapterBank:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapped)
             self.layers[name] = wrapped
-            self.sites.append(Site(name, layer_index(name), target, base.in_features, base.out_features))
+            self.sites.append(Site(name, layer_index(name), target, wrapped.in_features, wrapped.out_features))
         self.sites.sort(key=lambda s: (s.layer, target_modules.index(s.module), s.name))
         self.num_layers = max(s.layer for s in self.sites) + 1
         # Whole modules (e.g. a classification head) that each client trains and keeps for itself.

@@ -9,7 +9,7 @@ one client (one slot) or many clients in one forward/backward with the same laye
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, TypedDict
 
 import torch
 from torch import nn
@@ -18,6 +18,13 @@ from fedtreelora.adapters.slot_dropout import SlotDropout
 
 MixerKind = Literal["single", "lambda", "fixed", "router", "instance", "topm"]
 MIXERS: tuple[str, ...] = ("single", "lambda", "fixed", "router", "instance", "topm")
+
+
+class _Factory(TypedDict):
+    """Where and in which dtype the layer's own tensors are made (``torch.zeros(..., **factory)``)."""
+
+    device: torch.device
+    dtype: torch.dtype
 
 
 class MultiClientLoraLinear(nn.Module):
@@ -66,9 +73,13 @@ class MultiClientLoraLinear(nn.Module):
         residual_experts: how many trailing experts act at weight 1 outside the mixer (0: none).
     """
 
+    # Buffers (register_buffer): declared so that they read as tensors, not as Module.__getattr__'s union.
+    expert_mask: torch.Tensor
+    fixed_weights: torch.Tensor
+
     def __init__(
         self,
-        base: nn.Linear,
+        base: nn.Module,
         *,
         num_slots: int,
         num_experts: int,
@@ -84,13 +95,13 @@ class MultiClientLoraLinear(nn.Module):
             raise ValueError(f"num_slots, num_experts and rank must be >= 1, got {num_slots}, {num_experts}, {rank}")
         if not 0.0 < lambda_init < 1.0:
             raise ValueError(f"lambda_init must lie strictly between 0 and 1, got {lambda_init}")
-        self.base = base
+        self.base: nn.Linear = base
         for p in self.base.parameters():
             p.requires_grad_(False)
         d_out, d_in = base.out_features, base.in_features  # 4-bit bitsandbytes weights are packed
         self.rank, self.scaling = rank, alpha / rank
         self.num_slots, self.num_experts = num_slots, num_experts
-        factory = {"device": base.weight.device, "dtype": torch.float32}
+        factory: _Factory = {"device": base.weight.device, "dtype": torch.float32}
         self.lora_A = nn.ParameterList(
             [nn.Parameter(torch.zeros(num_slots, rank, d_in, **factory)) for _ in range(num_experts)]
         )
@@ -176,15 +187,15 @@ class MultiClientLoraLinear(nn.Module):
             rest = (1.0 - lam).expand(-1, -1, self.mixed_experts - 1)
             return torch.cat([lam, rest, torch.ones_like(lam).expand(-1, -1, self.residual_experts)], dim=-1)
         if self.mixer == "instance":
-            w = self.instance_weights
-            if w is None:
+            given = self.instance_weights
+            if given is None:
                 raise RuntimeError("the instance mixer needs set_instance_weights(...) before the forward pass")
-            if w.shape[0] != k or x.shape[1] % w.shape[1]:
+            if given.shape[0] != k or x.shape[1] % given.shape[1]:
                 raise ValueError(
-                    f"instance weights for {w.shape[0]} slots x {w.shape[1]} rows do not fit {k} slots x "
+                    f"instance weights for {given.shape[0]} slots x {given.shape[1]} rows do not fit {k} slots x "
                     f"{x.shape[1]} tokens"
                 )
-            return w.to(x.device, x.dtype).repeat_interleave(x.shape[1] // w.shape[1], dim=1)
+            return given.to(x.device, x.dtype).repeat_interleave(x.shape[1] // given.shape[1], dim=1)
         if self.mixer == "topm":
             return self.topm_weights(x)
         logits = torch.bmm(x, self.router[:k].to(x.dtype).transpose(1, 2))  # (slots, n, experts)
@@ -217,7 +228,7 @@ class MultiClientLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x (slots * b, ..., d_in). Returns: (slots * b, ..., d_out)."""
-        out = self.base(x)
+        out: torch.Tensor = self.base(x)
         k = self.active_slots
         if x.shape[0] % k:
             raise ValueError(f"batch of {x.shape[0]} rows cannot be split evenly across {k} active client slots")

@@ -33,9 +33,9 @@ masked out of attention and loss, so what they get does not matter.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 from torch import nn
@@ -129,7 +129,8 @@ class SlotStreams:
             for d in dims:
                 own[d] = end - start
             keep = torch.empty(own, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=generators[j])
-            if dims and end - start != self._length:
+            # dims is empty unless _length is set (an int): the None test changes nothing but the type
+            if dims and self._length is not None and end - start != self._length:
                 pad: list[int] = [0] * (2 * (len(shape) - min(dims)))
                 for d in dims:  # F.pad lists (before, after) pairs from the last dimension backwards
                     at = 2 * (len(shape) - 1 - d)
@@ -141,8 +142,18 @@ class SlotStreams:
 
 _ACTIVE: ContextVar[SlotStreams | None] = ContextVar("fedtreelora_slot_streams", default=None)
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
-@torch.compiler.disable
+
+def _run_eagerly(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``torch.compiler.disable`` as a typed decorator: torch leaves it unannotated; it returns ``fn``
+    wrapped, called the same way."""
+    disable: Callable[[Callable[_P, _R]], Callable[_P, _R]] = torch.compiler.disable
+    return disable(fn)
+
+
+@_run_eagerly
 def slot_keep_mask(
     shape: Sequence[int], p: float, *, token_dims: Sequence[int], device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor | None:
@@ -296,6 +307,8 @@ def use_slot_dropout(model: nn.Module) -> None:
             if type(child) is nn.Dropout:
                 setattr(parent, name, SlotDropout(child.p, child.inplace).train(child.training))
     config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) == "sdpa" and hasattr(model, "set_attn_implementation"):
+    # A transformers model's method; nn.Module's attribute type (Tensor | Module) would not be callable.
+    set_attn_implementation = getattr(model, "set_attn_implementation", None)
+    if getattr(config, "_attn_implementation", None) == "sdpa" and set_attn_implementation is not None:
         _register_slot_attention()
-        model.set_attn_implementation(SLOT_ATTENTION)
+        set_attn_implementation(SLOT_ATTENTION)
