@@ -195,14 +195,15 @@ def run_app(
     command = [executable("flwr"), "run", str(app_dir), connection, "--stream"]
     if num_supernodes is not None:
         command += ["--federation-config", f"num-supernodes={num_supernodes}"]
-    sink = sys.stderr if echo else (open(log, "ab") if log is not None else subprocess.DEVNULL)  # noqa: SIM115
+    log_file = None if echo or log is None else open(log, "ab")  # noqa: SIM115  (closed below)
+    sink = sys.stderr if echo else (subprocess.DEVNULL if log_file is None else log_file)
     try:
         done = subprocess.run(
             command, env=flower_env(home), stdout=sink, stderr=subprocess.STDOUT, timeout=timeout, check=False
         )
     finally:
-        if sink not in (sys.stderr, subprocess.DEVNULL):
-            sink.close()  # type: ignore[union-attr]
+        if log_file is not None:
+            log_file.close()
     return done.returncode
 
 
