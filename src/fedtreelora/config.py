@@ -376,13 +376,19 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     keys = [k for k in path.strip().split(".") if k]
     if not keys:
         raise ConfigError(f"--set has an empty key in {assignment!r}")
+    set_path(data, keys, yaml.safe_load(raw), where=f"--set {path}")
+
+
+def set_path(data: dict[str, Any], keys: list[str], value: Any, *, where: str) -> None:
+    """Set ``data[k0][k1]...[kn] = value`` in place, creating missing sections; ``where`` names the
+    setting in the error raised when a key on the way holds a value instead of a section."""
     node = data
     for key in keys[:-1]:
         child = node.setdefault(key, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {path}: {key!r} is a value, not a section")
+            raise ConfigError(f"{where}: {key!r} is a value, not a section")
         node = child
-    node[keys[-1]] = yaml.safe_load(raw)
+    node[keys[-1]] = value
 
 
 def load_config(

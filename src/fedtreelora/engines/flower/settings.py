@@ -38,7 +38,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from fedtreelora.config import ConfigError, ExperimentConfig, experiment_config_model, validate_config
+from fedtreelora.config import ConfigError, ExperimentConfig, experiment_config_model, set_path, validate_config
 
 #: the run-config keys of the Flower side (every other key is a setting of the experiment)
 FLOWER_KEYS = ("out-dir", "round-timeout", "node-wait-timeout", "collect-states")
@@ -132,13 +132,7 @@ def experiment_from_run_config(run_config: Mapping[str, Any]) -> ExperimentConfi
                 parsed = value
             if parsed is None or isinstance(parsed, (list, dict)):
                 value = parsed
-        section = data
-        for part in path[:-1]:
-            child = section.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"the Flower run config's {flat_key!r}: {part!r} is a value, not a section")
-            section = child
-        section[path[-1]] = value
+        set_path(data, path, value, where=f"the Flower run config's {flat_key!r}")
     # The same validation as `fedtreelora run`, so a bad key reads the same on both engines.
     return validate_config(data)
 
