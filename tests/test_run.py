@@ -177,3 +177,10 @@ def test_server_device_run_matches_the_default_run(tmp_path: Path, method: str) 
     assert on_device["per_client"] == pytest.approx(default["per_client"], abs=1e-6)
     for a, b in zip(default["history"], on_device["history"], strict=True):
         assert b["mean_train_loss"] == pytest.approx(a["mean_train_loss"], abs=1e-5)
+
+
+def test_an_override_below_a_value_names_the_setting_and_the_value() -> None:
+    from fedtreelora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--set train.lr.x: 'lr' is a value, not a section"):
+        load_config(overrides=["train.lr.x=1"])
