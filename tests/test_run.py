@@ -183,4 +183,4 @@ def test_an_override_below_a_value_names_the_setting_and_the_value() -> None:
     from fedtreelora.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"--set train.lr.x: 'lr' is a value, not a section"):
-        load_config(overrides=["train.lr.x=1"])
+        load_config(overrides=["train.lr=0.1", "train.lr.x=1"])
