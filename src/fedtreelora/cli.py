@@ -48,10 +48,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _methods(_: argparse.Namespace) -> int:
-    from fedtreelora.strategies.registry import METHODS  # the descriptions only: no torch
+    from fedtreelora.strategies.registry import METHODS, table_order  # the descriptions only: no torch
 
-    for name, info in sorted(METHODS.items()):
-        print(f"{name:<12} {info.paper}")
+    for name in table_order(list(METHODS)):  # the order of the tables and docs
+        print(f"{name:<12} {METHODS[name].paper}")
     return 0
 
 
