@@ -46,7 +46,7 @@ SUITES = ("nlu-smoke", "nlu", "nlu-paper")
 # ----------------------------------------------------------------------------------------------
 
 
-def test_one_method_order_from_the_registry() -> None:
+def test_one_method_order_from_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
     """Rows follow the paper (reference points, baselines, FedTreeLoRA last); a suite's variants and
     unregistered names come after the baselines, by name; docs and suites use the same order."""
     got = order_methods(["tau-0.1", "fedtreelora", "fedlease", "local", "fedit", "auto", "fedit"])
@@ -57,6 +57,10 @@ def test_one_method_order_from_the_registry() -> None:
 
     page = methods_reference()
     assert sorted(order, key=lambda name: page.index(f"## `{name}`")) == order
+    from fedtreelora.cli import main
+
+    assert main(["methods"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == order
 
 
 @pytest.mark.parametrize("name", SUITES)
