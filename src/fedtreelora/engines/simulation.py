@@ -11,8 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.text import Text
 
 from fedtreelora.config import ExperimentConfig
+from fedtreelora.core.findings import run_finding, summary_label_prior
 from fedtreelora.core.structure import ari_by_layer, planted_levels
 from fedtreelora.data import planted_groups
 from fedtreelora.engines.checkpoint import RunState, load_checkpoint, save_checkpoint
@@ -65,6 +67,11 @@ def planted_structure(config: ExperimentConfig, sharing_labels: np.ndarray | Non
     levels = planted_levels(planted)
     ari = None if sharing_labels is None else ari_by_layer(sharing_labels, levels).tolist()
     return {"planted_groups": planted, "planted_levels": levels, "ari": ari}
+
+
+def _personal(fed: FederationView) -> bool:
+    """The strategy adds a personal expert (``fedtreelora.personal``): one cluster everywhere is then not FedIT."""
+    return bool(getattr(getattr(fed.strategy, "options", None), "personal", False))
 
 
 class SimulationEngine:
@@ -139,6 +146,13 @@ class SimulationEngine:
                     v for k, acc in enumerate(run.per_client) if k in record["clients"] and (v := acc[-1]) is not None
                 ]
                 progress.console.print(table.row(record, values, time.perf_counter() - round_start), soft_wrap=True)
+                if "cuts" in (record.get("server") or {}):  # the round the clusters were made
+                    # Through the same console as the rows: --quiet silences it with them (the line is in
+                    # summary.json and the report, and `run --quiet` prints it at the end), so that a quiet
+                    # run (as every run of `compare`) adds nothing to its caller's output.
+                    finding = run_finding(self._clustering(fed), personal=_personal(fed))
+                    if finding is not None:
+                        progress.console.print(Text(finding, style="bold cyan"), soft_wrap=True)
                 if scalars is not None:
                     scalars.log_round(record, [acc[-1] for acc in run.per_client])
                 if self.recorder.out_dir is not None and every and (run.next_round % every == 0):
@@ -317,6 +331,17 @@ class SimulationEngine:
             ],
         }
 
+    def _clustering(self, fed: FederationView) -> dict[str, Any]:
+        """The summary's fields that say what the clusters are (plan or clusters, labels, label counts,
+        planted groups), as they stand now."""
+        labels = fed.strategy.sharing_labels()
+        return {
+            **fed.strategy.summary(),
+            "labels": None if labels is None else labels.tolist(),
+            "label_counts": fed.label_counts,
+            **planted_structure(fed.config, labels),
+        }
+
     def _summary(self, fed: FederationView, run: RunState, wall: float) -> dict[str, Any]:
         history = run.history
         means = [-1.0 if (mean := round_mean(h)) is None else mean for h in history]
@@ -337,7 +362,7 @@ class SimulationEngine:
         categories = fed.client_categories()
         per_client_final = [last_seen(acc) for acc in run.per_client]
         per_client_best = [last_seen(acc[: best + 1]) for acc in run.per_client]
-        return {
+        summary: dict[str, Any] = {
             "method": fed.config.method,
             "dataset": fed.dataset_name,
             "by_convention": {name: _headline(history, f"{name}_mean_metric") for name in ("received", "trained")},
@@ -362,3 +387,10 @@ class SimulationEngine:
             "wall_seconds": wall,
             **fed.strategy.summary(),
         }
+        finding = run_finding(summary, personal=_personal(fed))
+        if finding is not None:
+            summary["finding"] = finding
+        prior = summary_label_prior(summary)
+        if prior is not None:
+            summary["label_prior"] = prior.to_dict()
+        return summary
