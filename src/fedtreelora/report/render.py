@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from fedtreelora.core.findings import run_finding, summary_label_prior
 from fedtreelora.report import plots
 from fedtreelora.report.data import RunData, load_run
 from fedtreelora.runfolder import RunFolder
@@ -193,6 +194,7 @@ def overview_rows(run: RunData) -> list[tuple[str, str]]:
         if tau == "auto" and auto:
             tau = f"auto (level {auto.get('level')}, {auto.get('permutations')} relabellings, seed {auto.get('seed')})"
         rows.append(("tau, window", f"{tau}, {plan.get('window')}"))
+    rows += finding_rows(run)
     if run.planted_groups is not None and run.planted_levels is not None:
         per_depth = ", ".join(str(len(set(level))) for level in run.planted_levels)
         rows.append(("planted groups", f"{len(set(run.planted_groups))} (per depth: {per_depth})"))
@@ -202,6 +204,24 @@ def overview_rows(run: RunData) -> list[tuple[str, str]]:
     rows.append(("communication per client", f"up {up:.3f} MB, down {down:.3f} MB"))
     if s.get("wall_seconds") is not None:
         rows.append(("wall time", f"{s['wall_seconds']:.1f} s"))
+    return rows
+
+
+def finding_rows(run: RunData) -> list[tuple[str, str]]:
+    """The line the run printed where it made its clusters (recomputed for runs written before it was
+    recorded), and how closely the deepest layer's clusters follow the clients' majority class: a finding
+    when they do, else the number; nothing for a run without clusters."""
+    s = run.summary
+    personal = bool((run.config.get("fedtreelora") or {}).get("personal", False))
+    finding = s.get("finding") or run_finding(s, personal=personal)
+    rows = [] if finding is None else [("what the clustering found", str(finding))]
+    prior = summary_label_prior(s)
+    labels = run.labels
+    if prior is not None and labels is not None:
+        placed = labels[-1][labels[-1] >= 0]
+        # One cluster, or every client alone, says nothing about a label prior: no row.
+        if 1 < len(set(placed.tolist())) < placed.size:
+            rows.append(("clusters against the majority class", prior.text))
     return rows
 
 
