@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -32,8 +33,8 @@ def _labels(cuts: list[int], clients: int = 8) -> np.ndarray:
     return np.asarray([[k * c // clients for k in range(clients)] for c in cuts], dtype=np.int64)
 
 
-def _plan(cuts: list[int], scores: list[dict[int, float]], tau: float | str = 0.1, **auto: object) -> SharingPlan:
-    return SharingPlan(np.asarray(cuts), _labels(cuts), TREE, scores, tau, 2, **auto)  # type: ignore[arg-type]
+def _plan(cuts: list[int], scores: list[dict[int, float]], tau: float | str = 0.1, **auto: Any) -> SharingPlan:
+    return SharingPlan(np.asarray(cuts), _labels(cuts), TREE, scores, tau, 2, **auto)
 
 
 def test_layer_span_is_one_based_with_runs_collapsed() -> None:
@@ -150,24 +151,26 @@ def test_run_finding_adds_the_planted_ari_and_the_label_prior(tmp_path: Path) ->
     assert rows["clusters against the majority class"].endswith("ARI 1.00")
 
 
+TINY = [
+    "model.num_layers=2",
+    "data.num_clients=4",
+    "data.n_train=16",
+    "data.n_val=16",
+    "train.batch_size=16",
+    "federation.rounds=2",
+    "fedtreelora.warmup_rounds=1",
+    "fedtreelora.tau=-1",  # every layer splits
+    "logging.tensorboard=false",
+]
+
+
 def test_the_line_is_printed_at_the_plan_round_of_a_tiny_run(one_thread: None) -> None:
     from fedtreelora.config import load_config
     from fedtreelora.engines import SimulationEngine
 
-    overrides = [
-        "model.num_layers=2",
-        "data.num_clients=4",
-        "data.n_train=16",
-        "data.n_val=16",
-        "train.batch_size=16",
-        "federation.rounds=2",
-        "fedtreelora.warmup_rounds=1",
-        "fedtreelora.tau=-1",  # every layer splits
-        "logging.tensorboard=false",
-    ]
     out = io.StringIO()
     console = Console(file=out, width=400)
-    summary = SimulationEngine(load_config(overrides=overrides), None, report=False, console=console).run()
+    summary = SimulationEngine(load_config(overrides=TINY), None, report=False, console=console).run()
     lines = out.getvalue().splitlines()
     plan_row = next(i for i, line in enumerate(lines) if line.lstrip().startswith("1/2"))
     # right under the row of the round the tree was built, before the next round's row
@@ -175,3 +178,20 @@ def test_the_line_is_printed_at_the_plan_round_of_a_tiny_run(one_thread: None) -
     assert "against tau -1" in lines[plan_row + 1] and lines[plan_row + 2].lstrip().startswith("2/2")
     assert summary["finding"] == lines[plan_row + 1]
     assert summary["label_prior"]["ari"] and len(summary["label_prior"]["ari"]) == 2
+
+
+@pytest.mark.slow
+def test_run_quiet_prints_the_finding_after_the_result(
+    tmp_path: Path, one_thread: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedtreelora.cli import main
+
+    args = ["run", "--quiet", "--out", str(tmp_path / "run")]
+    for assignment in TINY:
+        args += ["--set", assignment]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert captured.out.splitlines()[-1] == summary["finding"] and summary["finding"].startswith("tree: ")
+    assert "tree: " not in captured.err  # the quiet console printed nothing
+    assert "what the clustering found" in (tmp_path / "run" / "report.md").read_text()
