@@ -98,6 +98,7 @@ def test_auto_gives_the_tested_silhouette_against_its_null_quantile() -> None:
 
 def test_fedlease_clustering_line() -> None:
     assert clusters_finding(3, {2: 0.1, 3: 0.25, 4: 0.2}) == "clusters: 3 (silhouette 0.25, best of 2-4 clusters)"
+    assert clusters_finding(2, {2: 0.3}) == "clusters: 2 (silhouette 0.30, the only count tried)"
     assert clusters_finding(1, {}) == "clusters: 1 (too few clients to compare cluster counts)"
 
 

@@ -150,10 +150,10 @@ def clusters_finding(clusters: int, silhouette: Mapping[int, float]) -> str:
     if not silhouette:
         return f"clusters: {clusters} (too few clients to compare cluster counts)"
     counts = sorted(silhouette)
-    tried = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    tried = "the only count tried" if len(counts) == 1 else f"best of {counts[0]}-{counts[-1]} clusters"
     kept = silhouette.get(clusters)
     score = "" if kept is None else f"silhouette {_num(kept)}, "
-    return f"clusters: {clusters} ({score}best of {tried} clusters)"
+    return f"clusters: {clusters} ({score}{tried})"
 
 
 def majority_classes(label_counts: np.ndarray) -> np.ndarray:
