@@ -2,7 +2,7 @@
 whether those clusters merely follow each client's majority class (its label prior).
 
 Pure functions over a :class:`~fedtreelora.core.plan.SharingPlan` or the run summary's plain fields, so
-the console (at the plan round), ``summary.json`` and the report say the same sentence.
+the console (at the plan round), the run summary and the report say the same sentence.
 """
 
 from __future__ import annotations
@@ -262,7 +262,7 @@ def run_finding(summary: Mapping[str, Any], *, personal: bool = False) -> str | 
     that makes no clusters (or has not yet).
 
     Args:
-        summary: ``summary.json``'s fields (or the same built mid-run).
+        summary: the run summary's fields (or the same built mid-run).
         personal: the run adds a personal expert (``fedtreelora.personal``).
     """
     plan = summary.get("plan")

@@ -148,7 +148,7 @@ class SimulationEngine:
                 progress.console.print(table.row(record, values, time.perf_counter() - round_start), soft_wrap=True)
                 if "cuts" in (record.get("server") or {}):  # the round the clusters were made
                     # Through the same console as the rows: --quiet silences it with them (the line is in
-                    # summary.json and the report, and `run --quiet` prints it at the end), so that a quiet
+                    # the run summary and the report, and `run --quiet` prints it at the end), so that a quiet
                     # run (as every run of `compare`) adds nothing to its caller's output.
                     finding = run_finding(self._clustering(fed), personal=_personal(fed))
                     if finding is not None:
