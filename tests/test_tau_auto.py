@@ -12,7 +12,7 @@ import pytest
 import fedtreelora as ftl
 from fedtreelora.core import batch_mean_silhouette, cut_exact, mean_silhouette
 from fedtreelora.core.structure import ari_by_layer
-from fedtreelora.core.tau_auto import check_auto_settings
+from fedtreelora.core.tau_auto import RelabellingTest, check_auto_settings
 from fedtreelora.core.tree import build_tree
 from fedtreelora.strategies import FederationContext, get_strategy
 from fedtreelora.strategies.fedtreelora import FedTreeLoRAOptions
@@ -329,3 +329,76 @@ def test_tiny_run_with_auto_records_the_plan_with_null_quantiles(tmp_path: Path,
     assert summary["cuts"] == plan["cuts"] and len(plan["test_scores"]) == 2
     saved = json.loads((tmp_path / "summary.json").read_text())["plan"]
     assert ftl.SharingPlan.from_dict(saved).null_quantiles == ftl.SharingPlan.from_dict(plan).null_quantiles
+
+
+# --- (f) clients that differ in every layer without forming groups -------------------------------------------
+def trait_b(seed: int, n: int = 12, layers: int = 6, offset: float = 0.0, sigma: float = 0.0) -> np.ndarray:
+    """No groups: per layer a common B plus noise, and a per-client trait shown in every layer: an
+    offset (``offset`` per entry, the same at all layers) or a B scale (lognormal, ``sigma``)."""
+    rng = np.random.default_rng(seed)
+    b = rng.normal(size=(1, layers, *FEATURES)) + rng.normal(size=(n, layers, *FEATURES))
+    b = b + offset * rng.normal(size=(n, 1, *FEATURES))
+    return b * np.exp(sigma * rng.normal(size=(n, 1, 1, 1, 1)))
+
+
+@pytest.mark.parametrize(("offset", "sigma"), [(1.0, 0.0), (2.0, 0.0), (0.0, 0.5)])
+def test_clients_with_traits_in_every_layer_but_no_groups_stay_shared(offset: float, sigma: float) -> None:
+    """A per-client offset or scale that every layer shows makes clients differ consistently, not form
+    groups: at level 0.95 at most 5% of such federations may split (10% allows Monte Carlo slack)."""
+    split = [
+        ftl.plan_sharing(
+            ftl.layer_distances(trait_b(seed, offset=offset, sigma=sigma)), "auto", 3, permutations=199
+        ).cuts.max()
+        > 1
+        for seed in range(40)
+    ]
+    assert np.mean(split) <= 0.10
+
+
+def test_real_adapters_are_recognised_as_grouped_and_splits_follow_the_groups() -> None:
+    """B-matrix distances of 12 real clients in planted groups (tests/data): the clients' pooled structure
+    is grouped at the planted number of leaves, and any split auto makes agrees with the planted leaves
+    more than chance."""
+    data = np.load(Path(__file__).parent / "data" / "fixture_h12_lr1e-3.npz")
+    d, leaves = data["distances"], data["groups_depth2"]
+    n_leaves = len(np.unique(leaves))
+    test = RelabellingTest(d)
+    assert test.grouped(np.zeros(d.shape[1], dtype=np.int64), 0, list(range(2, n_leaves + 1)))
+    for window in (2, n_leaves):
+        plan = ftl.plan_sharing(d, "auto", window)
+        ari = ari_by_layer(plan.labels, [leaves.tolist()])[:, 0]
+        assert np.all(ari[plan.cuts > 1] > 0)
+        print(f"real adapters, window {window}: cuts {plan.cuts.tolist()}, ARI with the leaves {np.round(ari, 2)}")
+
+
+def test_rotations_keep_each_cluster_mean_and_spread_but_mix_its_clients() -> None:
+    from fedtreelora.core.tau_auto import rotate_within
+
+    rng = np.random.default_rng(0)
+    points, parent = rng.normal(size=(9, 4)), np.array([0, 0, 0, 0, 1, 1, 1, 1, 2])
+    rotated = rotate_within(points, parent, 50, np.random.default_rng(1))
+    for cluster in range(3):
+        members = parent == cluster
+        centred = points[members] - points[members].mean(axis=0)
+        for draw in rotated:
+            assert np.allclose(draw[members].mean(axis=0), points[members].mean(axis=0))
+            moved = draw[members] - draw[members].mean(axis=0)
+            assert np.allclose(np.linalg.svd(moved, compute_uv=False), np.linalg.svd(centred, compute_uv=False))
+    assert not np.allclose(rotated[0, :4], points[:4]), "clients of a cluster are mixed"
+    assert np.allclose(rotated[:, 8], points[8]), "a singleton cluster stays where it is"
+
+
+def test_client_configuration_divides_out_each_clients_scale() -> None:
+    """Scaling client i's squared distances by t_i (d2[i, j] * t_i * t_j) changes the embedding's distances
+    by one common factor only (to which silhouettes are blind): that scale is the client's, not a group's."""
+    from fedtreelora.core.tau_auto import client_configuration
+
+    d = ftl.layer_distances(noise_b(0, 8, 3))
+    t = np.exp(np.random.default_rng(1).normal(size=8))
+    scaled = d * np.sqrt(np.outer(t, t))[None]
+    first, second = client_configuration(d), client_configuration(scaled)
+    gaps = [np.linalg.norm(x[:, None] - x[None], axis=2) for x in (first, second)]
+    off = ~np.eye(8, dtype=bool)
+    ratio = gaps[1][off] / gaps[0][off]
+    assert np.allclose(ratio, ratio[0])
+    assert not np.allclose(gaps[0], gaps[0][0, 1]), "the clients are not all equally far apart"
