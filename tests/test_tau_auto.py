@@ -268,7 +268,8 @@ def test_strategy_plans_with_auto_in_every_cut_mode_and_keeps_it_through_state()
     capped = strategy(tau="auto", window=4, external="per_cluster", max_clusters=2)
     four = np.arange(12) % 4
     capped_plan = capped.plan_from_distances(ftl.layer_distances(planted_b(0, four, range(3, 6))))
-    assert capped_plan.cuts.max() == 2 and capped_plan.null_quantiles[3]
+    # Only two clusters are ever tested (the cap), and kept only where admitted (see the cap's own test).
+    assert capped_plan.cuts.max() <= 2 and set(capped_plan.null_quantiles[3]) == {2}
     # Checkpoints keep the plan with its tests (through JSON, as the checkpoint writes it).
     tree.plan = plan
     tensors, meta = tree.state_dict()
@@ -402,3 +403,51 @@ def test_client_configuration_divides_out_each_clients_scale() -> None:
     ratio = gaps[1][off] / gaps[0][off]
     assert np.allclose(ratio, ratio[0])
     assert not np.allclose(gaps[0], gaps[0][0, 1]), "the clients are not all equally far apart"
+
+
+@pytest.mark.parametrize("tau", ["auto", 0.0])
+def test_the_cluster_cap_bounds_the_search_in_tree_mode(tau: object) -> None:
+    """With ``external="per_cluster"`` no layer may exceed ``max_clusters``: the search must score (and
+    under auto test) only counts up to it, so a kept cut is one the search chose, not a re-cut."""
+    four = np.arange(12) % 4
+    d = ftl.layer_distances(planted_b(0, four, range(3, 6)))
+    plan = strategy(tau=tau, window=4, external="per_cluster", max_clusters=2).plan_from_distances(d)
+    previous = 1
+    for layer in range(6):
+        assert max(plan.scores[layer]) <= 2
+        if tau == "auto":
+            assert sorted(plan.test_scores[layer]) == ([2] if previous == 1 else [])
+        c = int(plan.cuts[layer])
+        if tau == "auto":
+            assert c == previous or c in plan.admissible[layer], "a finer cut only when admitted"
+        previous = c
+    assert plan.cuts.max() <= 2
+
+
+def test_each_layer_is_tested_within_the_previous_layers_partition(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cuts that need not nest (``cut_mode="independent"``) can keep the same count with a different
+    partition from one layer to the next; the relabelling stage must then be rerun within the new
+    partition, not reused from the old one with the same count."""
+    from fedtreelora.core.plan import search_cuts
+
+    groups = np.arange(12) % 2
+    d = ftl.layer_distances(planted_b(0, groups, range(3, 6)))
+    tree = build_tree(d.mean(axis=0))
+    halves = (np.arange(12) >= 6).astype(np.int64)  # layer 4's two clusters: not layer 3's
+
+    def partition(layer: int, c: int) -> np.ndarray:
+        return halves if (layer, c) == (4, 2) else cut_exact(tree, 12, c)
+
+    calls: list[tuple[np.ndarray, int]] = []
+    original = RelabellingTest.stage
+
+    def spy(self: RelabellingTest, parent: np.ndarray, start: int, counts: list[int]) -> object:
+        calls.append((np.asarray(parent).copy(), start))
+        return original(self, parent, start, counts)
+
+    monkeypatch.setattr(RelabellingTest, "stage", spy)
+    plan = search_cuts(d, tree, partition, tau="auto", window=2, test=RelabellingTest(d))
+    assert plan.cuts.tolist() == [1, 1, 1, 2, 2, 2] and not np.array_equal(plan.labels[3], plan.labels[4])
+    for layer in range(1, 6):
+        parent, _ = [call for call in calls if call[1] <= layer][-1]  # the stage that tested this layer
+        assert np.array_equal(parent, plan.labels[layer - 1]), f"layer {layer} tested in a stale partition"

@@ -11,7 +11,7 @@ from sklearn.metrics import silhouette_samples
 
 from fedtreelora.core.checks import as_float_array, require_distance_stack, require_positive_int
 from fedtreelora.core.tau_auto import DEFAULT_LEVEL, DEFAULT_PERMUTATIONS, RelabellingTest, StageTests
-from fedtreelora.core.tree import build_tree, cut_exact
+from fedtreelora.core.tree import build_tree, cut_exact, relabel_by_first_appearance
 
 AUTO = "auto"
 """The value of tau that replaces the fixed prior with a relabelling test (:mod:`fedtreelora.core.tau_auto`)."""
@@ -129,6 +129,7 @@ def plan_sharing(
     level: float = DEFAULT_LEVEL,
     permutations: int = DEFAULT_PERMUTATIONS,
     seed: int = 0,
+    max_clusters: int | None = None,
 ) -> SharingPlan:
     """Choose how many clusters every layer shares among, on one tree, shallow to deep.
 
@@ -152,6 +153,8 @@ def plan_sharing(
         level: ``tau="auto"`` only: the test's level in (0, 1).
         permutations: ``tau="auto"`` only: random relabellings per layer and previous partition.
         seed: ``tau="auto"`` only: seed of the relabellings (same input and seed, same plan).
+        max_clusters: the largest count any layer may take (None: no cap); the search scores, and under
+            ``"auto"`` tests, only counts up to it.
 
     Returns:
         a :class:`SharingPlan`.
@@ -170,7 +173,8 @@ def plan_sharing(
             partitions[c] = cut_exact(tree, n_clients, c)
         return partitions[c]
 
-    return search_cuts(d, tree, partition, tau=tau, window=window, test=test)
+    cap = None if max_clusters is None else require_positive_int(max_clusters, "max_clusters", 1)
+    return search_cuts(d, tree, partition, tau=tau, window=window, test=test, cap=cap)
 
 
 def search_cuts(
@@ -210,7 +214,9 @@ def search_cuts(
     statistics: list[dict[int, float]] = []
     admissible: list[list[int]] = []
     previous = 1
-    stage: tuple[int, StageTests] | None = None  # (previous count, its tests) under "auto"
+    # (previous partition, its tests) under "auto". Keyed by the partition, not its count: cuts that
+    # need not nest can keep a count while their clusters change, and the test is within the clusters.
+    stage: tuple[bytes, StageTests] | None = None
     for layer in range(n_layers):
         top = max(previous + 1, min(n_clients, previous + window))
         if cap is not None:
@@ -219,9 +225,9 @@ def search_cuts(
         allowed = set(candidates)
         if test is not None:
             above = [c for c in candidates if c > previous]
-            if above and (stage is None or stage[0] != previous):
-                parent = labels[layer - 1] if layer else np.zeros(n_clients, dtype=np.int64)
-                stage = (previous, test.stage(parent, layer, above))
+            parent = relabel_by_first_appearance(labels[layer - 1]) if layer else labels[0]
+            if above and (stage is None or stage[0] != parent.tobytes()):
+                stage = (parent.tobytes(), test.stage(parent, layer, above))
             tests = stage[1] if above and stage is not None else StageTests()
             allowed = {previous, *tests.admissible.get(layer, [])}
             quantiles.append(dict(tests.quantiles.get(layer, {})))

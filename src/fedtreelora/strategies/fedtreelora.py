@@ -62,8 +62,8 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
     - ``external="none"``: the cluster expert alone (mixer ``single``); down one LoRA.
     - ``external="per_cluster"``: one frozen expert per other cluster of the layer (slots
       ``other_1 ...`` in cluster-id order, unused slots stay zero and contribute nothing); down up to
-      ``max_clusters`` LoRAs. Layers whose cut exceeds ``max_clusters`` are re-cut at ``max_clusters``
-      (on their own tree under ``independent``). With the lambda mixer each other cluster's B is
+      ``max_clusters`` LoRAs. The cut search considers only counts up to ``max_clusters`` (in every
+      ``cut_mode`` but ``fixed``, whose ``fixed_clusters`` may not exceed it). With the lambda mixer each other cluster's B is
       scaled by that cluster's share of the clients outside (by count, or examples under
       ``weighting="examples"``), so that ``(1 - lambda)`` weighs their sum as it weighs the one
       external expert; with the router they are sent unscaled.
@@ -159,7 +159,7 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
         cap = opts.max_clusters if opts.external == "per_cluster" else None
         n_layers, n_clients, _ = distances.shape
         if opts.cut_mode == "tree":
-            plan = plan_sharing(
+            return plan_sharing(
                 distances,
                 opts.tau,
                 opts.window,
@@ -167,13 +167,8 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
                 level=opts.auto_level,
                 permutations=opts.auto_permutations,
                 seed=opts.auto_seed,
+                max_clusters=cap,
             )
-            if cap is None or plan.cuts.max() <= cap:
-                return plan
-            cuts = np.minimum(plan.cuts, cap)
-            labels = plan.labels.copy()
-            labels[plan.cuts > cap] = cut_exact(plan.tree, n_clients, cap)
-            return replace(plan, cuts=cuts, labels=labels)
         tree = build_tree(distances.mean(axis=0), method=opts.linkage)
         if opts.cut_mode == "fixed":
             k = min(opts.fixed_clusters, n_clients)
