@@ -153,6 +153,7 @@ def test_run_finding_adds_the_planted_ari_and_the_label_prior(tmp_path: Path) ->
 
 
 TINY = [
+    "data.groups=null",  # the CLI starts from the quickstart experiment, whose clients are groups
     "model.num_layers=2",
     "data.num_clients=4",
     "data.n_train=16",

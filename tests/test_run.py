@@ -13,6 +13,7 @@ from fedtreelora.config import load_config
 from fedtreelora.engines import SimulationEngine
 
 TINY = [
+    "data.groups=null",  # the CLI starts from the quickstart experiment, whose clients are groups
     "model.num_layers=2",
     "data.num_clients=4",
     "data.n_train=48",
@@ -104,7 +105,8 @@ def test_cli_rejects_unknown_key_and_method(capsys: pytest.CaptureFixture[str], 
 def test_cli_reports_a_config_error_in_one_line(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, assignment: str, message: str
 ) -> None:
-    assert main(["run", "--set", "model.num_layers=1", "--set", assignment, "--out", str(tmp_path), "--quiet"]) == 2
+    args = ["run", "--set", "data.groups=null", "--set", "model.num_layers=1", "--set", assignment]
+    assert main([*args, "--out", str(tmp_path), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
     assert "Traceback" not in err
@@ -118,7 +120,7 @@ def test_cli_lets_an_internal_error_propagate(monkeypatch: pytest.MonkeyPatch, t
 
     monkeypatch.setattr(SimulationEngine, "run", broken)
     with pytest.raises(ValueError, match="internal"):
-        main(["run", "--set", "model.num_layers=1", "--out", str(tmp_path), "--quiet"])
+        main(["run", "--set", "model.num_layers=1", "--out", str(tmp_path), "--quiet"])  # the quickstart's config
 
 
 def test_yaml_config_file_and_overrides_compose(tmp_path: Path) -> None:
@@ -184,3 +186,39 @@ def test_an_override_below_a_value_names_the_setting_and_the_value() -> None:
 
     with pytest.raises(ConfigError, match=r"--set train.lr.x: 'lr' is a value, not a section"):
         load_config(overrides=["train.lr=0.1", "train.lr.x=1"])
+
+
+def test_run_without_config_is_the_quickstart_and_with_config_the_builtin_defaults(tmp_path: Path) -> None:
+    from fedtreelora.config import QUICKSTART, load_run_config
+
+    quick = load_run_config()
+    assert quick == load_config(QUICKSTART) and quick.data.groups, "the default experiment plants groups"
+    assert quick != load_config()
+    path = tmp_path / "exp.yaml"
+    path.write_text("data:\n  num_clients: 7\n")
+    own = load_run_config(path)
+    assert own.data.groups is None and own.data.num_clients == 7  # a file starts from the built-in defaults
+    assert load_run_config(overrides=["data.groups=null", "data.num_clients=5"]).data.num_clients == 5
+
+
+@pytest.mark.parametrize("key", ["data.dataset=tweets", "data.num_clients=4"])
+def test_an_override_the_quickstart_groups_would_ignore_is_an_error_that_says_what_to_do(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, key: str
+) -> None:
+    assert main(["run", "--set", key, "--out", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert key.split("=")[0] in err and "data.groups=null" in err and "--config" in err
+    assert not (tmp_path / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("method", ["fedtreelora", "fedit", "local", "fedlease"])
+def test_the_cpu_suite_runs_the_quickstart_experiment(method: str) -> None:
+    """The README's comparison table of the default experiment comes from the `cpu` suite: its runs must
+    be exactly what `fedtreelora run --method M` runs (the suite only turns TensorBoard off)."""
+    from fedtreelora.compare import plan_runs
+    from fedtreelora.config import load_run_config
+    from fedtreelora.suites import load_suite
+
+    (spec,) = plan_runs(load_suite("cpu"), "/nonexistent", methods=[method], seeds=[0])
+    quick = load_run_config(overrides=["logging.tensorboard=false"], method=method, seed=0)
+    assert spec.config == quick

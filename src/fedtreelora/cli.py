@@ -10,7 +10,7 @@ from typing import TypeVar
 
 from pydantic import ValidationError
 
-from fedtreelora.config import load_config
+from fedtreelora.config import load_config, load_run_config
 from fedtreelora.errors import ConfigError
 from fedtreelora.runfolder import RunFolder
 
@@ -28,7 +28,7 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--resume {str(out)!r}: no {run.config.name} there; is it a run folder?")
         config = run.read_config()
     else:
-        config = load_config(args.config, overrides, method=args.method, seed=args.seed)
+        config = load_run_config(args.config, overrides, method=args.method, seed=args.seed)
         out = Path(args.out)
     from fedtreelora.engines import SimulationEngine  # heavy imports only when running
 
@@ -75,7 +75,7 @@ def _show_config(args: argparse.Namespace) -> int:
 
         print(config_reference(), end="")
         return 0
-    config = load_config(args.config, list(args.set or []), method=args.method, seed=args.seed)
+    config = load_run_config(args.config, list(args.set or []), method=args.method, seed=args.seed)
     print(dump_config(config), end="")
     return 0
 

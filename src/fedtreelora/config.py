@@ -391,6 +391,45 @@ def set_path(data: dict[str, Any], keys: list[str], value: Any, *, where: str) -
     node[keys[-1]] = value
 
 
+QUICKSTART = Path(__file__).resolve().parent / "configs" / "quickstart.yaml"
+"""The default experiment: what ``fedtreelora run`` (and ``fedtreelora config``) use when no ``--config``
+is given. A planted federation on which the tree has groups to find; the built-in defaults of every key
+(``configs/default.yaml``) stay what a ``--config`` file starts from."""
+
+_SHADOWED_BY_GROUPS = (
+    "data.dataset",
+    "data.num_clients",
+    "data.hub_config",
+    "data.text_column",
+    "data.text_pair_column",
+    "data.label_column",
+)
+"""Keys that each entry of ``data.groups`` sets for itself, so an override of them would do nothing."""
+
+
+def load_run_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), **top: Any
+) -> ExperimentConfig:
+    """The configuration of ``fedtreelora run``: :func:`load_config` of ``path``, or of the quickstart
+    experiment (:data:`QUICKSTART`) when no path is given.
+
+    The quickstart's clients come from ``data.groups``, which name their own dataset; an override of a key
+    the groups shadow (``data.dataset`` ...) would be silently ignored, so it is an error that says how to
+    leave the groups (``--set data.groups=null``) or start from the built-in defaults (``--config``)."""
+    if path is not None:
+        return load_config(path, overrides, **top)
+    keys = [assignment.split("=", 1)[0].strip() for assignment in overrides]
+    if "data.groups" not in keys and "data" not in keys:
+        shadowed = [k for k in keys if k in _SHADOWED_BY_GROUPS]
+        if shadowed:
+            raise ConfigError(
+                f"--set {shadowed[0]} has no effect on the default experiment, whose clients come from "
+                "data.groups (each group names its own dataset); add --set data.groups=null to run one "
+                "dataset, or pass --config FILE to start from the built-in defaults"
+            )
+    return load_config(QUICKSTART, overrides, **top)
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), **top: Any
 ) -> ExperimentConfig:

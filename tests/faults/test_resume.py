@@ -14,6 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 ARGS = [
+    "--set", "data.groups=null",  # not the quickstart's groups: one dataset, 4 clients
     "--set", "model.num_layers=2",
     "--set", "data.num_clients=4",
     "--set", "data.n_train=48",
