@@ -246,7 +246,7 @@ def strategy(n: int = 12, **options: object):  # type: ignore[no-untyped-def]
 
 
 def test_options_accept_auto_and_validate_its_settings() -> None:
-    assert FedTreeLoRAOptions(tau="auto").tau == "auto" and FedTreeLoRAOptions().tau == 0.3
+    assert FedTreeLoRAOptions(tau="auto").tau == "auto" and FedTreeLoRAOptions().tau == 0.1
     for bad in ({"tau": "always"}, {"tau": 2.0}, {"auto_level": 1.0}, {"auto_permutations": 10}):
         with pytest.raises(ValueError):
             FedTreeLoRAOptions(**bad)
