@@ -72,6 +72,7 @@ class Signal:
     silhouette_cosine: list[float]
     ratio: list[float]
     tree_ari: float
+    tree_ari_cosine: float
     plan_cuts: dict[str, list[int]]
     plan_ari: dict[str, float]
 
@@ -95,6 +96,7 @@ def weight_signal(b: np.ndarray, groups: np.ndarray, window: int = 2) -> Signal:
         silhouette_cosine=[float(silhouette_score(d, groups, metric="precomputed")) for d in cos],
         ratio=[between_within_ratio(d, groups) for d in frob],
         tree_ari=float(adjusted_rand_score(groups, cut_exact(tree, n, k))),
+        tree_ari_cosine=float(adjusted_rand_score(groups, cut_exact(build_tree(cos.mean(axis=0)), n, k))),
         plan_cuts={t: p.cuts.tolist() for t, p in plans.items()},
         plan_ari={t: float(adjusted_rand_score(groups, p.labels[-1])) for t, p in plans.items()},
     )
@@ -133,8 +135,8 @@ def analyse(run: Path) -> tuple[dict[str, float], Signal]:
 def render(results: dict[str, tuple[dict[str, float], Signal]]) -> str:
     lines = [
         "| run | acc | majority | loss r1 -> last | at chance | sil B/frob per layer | sil B/cos per layer "
-        "| between/within per layer | tree ARI | cuts tau 0.1 | cuts auto | ARI deepest: tau 0 / 0.05 / 0.1 / 0.3 / auto |",
-        "|---|---:|---:|---|---:|---|---|---|---:|---|---|---|",
+        "| between/within per layer | tree ARI frob / cos | cuts tau 0.1 | cuts auto | ARI deepest: tau 0 / 0.05 / 0.1 / 0.3 / auto |",
+        "|---|---:|---:|---|---:|---|---|---|---|---|---|---|",
     ]
 
     def per_layer(values: list[float], fmt: str = "+.2f") -> str:
@@ -145,7 +147,7 @@ def render(results: dict[str, tuple[dict[str, float], Signal]]) -> str:
             f"| {name} | {100 * fit['accuracy']:.1f} | {100 * fit['majority']:.1f} "
             f"| {fit['loss_first']:.3f} -> {fit['loss_last']:.3f} | {fit['at_chance']}/{fit['clients']} "
             f"| {per_layer(sig.silhouette_frobenius)} | {per_layer(sig.silhouette_cosine)} "
-            f"| {per_layer(sig.ratio, '.2f')} | {sig.tree_ari:.2f} "
+            f"| {per_layer(sig.ratio, '.2f')} | {sig.tree_ari:.2f} / {sig.tree_ari_cosine:.2f} "
             f"| {','.join(map(str, sig.plan_cuts['0.1']))} | {','.join(map(str, sig.plan_cuts['auto']))} "
             f"| {' / '.join(f'{sig.plan_ari[str(t)]:.2f}' for t in TAUS)} |"
         )
