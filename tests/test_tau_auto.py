@@ -451,3 +451,44 @@ def test_each_layer_is_tested_within_the_previous_layers_partition(monkeypatch: 
     for layer in range(1, 6):
         parent, _ = [call for call in calls if call[1] <= layer][-1]  # the stage that tested this layer
         assert np.array_equal(parent, plan.labels[layer - 1]), f"layer {layer} tested in a stale partition"
+
+
+# --- (g) real adapters: two domains, eight clients ---------------------------------------------------------------
+def load_fixture(name: str) -> tuple[np.ndarray, np.ndarray]:
+    data = np.load(Path(__file__).parent / "data" / name)
+    return data["distances"], data["groups_depth1"]
+
+
+def test_real_adapters_in_two_domains_pass_the_relabelling_stage_at_every_layer() -> None:
+    """Eight real clients, four per domain (tests/data): the tree built without any one layer cuts exactly
+    the two domains, and that cut beats its relabelling null at every layer; the relabelling stage on its
+    own would admit the planted split everywhere."""
+    d, groups = load_fixture("fixture_domains_lr1e-3.npz")
+    test = RelabellingTest(d)
+    stage = test.stage(np.zeros(d.shape[1], dtype=np.int64), 0, [2])
+    for layer in range(d.shape[0]):
+        assert ari_by_layer(test.held_out_cut(layer, 2)[None], [groups.tolist()])[0, 0] == 1.0
+        assert stage.statistics[layer][2] > stage.quantiles[layer][2]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the grouping (rotation) gate does not pass on these eight clients (p about 0.23 at level 0.95): "
+    "the within-domain spread, consistent across layers, dilutes the one group direction",
+)
+def test_real_adapters_in_two_domains_are_split_along_the_domains() -> None:
+    """The same eight clients: auto should admit the two domains, at least in the deepest layers."""
+    d, groups = load_fixture("fixture_domains_lr1e-3.npz")
+    plan = ftl.plan_sharing(d, "auto", 2)
+    ari = ari_by_layer(plan.labels, [groups.tolist()])[:, 0]
+    assert plan.cuts[-1] == 2 and np.all(ari[plan.cuts > 1] >= 0.9)
+
+
+@pytest.mark.parametrize("window", [2, 3])
+def test_six_real_clients_in_two_groups_of_three_cannot_reach_the_level(window: int) -> None:
+    """Six real clients, tweets with plain and swapped labels (tests/data): the tree's 2-cut is the planted
+    split, but only 10 distinct 3 + 3 relabellings exist, so level 0.95 is out of reach and auto shares."""
+    d, groups = load_fixture("fixture_tweets_swap6.npz")
+    tree = build_tree(d.mean(axis=0))
+    assert ari_by_layer(cut_exact(tree, 6, 2)[None], [groups.tolist()])[0, 0] == 1.0
+    assert ftl.plan_sharing(d, "auto", window).cuts.max() == 1

@@ -59,6 +59,15 @@ are no longer found (they were in 8 of 10 federations); four groups of three or 
 still are, and so are the tests' planted settings.
 Per-client traits *and* groups together are not separated: once the stage is grouped, the relabelling
 stage admits whatever the other layers predict, traits included.
+The rotation gate is what real adapters fail. Eight clients in two domains of four (tests/data,
+B after 3 local rounds at lr 1e-3): the tree without each layer cuts exactly the two domains and that cut
+beats its relabelling null at every layer (silhouettes 0.08-0.16 against critical values 0.04-0.10), but
+the stage is not grouped (p about 0.23): each client's spread within its domain is as consistent across
+layers as the domains are, fills six of the seven MDS directions about equally, and the one group
+direction (28% of the spread) does not stand out from its rotations. Such a federation stays shared.
+Taking the typical spread out of every direction before rotating (a spectral shrinkage, which keeps the
+rotation null exact) admits it, but then a lognormal per-client scale (sigma 0.5) splits a third of
+the federations, off the Gaussian model the null assumes, so that is not done.
 
 The layer then picks among its admissible candidates and the previous count p (always allowed; for
 p >= 2 it competes with its silhouette, for p = 1 it is the fallback) as the numeric rule does: the
@@ -69,8 +78,8 @@ hold by construction.
 Edge cases: N <= 2 has no candidate (c = 1 everywhere); a single layer has no other layer to build the
 tested partition from, so nothing is admissible (c = 1), and more generally structure that only one
 layer carries is not seen; relabellings that leave too few distinct partitions (tiny clusters: with
-five clients or fewer there are at most 15) cannot reach the level and never pass, which is the honest
-answer. Singleton clusters score 0 in the statistic and in every relabelling alike.
+five clients or fewer there are at most 15; two groups of three among six clients have 10) cannot reach
+the level and never pass, which is the honest answer. Singleton clusters score 0 in the statistic and in every relabelling alike.
 
 Cost: per stage (a run of layers at the same previous partition), one batched silhouette per later layer
 and candidate over ``permutations`` relabellings, ``permutations`` rotations with one small tree each, plus
