@@ -155,7 +155,8 @@ def _compare(args: argparse.Namespace) -> int:
 def _flower_simulate(args: argparse.Namespace) -> int:
     from fedtreelora.engines.flower.launch import simulate
 
-    config = load_config(args.config, list(args.set or []), method=args.method, seed=args.seed)
+    # The same experiment as `fedtreelora run` with the same options (the quickstart without --config).
+    config = load_run_config(args.config, list(args.set or []), method=args.method, seed=args.seed)
     out = Path(args.out)
     summary = simulate(config, out, round_timeout=args.round_timeout, echo=not args.quiet)
     print(
