@@ -53,6 +53,8 @@ def test_cli_run_writes_config_metrics_and_summary(tmp_path: Path, method: str) 
     args = ["run", "--method", method, "--seed", "3", "--out", str(out), "--quiet"]
     for assignment in TINY:
         args += ["--set", assignment]
+    if method == "fedtreelora":
+        args += ["--set", "fedtreelora.tau=-1"]  # every layer splits: an external expert everywhere
     assert main(args) == 0
     config = (out / "config.yaml").read_text()
     assert f"method: {method}" in config and "seed: 3" in config
