@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,13 @@ def test_auto_gives_the_tested_silhouette_against_its_null_quantile() -> None:
     assert tree_finding(none) == (
         "tree: no structure found: no split was admitted by the relabelling test (closest: tested silhouette "
         "0.25 against null quantile 0.30, layer 2, level 0.95); this run is FedIT after warm-up"
+    )
+    # A candidate that beats its own null at some layer but was refused elsewhere is not called "closest".
+    refused = replace(none, test_scores=[{2: 0.01}, {2: 0.35}, {2: 0.1}])
+    assert tree_finding(refused) == (
+        "tree: no structure found: no split was admitted (tested silhouette 0.35 beats its null quantile 0.30 "
+        "at layer 2, level 0.95, but not at every deeper layer, or the clients were not found to form groups); "
+        "this run is FedIT after warm-up"
     )
 
 

@@ -109,10 +109,17 @@ def _no_split_reason(plan: SharingPlan) -> str:
         ]
         if not closest:
             return "no cluster count could be tested (tau auto)"
-        _, stat, quantile, layer = max(closest)
+        margin, stat, quantile, layer = max(closest)
+        at = f"layer {layer + 1}{f', level {level:g}' if level is not None else ''}"
+        if margin > 0:
+            # It beat its own null here, yet nothing was admitted: a deeper layer or the grouping test refused it.
+            return (
+                f"no split was admitted (tested silhouette {_num(stat)} beats its null quantile {_num(quantile)} "
+                f"at {at}, but not at every deeper layer, or the clients were not found to form groups)"
+            )
         return (
             f"no split was admitted by the relabelling test (closest: tested silhouette {_num(stat)} against null "
-            f"quantile {_num(quantile)}, layer {layer + 1}{f', level {level:g}' if level is not None else ''})"
+            f"quantile {_num(quantile)}, {at})"
         )
     tried = [(score, layer) for layer, scores in enumerate(plan.scores) for c, score in scores.items() if c > 1]
     if not tried:
