@@ -191,7 +191,8 @@ class FedTreeLoRAOptions(StrategyOptions):
     tau: float | Literal["auto"] = 0.1
     """Score of full sharing (c = 1); a layer leaves the root only when a partition's silhouette beats it.
     0.1 because clients that learn their task (lr 1e-3 on MiniLM) show their planted groups with B/Frobenius
-    silhouettes of about 0.1-0.2, and clients without groups about 0.0-0.08 (benchmarks/README.md).
+    silhouettes of about 0.1-0.2, which 0.3 never splits; IID clients reach similar values, and the false
+    split this causes cost 2 points where a missed one cost 26 (benchmarks/README.md).
     ``auto``: no prior; a finer cut competes only when the clients form groups rather than a continuum
     (a rotation test on the clients' configuration with each client's scale divided out) and a
     relabelling test admits it (its silhouette, measured on the cut of a tree built without the layer,
