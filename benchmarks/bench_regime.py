@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,9 @@ from fedtreelora.core.distances import layer_distances
 from fedtreelora.core.plan import plan_sharing
 from fedtreelora.core.tree import build_tree, cut_exact
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_weight_signal import LAYER  # noqa: E402  (one pattern for a key's layer index)
+
 TAUS: tuple[float | str, ...] = (0.0, 0.05, 0.1, 0.3, "auto")
 CHANCE_LOSS = 0.65  # two balanced classes: ln 2 = 0.693 is a model that learned nothing
 
@@ -43,8 +47,8 @@ CHANCE_LOSS = 0.65  # two balanced classes: ln 2 = 0.693 is a model that learned
 def b_stack(states: list[dict[str, np.ndarray]]) -> np.ndarray:
     """(clients, layers, modules, d_out, rank) B matrices of saved client states (keys ``...lora_B``,
     layers in key order, the same modules in every layer)."""
-    keys = sorted(k for k in states[0] if k.endswith("lora_B"))
-    layer_of = [int(k.split(".layer.")[1].split(".")[0]) if ".layer." in k else -1 for k in keys]
+    keys = sorted(k for k in states[0] if k.endswith("lora_B") and LAYER.search(k))
+    layer_of = [int(LAYER.search(k).group(1)) for k in keys]  # type: ignore[union-attr]
     layers = sorted(set(layer_of))
     per_layer = [[k for k, lay in zip(keys, layer_of, strict=True) if lay == layer] for layer in layers]
     return np.stack([np.stack([np.stack([s[k] for k in mods]) for mods in per_layer]) for s in states]).astype(
