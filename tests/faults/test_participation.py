@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -108,3 +111,16 @@ def test_partial_participation_runs_and_keeps_absent_clients(method: str) -> Non
     if method == "fedtreelora":
         labels = np.asarray(summary["labels"])
         assert labels.shape == (2, 6)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_holds_clients_that_have_not_trained_yet(tmp_path: Path) -> None:
+    """Clients not sampled yet all hold the one initial state (the same tensors); the checkpoint after
+    round 1 still writes, and a resumed run reads them back."""
+    tiny = ["model.num_layers=1", "data.num_clients=4", "data.n_train=16", "data.n_val=8", "method=fedit"]
+    config = load_config(overrides=[*tiny, "federation.rounds=2", "federation.fraction_train=0.5"])
+    summary = SimulationEngine(config, tmp_path, quiet=True, report=False).run()
+    assert len(summary["history"][0]["clients"]) == 2, "two clients had not trained when round 1 ended"
+    assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["round"] == 2
+    resumed = SimulationEngine(config, tmp_path, quiet=True, report=False, resume=True).run()
+    assert resumed["per_client"] == summary["per_client"]

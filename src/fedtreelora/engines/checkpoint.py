@@ -52,7 +52,17 @@ class RunState:
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+    """Write ``tensors`` to one safetensors file; a tensor whose storage an earlier key already holds
+    (clients that have not trained yet all hold the one initial state) is written as its own copy,
+    since a safetensors file cannot share memory between keys."""
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        t = value.detach().to("cpu").contiguous()
+        storage = t.untyped_storage().data_ptr()
+        out[key] = t.clone() if storage in seen else t
+        seen.add(storage)
+    save_file(out, str(path))
 
 
 def _fsync_dir(path: Path) -> None:
