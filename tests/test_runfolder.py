@@ -77,6 +77,27 @@ def test_what_the_recorder_writes_reads_back(written: tuple[RunFolder, list[dict
     assert not list(folder.root.rglob("*.tmp")), "atomic writes leave no temporary files"
 
 
+def test_received_models_are_written_beside_the_trained_ones(tmp_path: Path) -> None:
+    """The received models go to their own folder, one file per client that has one; a rerun in the
+    same folder leaves no received model of the earlier run behind; the trained ones are unchanged."""
+    recorder = RunRecorder(tmp_path)
+    trained = [{"x": torch.zeros(2)}, {"x": torch.ones(2)}, {"x": torch.full((2,), 2.0)}]
+    recorder.write_client_states(trained, META, {0: {"x": torch.full((2,), 5.0)}, 2: {"x": torch.full((2,), 7.0)}})
+    folder = RunFolder(tmp_path)
+    assert folder.saved_clients() == folder.saved_clients("trained") == [0, 1, 2]
+    assert folder.saved_clients("received") == [0, 2]
+    assert folder.client_state_file(2, "received").parent == folder.received_dir != folder.clients_dir
+    assert folder.client_state(2, "received")["x"].tolist() == [7.0, 7.0]
+    assert folder.client_state(2)["x"].tolist() == [2.0, 2.0], "the trained model by default"
+    assert float(folder.client_arrays(0, ["x"], "received")["x"][0]) == 5.0
+    recorder.write_client_states(trained, META, {2: {"x": torch.full((2,), 8.0)}})
+    assert folder.saved_clients("received") == [2], "the earlier run's received model of client 0 is gone"
+    recorder.write_client_states(trained, META)
+    assert folder.saved_clients("received") == [] and folder.saved_clients() == [0, 1, 2]
+    with pytest.raises(ValueError, match="unknown client model 'final'"):
+        folder.client_state_file(0, "final")  # type: ignore[arg-type]
+
+
 def test_report_reads_the_same_folder(written: tuple[RunFolder, list[dict[str, torch.Tensor]]]) -> None:
     folder, _ = written
     run = load_run(folder.root)
@@ -115,6 +136,7 @@ def test_an_empty_folder_has_nothing_to_read(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         folder.read_config()
     assert folder.client_state_files() == [] and folder.saved_clients() == []
+    assert folder.client_state_files("received") == [] and folder.saved_clients("received") == []
     assert not folder.has_checkpoint()
 
 

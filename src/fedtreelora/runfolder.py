@@ -7,8 +7,15 @@ A run folder (what ``fedtreelora run --out DIR`` writes) holds::
     metrics.jsonl                    one JSON object per line: a client's record of one round it took part in
     summary.json                     headline numbers, history and sharing plan; written last, so a
                                      readable one means the run finished
-    clients/client_NNN.safetensors   client NNN's final adapter state (NNN: its index, 3 digits)
-    clients/meta.json                what rebuilds the model around those states (backbone, sites, phase)
+    clients/client_NNN.safetensors   client NNN's final trained adapter state (NNN: its index, 3 digits): the
+                                     model scored after its last local training (``accuracy``)
+    clients/received/client_NNN.safetensors
+                                     client NNN's final received model: that state with the shared part
+                                     replaced by what the server sent it after its last round, the
+                                     model scored as ``received_accuracy`` (absent in runs written
+                                     before it was kept)
+    clients/meta.json                what rebuilds the model around those states (backbone, sites, and
+                                     the phase each model was scored in)
     checkpoints/                     the latest resumable checkpoint (see :mod:`fedtreelora.engines.checkpoint`)
     tensorboard/                     TensorBoard event files (``logging.tensorboard``)
     nodes.json                       a Flower run's node of each client
@@ -26,7 +33,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import yaml
@@ -35,6 +42,15 @@ from fedtreelora.config import ExperimentConfig, dump_config, load_config
 
 if TYPE_CHECKING:  # torch only for annotations: reading a run's numbers must not need it
     import torch
+
+
+ClientModel = Literal["received", "trained"]
+"""Which of a client's final models: ``trained`` (its state after its last local training) or
+``received`` (that state with what the server sent it after its last round in place of the shared
+part, as ``federation.evaluate: received`` scores it)."""
+
+CLIENT_MODELS: tuple[ClientModel, ...] = ("received", "trained")
+"""Every :data:`ClientModel`, the default (what ``fedtreelora export`` writes) first."""
 
 
 def jsonable(value: Any) -> Any:
@@ -103,17 +119,29 @@ class RunFolder:
 
     @property
     def clients_dir(self) -> Path:
-        """The folder of the clients' final adapter states."""
+        """The folder of the clients' final adapter states (the trained ones; the received ones in
+        :attr:`received_dir`)."""
         return self.root / "clients"
+
+    @property
+    def received_dir(self) -> Path:
+        """The folder of the clients' final received models."""
+        return self.clients_dir / "received"
+
+    def client_models_dir(self, model: ClientModel = "trained") -> Path:
+        """The folder of one kind of the clients' final models."""
+        if model not in CLIENT_MODELS:
+            raise ValueError(f"unknown client model {model!r}; one of {', '.join(CLIENT_MODELS)}")
+        return self.received_dir if model == "received" else self.clients_dir
 
     @property
     def client_meta(self) -> Path:
         """What rebuilds the model around the clients' states (JSON)."""
         return self.clients_dir / "meta.json"
 
-    def client_state_file(self, client: int) -> Path:
-        """Client ``client``'s final adapter state (safetensors)."""
-        return self.clients_dir / f"client_{client:03d}.safetensors"
+    def client_state_file(self, client: int, model: ClientModel = "trained") -> Path:
+        """Client ``client``'s final adapter state (safetensors): the trained one, or the received one."""
+        return self.client_models_dir(model) / f"client_{client:03d}.safetensors"
 
     @property
     def checkpoints(self) -> Path:
@@ -209,26 +237,28 @@ class RunFolder:
         """What rebuilds the model around the clients' states; None when the run saved none."""
         return _read_json(self.client_meta) if self.client_meta.is_file() else None
 
-    def client_state_files(self) -> list[Path]:
-        """Every saved client state file, sorted by name (client order); [] when none were saved."""
-        folder = self.clients_dir
+    def client_state_files(self, model: ClientModel = "trained") -> list[Path]:
+        """Every saved client state file of one kind, sorted by name (client order); [] when none were saved."""
+        folder = self.client_models_dir(model)
         return sorted(folder.glob("client_*.safetensors")) if folder.is_dir() else []
 
-    def saved_clients(self) -> list[int]:
-        """The clients whose final state the run saved (a Flower node may keep its own), in file order."""
-        return [int(path.name.split(".", 1)[0].removeprefix("client_")) for path in self.client_state_files()]
+    def saved_clients(self, model: ClientModel = "trained") -> list[int]:
+        """The clients whose final state of one kind the run saved (a Flower node may keep its own), in
+        file order."""
+        return [int(path.name.split(".", 1)[0].removeprefix("client_")) for path in self.client_state_files(model)]
 
-    def client_state(self, client: int) -> dict[str, torch.Tensor]:
-        """Client ``client``'s final adapter state (keys as in :class:`fedtreelora.adapters.AdapterBank`)."""
+    def client_state(self, client: int, model: ClientModel = "trained") -> dict[str, torch.Tensor]:
+        """Client ``client``'s final adapter state, trained or received (keys as in
+        :class:`fedtreelora.adapters.AdapterBank`)."""
         from safetensors.torch import load_file  # torch only when tensors are wanted
 
-        return load_file(str(self.client_state_file(client)))
+        return load_file(str(self.client_state_file(client, model)))
 
-    def client_arrays(self, client: int, keys: Iterable[str]) -> dict[str, np.ndarray]:
+    def client_arrays(self, client: int, keys: Iterable[str], model: ClientModel = "trained") -> dict[str, np.ndarray]:
         """Only the named tensors of client ``client``'s state, as numpy arrays (no torch needed)."""
         from safetensors import safe_open
 
-        with safe_open(str(self.client_state_file(client)), framework="np") as f:
+        with safe_open(str(self.client_state_file(client, model)), framework="np") as f:
             return {key: np.asarray(f.get_tensor(key)) for key in keys}
 
     # --- writing -------------------------------------------------------------------------------------
@@ -257,12 +287,14 @@ class RunFolder:
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, path)
 
-    def write_client_state(self, client: int, state: Mapping[str, torch.Tensor]) -> None:
-        """Write client ``client``'s final adapter state atomically."""
+    def write_client_state(
+        self, client: int, state: Mapping[str, torch.Tensor], model: ClientModel = "trained"
+    ) -> None:
+        """Write client ``client``'s final adapter state (trained or received) atomically."""
         from safetensors.torch import save_file
 
-        self.clients_dir.mkdir(exist_ok=True)
-        path = self.client_state_file(client)
+        self.client_models_dir(model).mkdir(parents=True, exist_ok=True)
+        path = self.client_state_file(client, model)
         tmp = path.with_name(path.name + ".tmp")
         save_file({key: t.contiguous() for key, t in state.items()}, str(tmp))
         os.replace(tmp, path)

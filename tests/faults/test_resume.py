@@ -70,7 +70,9 @@ def _result(out: Path) -> tuple[list[dict], dict, list[dict]]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
     states = [load_file(str(p)) for p in sorted((out / "clients").glob("client_*.safetensors"))]
-    return rows, summary, states
+    received = [load_file(str(p)) for p in sorted((out / "clients" / "received").glob("client_*.safetensors"))]
+    assert len(received) == len(states) == 4, "every client's trained and received model"
+    return rows, summary, states + received
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +96,7 @@ def test_killed_run_resumes_to_identical_results(tmp_path: Path, reference: tupl
     assert len(states) == len(ref_states)
     for state, ref in zip(states, ref_states, strict=True):
         assert state.keys() == ref.keys()
-        assert all(bool((state[k] == ref[k]).all()) for k in state), "final adapters are bitwise equal"
+        assert all(bool((state[k] == ref[k]).all()) for k in state), "final adapters (both models) are bitwise equal"
 
 
 @pytest.mark.slow
@@ -140,3 +142,40 @@ def test_resumed_run_logs_each_tensorboard_step_once(tmp_path: Path, monkeypatch
     assert "train_loss/mean" in tags
     for tag in tags:
         assert [e.step for e in events.Scalars(tag)] == [1, 2, 3], tag
+
+
+@pytest.mark.slow
+def test_a_resumed_run_keeps_the_received_models_of_clients_that_sat_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The received model of a client that sat out the rounds after a checkpoint comes from the
+    checkpoint (the server's later payloads are not what it was scored on): a run killed after its last
+    checkpoint and resumed saves the same received models and phases as an uninterrupted one."""
+    from fedtreelora.config import load_config
+    from fedtreelora.engines import SimulationEngine
+    from fedtreelora.runfolder import RunFolder
+
+    tiny = ["model.num_layers=1", "data.num_clients=4", "data.n_train=16", "data.n_val=8", "method=fedtreelora"]
+    config = load_config(
+        overrides=[*tiny, "federation.rounds=4", "federation.fraction_train=0.5", "fedtreelora.warmup_rounds=2"]
+    )
+    SimulationEngine(config, tmp_path / "reference", quiet=True, report=False).run()
+
+    def crash(*_: object) -> None:
+        raise RuntimeError("killed after the last round")
+
+    monkeypatch.setattr(SimulationEngine, "finish", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        SimulationEngine(config, tmp_path / "run", quiet=True, report=False).run()
+    monkeypatch.undo()
+    SimulationEngine(config, tmp_path / "run", quiet=True, report=False, resume=True).run()
+
+    reference, resumed = RunFolder(tmp_path / "reference"), RunFolder(tmp_path / "run")
+    last = {r["client"]: r["round"] for r in reference.read_metrics()}
+    assert min(last.values()) < 3, "a client sat out the last round"
+    assert resumed.read_client_meta() == reference.read_client_meta()
+    assert resumed.saved_clients("received") == reference.saved_clients("received") == [0, 1, 2, 3]
+    for k in range(4):
+        mine, theirs = resumed.client_state(k, "received"), reference.client_state(k, "received")
+        assert mine.keys() == theirs.keys()
+        assert all(mine[key].equal(theirs[key]) for key in mine), k

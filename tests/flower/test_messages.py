@@ -15,6 +15,7 @@ from fedtreelora.engines.flower import client_app
 from fedtreelora.engines.flower.server import FlowerEngine
 from fedtreelora.engines.flower.settings import FlowerRunSettings
 from fedtreelora.engines.setup import load_partitioned_data
+from fedtreelora.runfolder import RunFolder
 
 pytestmark = pytest.mark.slow
 
@@ -145,6 +146,14 @@ def test_loopback_run_matches_in_process_and_a_silent_node_keeps_its_state(tmp_p
     assert [m.metadata.message_type for m in grid.sent].count("evaluate") == 3 + 3 + 2, "one per accepted client"
     assert not (tmp_path / "run" / "clients" / "client_002.safetensors").exists()
     assert (tmp_path / "run" / "clients" / "client_000.safetensors").exists()
+    # the received models: of the clients whose final state came back, theirs plus the server's last payload
+    folder = RunFolder(tmp_path / "run")
+    assert folder.saved_clients("received") == [0, 1]
+    shared = {"fedit": (".shared.",), "fedtreelora": (".cluster.", ".external."), "feddpa": (".global.",)}[method]
+    kept, received = folder.client_state(0), folder.client_state(0, "received")
+    assert received.keys() == kept.keys()
+    assert all(received[k].equal(kept[k]) for k in kept if not any(s in k for s in shared))
+    assert any(not received[k].equal(kept[k]) for k in kept if any(s in k for s in shared))
 
 
 def _run_in_process(config, tmp_path):  # type: ignore[no-untyped-def]

@@ -4,6 +4,7 @@ Layout under the run folder::
 
     checkpoints/round_0004/clients.safetensors   every client's adapter state ("{client}/{key}")
     checkpoints/round_0004/server.safetensors    the strategy's server tensors
+    checkpoints/round_0004/received.safetensors  per client, the payload its received model was last scored with
     checkpoints/round_0004/state.json            next round, history, per-client metrics, server metadata
     checkpoints/latest.json                      {"round": 4, "path": "round_0004"}  (the commit point)
 
@@ -42,6 +43,11 @@ class RunState:
         history: per finished round, the round record (means, communication, server info).
         per_client: per client, its accuracy in every finished round (None where it did not take part).
         wall_seconds: time spent in earlier processes of this run.
+        received_payloads: client -> the server payload its received model was last scored with; the
+            received model is its state in ``client_states`` with these tensors in place (a client's
+            state changes only in the rounds it is scored in, so the two stay in step).
+        received_rounds: client -> the round whose phase that received model was scored in (the round
+            after the last one it took part in).
     """
 
     next_round: int
@@ -49,6 +55,17 @@ class RunState:
     history: list[dict[str, Any]] = field(default_factory=list)
     per_client: list[list[float | None]] = field(default_factory=list)
     wall_seconds: float = 0.0
+    received_payloads: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    received_rounds: dict[int, int] = field(default_factory=dict)
+
+    def received_states(self) -> dict[int, dict[str, torch.Tensor]]:
+        """client -> its received model (kept state plus payload), for the clients that have one and
+        whose state this process holds."""
+        return {
+            k: {**self.client_states[k], **payload}
+            for k, payload in sorted(self.received_payloads.items())
+            if self.client_states[k]
+        }
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -87,6 +104,8 @@ def save_checkpoint(run_dir: str | Path, state: RunState, strategy: Strategy) ->
     _save_tensors(clients, staging / "clients.safetensors")
     server_tensors, server_meta = strategy.state_dict()
     _save_tensors(server_tensors, staging / "server.safetensors")
+    received = {f"{k}/{key}": t for k, payload in state.received_payloads.items() for key, t in payload.items()}
+    _save_tensors(received, staging / "received.safetensors")
     write_json(
         staging / "state.json",
         {
@@ -96,6 +115,7 @@ def save_checkpoint(run_dir: str | Path, state: RunState, strategy: Strategy) ->
             "history": state.history,
             "per_client": state.per_client,
             "wall_seconds": state.wall_seconds,
+            "received_rounds": {str(k): r for k, r in state.received_rounds.items()},
             "server": server_meta,
         },
     )
@@ -129,10 +149,20 @@ def load_checkpoint(run_dir: str | Path, strategy: Strategy) -> RunState | None:
         client, key = flat_key.split("/", 1)
         client_states[int(client)][key] = tensor
     strategy.load_state_dict(load_file(str(folder / "server.safetensors")), meta["server"])
+    # A checkpoint written before received models were kept has neither: its clients get one again
+    # from the next round they take part in.
+    received_rounds = {int(k): int(r) for k, r in (meta.get("received_rounds") or {}).items()}
+    received_payloads: dict[int, dict[str, torch.Tensor]] = {k: {} for k in received_rounds}
+    if (folder / "received.safetensors").is_file():
+        for flat_key, tensor in load_file(str(folder / "received.safetensors")).items():
+            client, key = flat_key.split("/", 1)
+            received_payloads.setdefault(int(client), {})[key] = tensor
     return RunState(
         next_round=int(meta["next_round"]),
         client_states=client_states,
         history=meta["history"],
         per_client=meta["per_client"],
         wall_seconds=float(meta["wall_seconds"]),
+        received_payloads=received_payloads,
+        received_rounds=received_rounds,
     )

@@ -6,6 +6,7 @@ names and formats are :class:`fedtreelora.runfolder.RunFolder`'s.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +52,21 @@ class RunRecorder:
         if self.folder is not None:
             self.folder.append_metrics(records)
 
-    def write_client_states(self, states: list[dict[str, torch.Tensor]], meta: dict[str, Any]) -> None:
+    def write_client_states(
+        self,
+        states: list[dict[str, torch.Tensor]],
+        meta: dict[str, Any],
+        received: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
+    ) -> None:
         """Every client's final adapter state, plus what is needed to rebuild the model around them
-        (backbone, targets, rank, experts, mixer)."""
+        (backbone, targets, rank, experts, and the phase each model was scored in).
+
+        Args:
+            states: per client, its state after its last local training (empty: held elsewhere).
+            meta: the model description (:attr:`~fedtreelora.runfolder.RunFolder.client_meta`).
+            received: client -> its final received model (the state with the server's payload in
+                place of the shared part), for the clients that have one.
+        """
         if self.folder is None:
             return
         self.folder.clients_dir.mkdir(exist_ok=True)
@@ -61,6 +74,12 @@ class RunRecorder:
             if not state:
                 continue  # held elsewhere (a Flower node that kept its personal state)
             self.folder.write_client_state(k, state)
+        for k, model in sorted((received or {}).items()):
+            self.folder.write_client_state(k, model, "received")
+        written = {self.folder.client_state_file(k, "received") for k in received or {}}
+        for path in self.folder.client_state_files("received"):
+            if path not in written:  # an earlier run's, in a reused folder
+                path.unlink()
         self.folder.write_client_meta(meta)
 
     def write_summary(self, summary: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ import torch
 from rich.console import Console
 from rich.text import Text
 
+from fedtreelora.adapters import PhaseSpec
 from fedtreelora.config import ExperimentConfig
 from fedtreelora.core.findings import run_finding, summary_label_prior
 from fedtreelora.core.structure import ari_by_layer, planted_levels
@@ -67,6 +68,19 @@ def planted_structure(config: ExperimentConfig, sharing_labels: np.ndarray | Non
     levels = planted_levels(planted)
     ari = None if sharing_labels is None else ari_by_layer(sharing_labels, levels).tolist()
     return {"planted_groups": planted, "planted_levels": levels, "ari": ari}
+
+
+def phase_record(phase: PhaseSpec) -> dict[str, Any]:
+    """How a phase mixes a client's experts, as the clients' model description records it (what an
+    export needs)."""
+    return {
+        "name": phase.name,
+        "mixer": phase.mixer,
+        "experts": list(phase.expert_names),
+        "fixed_weights": phase.fixed_weights,
+        "single_layers": sorted(phase.single_layers),
+        "residual": [e.name for e in phase.experts if e.residual],
+    }
 
 
 def _personal(fed: FederationView) -> bool:
@@ -164,7 +178,7 @@ class SimulationEngine:
             scalars.close()
         self.finish(runner, run)
         summary = self._summary(fed, run, run.wall_seconds + time.perf_counter() - start)
-        self.recorder.write_client_states(run.client_states, self._model_meta(fed))
+        self.recorder.write_client_states(run.client_states, self._model_meta(fed, run), run.received_states())
         self.recorder.write_summary(summary)
         if self.recorder.out_dir is not None and self.report:
             from fedtreelora.report import write_report  # matplotlib only when a report is written
@@ -288,11 +302,21 @@ class SimulationEngine:
         """After round ``rnd``'s aggregation, the scores of what each of ``clients`` receives: its kept
         state plus the server's payload for round ``rnd + 1``, in that round's phase (after the last
         round: the final aggregation). Scored with round ``rnd``'s client seeds, so where nothing is
-        received (warm-up, local training) the score equals the trained one exactly."""
+        received (warm-up, local training) the score equals the trained one exactly.
+
+        Each scored client's payload and round go into ``run`` (its received model, saved at the end);
+        a client whose score did not come back keeps none, since its state has changed since."""
         strategy = fed.strategy
         phase = strategy.phase(rnd + 1)
         payloads = {k: strategy.payload(rnd + 1, k) for k in clients}
-        return runner.evaluate_received(rnd, phase, payloads, run.client_states)
+        scores = runner.evaluate_received(rnd, phase, payloads, run.client_states)
+        for k in clients:
+            if k in scores:
+                run.received_payloads[k], run.received_rounds[k] = payloads[k], rnd + 1
+            else:
+                run.received_payloads.pop(k, None)
+                run.received_rounds.pop(k, None)
+        return scores
 
     def finish(self, runner: ClientRunner, run: RunState) -> None:
         """Called after the last round, before states and summary are written: the final states of
@@ -305,9 +329,21 @@ class SimulationEngine:
         return upload
 
     @staticmethod
-    def _model_meta(fed: FederationView) -> dict[str, Any]:
+    def _model_meta(fed: FederationView, run: RunState) -> dict[str, Any]:
+        """The clients' model description (:attr:`~fedtreelora.runfolder.RunFolder.client_meta`): what
+        rebuilds the model around the saved states, with the phase each model was scored in:
+        ``final_phase`` for the trained states (the last round's; a client whose last round was a
+        warm-up round was trained in that), ``received_phase`` for the received ones (the phase after
+        the last round, the final aggregation's) and ``received_phase_of_client`` for a client whose
+        received model was scored in another phase (it sat out the last rounds)."""
         cfg = fed.config
-        last_phase = fed.strategy.phase(cfg.federation.rounds - 1)
+        rounds = cfg.federation.rounds
+        received_phase = phase_record(fed.strategy.phase(rounds))
+        other_phases = {
+            str(k): record
+            for k, rnd in sorted(run.received_rounds.items())
+            if rnd != rounds and (record := phase_record(fed.strategy.phase(rnd))) != received_phase
+        }
         return {
             "method": cfg.method,
             "model": cfg.model.model_dump(mode="json"),
@@ -316,14 +352,9 @@ class SimulationEngine:
             "label_names": fed.label_names,
             "seed": cfg.seed,
             "experts": list(fed.bank.expert_names),
-            "final_phase": {
-                "name": last_phase.name,
-                "mixer": last_phase.mixer,
-                "experts": list(last_phase.expert_names),
-                "fixed_weights": last_phase.fixed_weights,
-                "single_layers": sorted(last_phase.single_layers),
-                "residual": [e.name for e in last_phase.experts if e.residual],
-            },
+            "final_phase": phase_record(fed.strategy.phase(rounds - 1)),
+            "received_phase": received_phase,
+            **({"received_phase_of_client": other_phases} if other_phases else {}),
             "head_modules": fed.classifier.head_modules,
             "sites": [
                 {"name": s.name, "layer": s.layer, "module": s.module, "d_in": s.d_in, "d_out": s.d_out}
