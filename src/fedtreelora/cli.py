@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from fedtreelora.config import load_config, load_run_config
 from fedtreelora.errors import ConfigError
-from fedtreelora.runfolder import RunFolder
+from fedtreelora.runfolder import CLIENT_MODELS, ClientModel, RunFolder
 
 DEFAULT_OUT = "runs/default"
 
@@ -97,15 +97,17 @@ def _export(args: argparse.Namespace) -> int:
 
     # ExportError (a run that cannot be exported as asked) is a ConfigError: one line, exit 2.
     if args.trunk:
-        if args.client is not None:
-            raise ConfigError("--trunk exports the trunk shared by all clients; drop --client")
+        if args.client is not None or args.model is not None:
+            raise ConfigError("--trunk exports the trunk shared by all clients; drop --client and --model")
         out = export_trunk(args.run_dir, args.out)
         print(f"wrote the shared trunk of {args.run_dir} as a PEFT LoRA adapter to {out}")
         return 0
     if args.client is None:
         raise ConfigError("name the client to export with --client K (or export the shared trunk with --trunk)")
-    out = export_client(args.run_dir, args.client, args.out)
-    print(f"wrote client {args.client} of {args.run_dir} as a PEFT LoRA adapter to {out}")
+    model: ClientModel = args.model or "received"
+    out = export_client(args.run_dir, args.client, args.out, model=model)
+    what = "received model" if model == "received" else "model after local training"
+    print(f"wrote client {args.client}'s {what} of {args.run_dir} as a PEFT LoRA adapter to {out}")
     return 0
 
 
@@ -290,6 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", metavar="RUN_DIR", help="the run's output folder")
     export.add_argument("--client", type=int, metavar="K", help="client to export (from 0)")
     export.add_argument("--out", required=True, metavar="ADAPTER_DIR", help="folder for the PEFT adapter")
+    export.add_argument(
+        "--model",
+        choices=CLIENT_MODELS,
+        help="which of the client's models: received (default; its kept state plus the server's last payload, "
+        "scored as received_accuracy) or trained (after its last local training, scored as accuracy)",
+    )
     export.add_argument("--trunk", action="store_true", help="export the trunk shared by all clients instead")
     export.set_defaults(func=_export)
 

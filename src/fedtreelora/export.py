@@ -2,7 +2,10 @@
 
 Each client's final experts are merged per site into one LoRA (the math is
 :mod:`fedtreelora.adapters.export`'s); a run whose mixer weighs its experts per token or per example
-cannot be exported and raises :class:`ExportError` naming the mixer.
+cannot be exported and raises :class:`ExportError` naming the mixer. A client has two final models,
+each the one an evaluation convention scores (``federation.evaluate``): the ``received`` model (the
+default; its kept state with the server's last payload in place of the shared part, the run's
+``received_accuracy``) and the ``trained`` one (its state after its last local training, ``accuracy``).
 
 The classification head goes into the adapter through ``modules_to_save``: the shared frozen random
 head (rebuilt from the run's seed by :func:`fedtreelora.models.load_classifier`) or the client's own
@@ -33,7 +36,7 @@ from peft import LoraConfig, get_peft_model
 
 from fedtreelora.adapters.export import ExportError, averaged_factors, expert_weights, merged_factors
 from fedtreelora.adapters.layer import MIXERS
-from fedtreelora.runfolder import RunFolder
+from fedtreelora.runfolder import CLIENT_MODELS, ClientModel, RunFolder
 from fedtreelora.strategies import STRATEGIES, get_strategy
 
 __all__ = [
@@ -67,38 +70,73 @@ def read_meta(run_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_client_state(run_dir: str | Path, client: int) -> dict[str, torch.Tensor]:
-    """Client ``client``'s final adapter state (keys as in :class:`fedtreelora.adapters.AdapterBank`);
-    ExportError when the run has no such client."""
+def _no_received_models(run: RunFolder) -> ExportError:
+    """The error for a run folder written before received models were kept."""
+    return ExportError(
+        f"{str(run.root)!r} holds no received models ({str(run.received_dir)!r} and the received phase in "
+        f"{str(run.client_meta)!r} are missing: the run was written before they were kept). Export the model "
+        "after local training with --model trained (model='trained'), or run the experiment again to keep both"
+    )
+
+
+def load_client_state(run_dir: str | Path, client: int, model: ClientModel) -> dict[str, torch.Tensor]:
+    """Client ``client``'s final adapter state, received or trained (keys as in
+    :class:`fedtreelora.adapters.AdapterBank`).
+
+    Raises:
+        ExportError when the run has no such client, or kept no received model for it (a run folder
+        written before received models were kept, or a client never scored on one).
+    """
     run = RunFolder(Path(run_dir))
-    if not run.client_state_file(client).is_file():
-        found = run.client_state_files()
+    if run.client_state_file(client, model).is_file():
+        return run.client_state(client, model)
+    if not run.client_state_file(client, "trained").is_file():
+        found = run.client_state_files("trained")
         raise ExportError(f"the run holds no client {client} (it saved {len(found)} clients, numbered from 0)")
-    return run.client_state(client)
+    if not run.received_dir.is_dir():
+        raise _no_received_models(run)
+    raise ExportError(
+        f"the run kept no received model of client {client}: the server's answer to its last update was never "
+        "scored (a client that never took part, or whose evaluation did not come back). Export the model after "
+        "local training with --model trained (model='trained')"
+    )
 
 
-def client_phase(run_dir: str | Path, meta: Mapping[str, Any], client: int) -> dict[str, Any]:
-    """How client ``client``'s saved experts mix in the model it was last evaluated as.
+def client_phase(
+    run_dir: str | Path, meta: Mapping[str, Any], client: int, model: ClientModel = "received"
+) -> dict[str, Any]:
+    """How client ``client``'s saved experts mix in the model that was scored.
 
-    Starts from the run's final phase (``meta["final_phase"]``) and corrects it where that is not what
-    the client was evaluated with:
+    ``received``: the phase its received model was scored in (``meta["received_phase_of_client"]``
+    for a client that sat out the last rounds, else ``meta["received_phase"]``, the phase after the
+    last round). ``trained``: the run's final phase (``meta["final_phase"]``), and where a client's last
+    round was a warm-up round (it missed every later round), the warm-up phase: warm-up phases train
+    and evaluate expert 0 alone, so ``mixer`` becomes ``single``.
 
-    - a method that evaluates with its own mixer (FedDPA with ``inference: instance`` weighs its
-      adapters per example): ``mixer`` becomes that mixer (``meta["final_phase"]["inference_mixer"]``
-      when the run recorded it, else the method's ``inference`` option in the run's config);
-    - a client whose last round was a warm-up round (it missed every later round): warm-up phases
-      train and evaluate expert 0 alone, so ``mixer`` becomes ``single``.
+    Either way, a method that evaluates with its own mixer (FedDPA with ``inference: instance`` weighs
+    its adapters per example) has ``mixer`` set to that mixer (``inference_mixer`` in the phase when
+    the run recorded it, else the method's ``inference`` option in the run's config).
 
     Returns:
         a dict with ``name``, ``mixer``, ``experts``, ``fixed_weights`` and ``residual`` (experts at
         weight 1 outside the mixer; absent in runs that had none).
+    Raises:
+        ExportError for ``received`` when the run recorded no received phase (written before
+        received models were kept).
     """
     run = RunFolder(Path(run_dir))
-    phase = dict(meta["final_phase"])
     method = str(meta.get("method"))
+    if model == "received":
+        if "received_phase" not in meta:
+            raise _no_received_models(run)
+        phase = dict((meta.get("received_phase_of_client") or {}).get(str(client)) or meta["received_phase"])
+    else:
+        phase = dict(meta["final_phase"])
     inference = phase.get("inference_mixer") or (run.read_config_dict().get(method) or {}).get("inference")
     if inference in MIXERS and inference != phase["mixer"]:
         phase["mixer"] = inference
+    if model == "received":
+        return phase
     rows = [r for r in run.read_metrics() if int(r["client"]) == client]
     if rows and phase.get("name") != "warmup":
         last = max(rows, key=lambda r: int(r["round"]))
@@ -204,28 +242,37 @@ def _load_info(meta: Mapping[str, Any], run_dir: Path, rank: int) -> dict[str, A
     }
 
 
-def export_client(run_dir: str | Path, client: int, out_dir: str | Path) -> Path:
+def export_client(run_dir: str | Path, client: int, out_dir: str | Path, *, model: ClientModel = "received") -> Path:
     """Write client ``client``'s personalized model as a PEFT LoRA adapter in ``out_dir``.
 
-    The client's final experts are merged per site into one LoRA of rank E * r (E experts of the
-    final phase: 2r for FedTreeLoRA, r for single-expert methods), see the module docstring; the head
-    (shared or the client's own) is saved through ``modules_to_save``.
+    ``model`` picks which of the client's final models, each the one a convention scores:
+    ``received`` (the default, ``federation.evaluate: received``, the run's ``received_accuracy``) is
+    the client's kept state with the shared part replaced by the server's last payload (for FedIT the
+    global adapter); ``trained`` (``accuracy``) is its state after its last local training. Each is
+    exported in the phase it was scored in.
+
+    The client's experts are merged per site into one LoRA of rank E * r (E experts of that phase: 2r
+    for FedTreeLoRA, r for single-expert methods), see the module docstring; the head (shared or the
+    client's own) is saved through ``modules_to_save``.
 
     Args:
         run_dir: a finished run folder (with its clients' saved states).
         client: client index, from 0.
         out_dir: adapter folder to write (created).
+        model: ``received`` or ``trained``.
     Returns:
         ``out_dir``.
     Raises:
-        ExportError when the run's mixer is not a constant mix (``router``, ``instance``) or the client
-        does not exist.
+        ExportError when the run's mixer is not a constant mix (``router``, ``instance``), the client
+        does not exist, or (``received``) the run folder kept no received model for it.
     """
+    if model not in CLIENT_MODELS:
+        raise ExportError(f"unknown model {model!r}; one of {', '.join(CLIENT_MODELS)}")
     run = Path(run_dir)
     meta = read_meta(run)
-    state = load_client_state(run, client)
+    state = load_client_state(run, client, model)
+    phase = client_phase(run, meta, client, model)
     method = str(meta.get("method"))
-    phase = client_phase(run, meta, client)
     sites = [s["name"] for s in meta["sites"]]
     factors = {site: merged_factors(phase, state, site, method) for site in sites}
     rank = int(next(iter(factors.values()))[0].shape[0])
@@ -237,6 +284,8 @@ def export_client(run_dir: str | Path, client: int, out_dir: str | Path) -> Path
         {
             "kind": "client",
             "client": client,
+            "model": model,
+            "phase": phase.get("name"),
             "mixer": mixer,
             "experts": list(phase["experts"])[: rank // int(meta["model"]["rank"])],
             "head": "client's own head" if head_state else "shared random head (run seed)",
@@ -325,9 +374,9 @@ def export_trunk(run_dir: str | Path, out_dir: str | Path, *, expert: str | None
         raise ExportError(
             "no layer is shared by all clients (every layer has two or more clusters), so there is no trunk"
         )
-    num_clients = len(folder.client_state_files())
+    num_clients = len(folder.client_state_files("trained"))
     clients = last_round_clients(run, num_clients)
-    states = [load_client_state(run, k) for k in clients]
+    states = [load_client_state(run, k, "trained") for k in clients]
     weights = np.ones(len(states))
     if (folder.read_config_dict().get(method) or {}).get("weighting") == "examples":
         partition = folder.read_partition()
