@@ -198,8 +198,9 @@ class FedTreeLoRAOptions(StrategyOptions):
     relabelling test admits it (its silhouette, measured on the cut of a tree built without the layer,
     beats the ``auto_level`` quantile of its own null, at the layer and at every deeper layer); else the
     layer keeps the previous layer's count (the first layer: 1). A federation without groups, even one
-    whose clients differ in every layer, then stays shared everywhere with probability about
-    ``auto_level`` or more (core/tau_auto.py). Deterministic (``auto_seed``)."""
+    whose clients differ in every layer by an offset or a moderate B scale, then stays shared everywhere
+    with probability about ``auto_level`` or more; a long tail of client scales (lognormal sigma 0.5)
+    splits about a third of the time (core/tau_auto.py). Deterministic (``auto_seed``)."""
     auto_level: float = Field(DEFAULT_LEVEL, gt=0.0, lt=1.0)
     """With ``tau: auto``: the test's level, the chance that a federation without structure keeps every
     layer shared (each candidate must beat this quantile of its own null)."""
