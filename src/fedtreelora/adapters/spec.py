@@ -2,47 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 from fedtreelora.adapters.layer import MIXERS, MixerKind
-
-if TYPE_CHECKING:  # annotations only: the hook is called by the training code with its data and settings
-    import torch
-    from transformers import PreTrainedTokenizerBase
-
-    from fedtreelora.adapters.inject import AdapterBank
-    from fedtreelora.train.batches import EncodedExamples
-    from fedtreelora.train.generation import EncodedInstructions
-    from fedtreelora.train.settings import LocalTraining
-
-
-class ClientEvaluator(Protocol):
-    """A strategy's own evaluation of one client (see :attr:`PhaseSpec.evaluate`), e.g. FedDPA's
-    instance-wise weighting (:class:`fedtreelora.train.instance_weighting.InstanceWeighting`)."""
-
-    def __call__(
-        self,
-        bank: AdapterBank,
-        tokenizer: PreTrainedTokenizerBase,
-        *,
-        train_data: EncodedExamples | EncodedInstructions,
-        val_data: EncodedExamples | EncodedInstructions,
-        settings: LocalTraining,
-        device: torch.device,
-        seed: int,
-    ) -> dict[str, Any]:
-        """Score the client in slot 0 of ``bank`` (configured for the phase) on ``val_data``.
-
-        Args:
-            train_data: the client's training split (the hook may read it, e.g. as references).
-            settings: the client's settings: ``eval_batch_size``, and ``generation`` for instruction data.
-            seed: fixes any randomness of the evaluation (sampled answers, reference draws).
-        Returns:
-            at least ``eval_loss`` and the task's metric (``accuracy``, or ``rouge1`` for generation).
-            The bank must be left configured as it was found.
-        """
-        ...
 
 
 @dataclass(frozen=True)
@@ -81,8 +45,9 @@ class PhaseSpec:
             says, with no mixer parameter trained there (FedTreeLoRA's layers where a client's cluster
             is everyone: no external expert, so lambda would only scale the shared adapter).
         evaluate: None to evaluate the client with the training configuration; else a
-            :class:`ClientEvaluator` that evaluates it its own way (e.g. FedDPA's instance-wise
-            weighting), called with the client in slot 0. Not part of equality.
+            :class:`fedtreelora.train.ClientEvaluator` that evaluates it its own way (e.g. FedDPA's
+            instance-wise weighting), called by the training code with the client in slot 0 (its
+            signature, which names the training types, lives there). Not part of equality.
     """
 
     experts: tuple[ExpertSpec, ...]
@@ -91,7 +56,7 @@ class PhaseSpec:
     fixed_weights: tuple[float, ...] | None = None
     name: str = "federated"
     single_layers: frozenset[int] = frozenset()
-    evaluate: ClientEvaluator | None = field(default=None, compare=False)
+    evaluate: Callable[..., dict[str, Any]] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not self.experts:

@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedtreelora.adapters import AdapterBank, PhaseSpec
 from fedtreelora.train.batches import EncodedExamples
+from fedtreelora.train.evaluator import ClientEvaluator
 from fedtreelora.train.generation import EncodedInstructions, response_losses
 from fedtreelora.train.local import make_optimizer, train_slots
 from fedtreelora.train.metrics import evaluate_client
@@ -81,8 +82,9 @@ def _run_client_round(
         bank, tokenizer, phase=phase, inputs=[{**state, **payload}], train_data=[train_data], settings=settings,
         seeds=[seed], device=device, slot_losses=_one_client_loss,
     ).T  # fmt: skip
-    if phase.evaluate is not None:  # the strategy evaluates its own way (e.g. FedDPA's instance-wise mixing)
-        evaluation = phase.evaluate(
+    own: ClientEvaluator | None = phase.evaluate
+    if own is not None:  # the strategy evaluates its own way (e.g. FedDPA's instance-wise mixing)
+        evaluation = own(
             bank, tokenizer, train_data=train_data, val_data=val_data, settings=settings, device=device, seed=seed
         )
     else:

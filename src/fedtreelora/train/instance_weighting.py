@@ -27,7 +27,7 @@ from fedtreelora.train.settings import LocalTraining
 @dataclass(frozen=True)
 class InstanceWeighting:
     """FedDPA's instance-wise dynamic weighting, as a :attr:`PhaseSpec.evaluate` hook
-    (a :class:`~fedtreelora.adapters.spec.ClientEvaluator`).
+    (a :class:`~fedtreelora.train.evaluator.ClientEvaluator`).
 
     For a test instance x with representation e(x) (the last hidden layer of the backbone with the
     local adapter alone, pooled over tokens), the local adapter's weight is

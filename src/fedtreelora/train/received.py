@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedtreelora.adapters import AdapterBank, PhaseSpec
 from fedtreelora.train.batches import EncodedExamples
+from fedtreelora.train.evaluator import ClientEvaluator
 from fedtreelora.train.generation import EncodedInstructions
 from fedtreelora.train.metrics import evaluate_client
 from fedtreelora.train.precision import precision_context
@@ -53,8 +54,9 @@ def evaluate_received(
     with precision_context(device, settings.precision):
         bank.write_slot(0, {**state, **payload})
         bank.configure(phase, active_slots=1)
-        if phase.evaluate is not None:
-            return phase.evaluate(
+        own: ClientEvaluator | None = phase.evaluate
+        if own is not None:
+            return own(
                 bank, tokenizer, train_data=train_data, val_data=val_data, settings=settings, device=device, seed=seed
             )
         if settings.generation is not None and settings.generation.do_sample:
