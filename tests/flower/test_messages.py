@@ -190,3 +190,41 @@ def test_generation_sites_read_their_own_files_and_match_in_process(tmp_path):
             assert b[key][field] == pytest.approx(a[key][field], abs=1e-5), (key, field)
     info = [m.content["info"] for m in grid.received if "info" in m.content and "num-train" in m.content["info"]]
     assert [list(i["task-categories"]) for i in info] == [["Text Edit"], ["Sentiment"]]
+
+
+def test_a_nodes_upload_transforms_shape_what_crosses_the_wire(tmp_path):
+    """The ClientApp cuts its upload through its federation's upload chain, as the in-process engine does:
+    a transform that zeroes one tensor on every node zeroes it in every upload the server receives."""
+    from fedtreelora.engines.flower.node import node_client
+    from fedtreelora.train import UploadContext
+
+    config = small_experiment("fedit", rounds=2)
+    settings = FlowerRunSettings.for_experiment(config)
+    grid = LoopbackGrid(settings, num_nodes=3)
+    node_experiment = FlowerRunSettings.from_run_config(settings.to_run_config()).experiment
+    feds = [node_client(node_experiment, context.node_config).fed for context in grid.contexts.values()]
+    zeroed = next(k for k in feds[0].strategy.upload_keys(0, 0) if k.endswith(".lora_B"))
+    seen: list[tuple[int | None, int | None]] = []
+
+    def zero(upload, context: UploadContext):  # type: ignore[no-untyped-def]
+        seen.append((context.round, context.client))
+        return {k: v.new_zeros(v.shape) if k == zeroed else v for k, v in upload.items()}
+
+    received: dict[tuple[int, int], dict] = {}
+
+    class Recording(FlowerEngine):
+        def tamper(self, rnd, client, upload):  # type: ignore[no-untyped-def]
+            received[(rnd, client)] = upload
+            return upload
+
+    for fed in feds:  # one federation per process, cached: put the chain back afterwards
+        fed.upload_transforms = (zero,)
+    try:
+        Recording(config, grid, tmp_path / "run", quiet=True, report=False).run()
+    finally:
+        for fed in feds:
+            fed.upload_transforms = ()
+    assert sorted(seen) == sorted(received) == [(r, k) for r in range(2) for k in range(3)]
+    for key, upload in received.items():
+        assert not upload[zeroed].any(), key
+        assert all(v.abs().max() > 0 for k, v in upload.items() if k != zeroed), key

@@ -100,7 +100,8 @@ class InProcessRunner:
                     run_client_round(
                         fed.bank, fed.classifier.tokenizer, state=states[k], payload=payloads[k],
                         upload_keys=upload_keys[k], train_data=fed.train_data[k], val_data=fed.val_data[k],
-                        seed=seeds[0], phase=phase, settings=fed.settings, device=fed.device,
+                        seed=seeds[0], phase=phase, settings=fed.settings, device=fed.device, client=k, rnd=rnd,
+                        upload_transforms=fed.upload_transforms,
                     )
                 ]  # fmt: skip
             else:
@@ -108,7 +109,8 @@ class InProcessRunner:
                     fed.bank, fed.classifier.tokenizer, states=[states[k] for k in group],
                     payloads=[payloads[k] for k in group], upload_keys=[upload_keys[k] for k in group],
                     train_data=[fed.train_data[k] for k in group], val_data=[fed.val_data[k] for k in group],
-                    seeds=seeds, phase=phase, settings=fed.settings, device=fed.device,
+                    seeds=seeds, phase=phase, settings=fed.settings, device=fed.device, clients=group, rnd=rnd,
+                    upload_transforms=fed.upload_transforms,
                 )  # fmt: skip
             for k, result in zip(group, out, strict=True):
                 results[k] = result

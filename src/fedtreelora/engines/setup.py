@@ -37,6 +37,7 @@ from fedtreelora.strategies import FederationContext, Strategy, get_strategy
 from fedtreelora.train import EncodedExamples, LocalTraining, encode, local_training
 from fedtreelora.train.generation import EncodedInstructions, encode_instructions
 from fedtreelora.train.metrics import PRIMARY_METRIC
+from fedtreelora.train.upload import UploadTransform
 
 
 def resolve_device(name: str) -> torch.device:
@@ -187,6 +188,11 @@ class Federation(RunTask):
     initial_state: dict[str, torch.Tensor]
     settings: LocalTraining
     device: torch.device
+    upload_transforms: tuple[UploadTransform, ...] = ()
+    """The run's upload chain, applied in order to every client's upload wherever it trains (one client
+    per pass, several, a Flower node; :func:`fedtreelora.train.client_upload`). Empty: the upload is the
+    strategy's keys of the trained state, unchanged. No configuration key sets it yet; code that needs
+    one (a test, a privacy mechanism) builds the federation and replaces this field."""
 
     def client_categories(self) -> list[str] | None:
         """Each client's category (generation: its task's category, e.g. ``Sentiment``); None for

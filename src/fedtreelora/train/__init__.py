@@ -5,6 +5,7 @@ from fedtreelora.train.client import ClientResult, run_client_round
 from fedtreelora.train.evaluator import ClientEvaluator
 from fedtreelora.train.metrics import evaluate_classifier
 from fedtreelora.train.settings import GenerationSettings, LocalTraining, local_training
+from fedtreelora.train.upload import UploadContext, UploadTransform, client_upload
 from fedtreelora.train.vectorized import run_clients_round
 
 __all__ = [
@@ -13,6 +14,9 @@ __all__ = [
     "EncodedExamples",
     "GenerationSettings",
     "LocalTraining",
+    "UploadContext",
+    "UploadTransform",
+    "client_upload",
     "encode",
     "evaluate_classifier",
     "local_training",

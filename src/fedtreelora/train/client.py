@@ -1,4 +1,5 @@
-"""One client's round: load its adapters, train locally, evaluate, and pick what it uploads.
+"""One client's round: load its adapters, train locally, evaluate, and cut what it uploads
+(:func:`~fedtreelora.train.upload.client_upload`).
 
 The same function serves the in-process engine and a Flower ClientApp.
 """
@@ -22,6 +23,7 @@ from fedtreelora.train.local import make_optimizer, train_slots
 from fedtreelora.train.metrics import evaluate_client
 from fedtreelora.train.precision import precision_context
 from fedtreelora.train.settings import LocalTraining
+from fedtreelora.train.upload import UploadTransform, client_upload
 
 __all__ = ["ClientResult", "batch_loss", "make_optimizer", "run_client_round"]
 
@@ -34,7 +36,8 @@ class ClientResult:
 
     Attributes:
         state: the client's whole adapter state after training (kept by the client).
-        upload: the part of ``state`` it sends to the server.
+        upload: what it sends to the server: the part of ``state`` the strategy asks for, through the
+            run's upload transforms (:func:`~fedtreelora.train.upload.client_upload`).
         metrics: train_loss, steps, the evaluation's scores (accuracy, or rouge1/rougeL/exact_match),
             eval_loss, num_train, num_val.
     """
@@ -72,14 +75,20 @@ def _run_client_round(
     settings: LocalTraining,
     seed: int,
     device: torch.device,
+    client: int | None = None,
+    rnd: int | None = None,
+    upload_transforms: Sequence[UploadTransform] = (),
 ) -> ClientResult:
     """Train one client for one round in slot 0 of ``bank`` and evaluate it on its validation split.
 
     ``seed`` fixes batch order and dropout, so a client's round does not depend on which clients
-    ran before it (in-process or on Flower).
+    ran before it (in-process or on Flower). The upload is ``upload_keys`` of the trained state passed
+    through ``upload_transforms``, which see ``client``, ``rnd``, ``seed`` and the received start
+    ``{**state, **payload}`` (:func:`~fedtreelora.train.upload.client_upload`).
     """
+    start = {**state, **payload}
     (losses,) = train_slots(
-        bank, tokenizer, phase=phase, inputs=[{**state, **payload}], train_data=[train_data], settings=settings,
+        bank, tokenizer, phase=phase, inputs=[start], train_data=[train_data], settings=settings,
         seeds=[seed], device=device, slot_losses=_one_client_loss,
     ).T  # fmt: skip
     own: ClientEvaluator | None = phase.evaluate
@@ -92,7 +101,7 @@ def _run_client_round(
             torch.manual_seed(seed)  # sampled answers depend on the client's round seed only
         evaluation = evaluate_client(bank.model, tokenizer, val_data, settings, device)
     new_state = bank.read_slot(0)
-    upload = {k: new_state[k] for k in upload_keys}
+    upload = client_upload(new_state, start, upload_keys, upload_transforms, client=client, rnd=rnd, seed=seed)
     metrics = {
         # The mean in float64 (a pass of several clients averages in float32, as each always has).
         "train_loss": float(np.mean(losses.astype(np.float64))) if len(losses) else float("nan"),

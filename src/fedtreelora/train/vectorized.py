@@ -25,6 +25,7 @@ from fedtreelora.train.generation import EncodedInstructions, evaluate_generatio
 from fedtreelora.train.local import train_slots
 from fedtreelora.train.precision import precision_context
 from fedtreelora.train.settings import LocalTraining
+from fedtreelora.train.upload import UploadTransform, client_upload
 
 
 def _per_client_loss(model: nn.Module, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
@@ -93,18 +94,25 @@ def _run_clients_round(
     settings: LocalTraining,
     seeds: Sequence[int],
     device: torch.device,
+    clients: Sequence[int | None] | None = None,
+    rnd: int | None = None,
+    upload_transforms: Sequence[UploadTransform] = (),
 ) -> list[ClientResult]:
     """Train ``len(states)`` clients for one round in slots 0..k-1 at once, then evaluate each.
 
     Every client must hold as many training examples as the others (so their step counts and
     batch sizes agree) and as many validation examples. Each client's batch order comes from its
-    own seed, exactly as in :func:`run_client_round`.
+    own seed, and its upload is cut as one client alone cuts it (``clients[j]`` its id, for the
+    upload transforms), exactly as in :func:`run_client_round`.
     """
     k = len(states)
     if k > bank.num_slots:
         raise ValueError(f"{k} clients do not fit {bank.num_slots} adapter slots")
     if len({len(d) for d in train_data}) != 1 or len({len(d) for d in val_data}) != 1:
         raise ValueError("clients trained together need equal numbers of training and of validation examples")
+    ids: Sequence[int | None] = [None] * k if clients is None else clients
+    if len(ids) != k:
+        raise ValueError(f"{len(ids)} client ids for {k} clients")
     inputs = [{**state, **payload} for state, payload in zip(states, payloads, strict=True)]
     # Slot j's rows draw their dropout masks from seeds[j], as client j alone would (run_client_round).
     losses = train_slots(
@@ -125,7 +133,10 @@ def _run_clients_round(
             "num_train": len(train_data[j]),
             "num_val": len(val_data[j]),
         }
-        results.append(ClientResult(state=state, upload={key: state[key] for key in upload_keys[j]}, metrics=metrics))
+        upload = client_upload(
+            state, inputs[j], upload_keys[j], upload_transforms, client=ids[j], rnd=rnd, seed=seeds[j]
+        )
+        results.append(ClientResult(state=state, upload=upload, metrics=metrics))
     bank.configure(phase, active_slots=1)
     return results
 

@@ -4,9 +4,9 @@ Messages it answers:
 
 * ``query`` with ``action = "info"``: the node's client id and example counts (no text, no labels);
 * ``train``: load the committed personal state, apply the server's payload, train, evaluate, and
-  reply with the upload and scalar metrics; the new state waits, pending, until the server says the
-  upload was accepted (a rejected or late upload leaves the client as it was, as in the in-process
-  engine);
+  reply with the upload (cut as in process, through the federation's upload transforms) and scalar
+  metrics; the new state waits, pending, until the server says the upload was accepted (a rejected or
+  late upload leaves the client as it was, as in the in-process engine);
 * ``evaluate``: after the server's step, settle the pending state, then score the committed state plus
   the server's payload in the next round's phase (the received model) and reply with the scores; the
   state does not change;
@@ -125,6 +125,9 @@ def train(msg: Message, context: Context) -> Message:
         phase=phase,
         settings=fed.settings,
         device=fed.device,
+        client=node.client,
+        rnd=rnd,
+        upload_transforms=fed.upload_transforms,
     )
     context.state[PENDING] = to_array_record(result.state)
     metrics = _numbers(result.metrics)
