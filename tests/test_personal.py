@@ -127,7 +127,7 @@ def test_personal_is_never_sent_nor_taken_and_trains_after_warmup() -> None:
             assert not any(".personal." in k for k in tree.payload(rnd + 1, c))
 
 
-def test_warmup_init_sends_each_client_its_own_adapter_once_and_survives_a_checkpoint() -> None:
+def test_warmup_init_sends_each_client_its_own_adapter_until_it_trains_and_survives_a_checkpoint() -> None:
     tree = strategy(personal=True, personal_init="warmup")
     state = tree.initial_state(torch.Generator().manual_seed(0))
     keys = list(tree.upload_keys(0, 0))
@@ -137,7 +137,17 @@ def test_warmup_init_sends_each_client_its_own_adapter_once_and_survives_a_check
         first = tree.payload(1, c)
         for k in keys:
             assert torch.equal(first[k.replace(".cluster.", ".personal.")], own[c][k]), "its own, not the mean"
-        assert not any(".personal." in k for k in tree.payload(2, c)), "sent once"
+    # Client 3 is not sampled in the first federated round: the others trained from their start, it has not.
+    tree.aggregate(1, {c: own[c] for c in range(N - 1)})
+    for c in range(N - 1):
+        assert not any(".personal." in k for k in tree.payload(2, c)), "sent until the client trained with it"
+    late = tree.payload(2, N - 1)
+    for k in keys:
+        assert torch.equal(late[k.replace(".cluster.", ".personal.")], own[N - 1][k]), "still on its way"
+    tree.aggregate(2, {N - 1: own[N - 1]})
+    assert not any(".personal." in k for k in tree.payload(3, N - 1)), "and no longer once it trained"
+    tree = strategy(personal=True, personal_init="warmup")
+    tree.aggregate(0, own)
     again = strategy(personal=True, personal_init="warmup")
     tensors, meta = tree.state_dict()
     again.load_state_dict(tensors, meta)

@@ -74,9 +74,9 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
     trained, kept, never averaged, acting at weight 1 on top of the mix (``lambda * cluster + (1 -
     lambda) * external + personal``; ``cluster + personal`` where a layer is shared by everyone). It
     starts at zero (``personal_init="zero"``: up and down links unchanged) or as the client's own
-    adapter at the end of warm-up (``"warmup"``: the client's last warm-up upload comes back once, in
-    the first federated payload; a client that did not upload in the last warm-up round, or misses the
-    first federated round, starts from zero).
+    adapter at the end of warm-up (``"warmup"``: the client's last warm-up upload comes back in its
+    payload until its first accepted federated update, usually the first federated round; a client
+    that did not upload in the last warm-up round starts from zero).
     """
 
     name = "fedtreelora"  # paper, table rank, options: its entry in strategies/registry.py (read without torch)
@@ -139,8 +139,8 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
         if self.is_warmup(rnd):
             return {}
         payload = dict(self._payloads.get(client, {}))
-        if rnd == self.options.warmup_rounds:  # the first federated round: the personal expert's start
-            payload.update(self._personal_start.get(client, {}))
+        # The personal expert's start rides along until the client has trained with it (aggregate drops it).
+        payload.update(self._personal_start.get(client, {}))
         return payload
 
     def upload_keys(self, rnd: int, client: int) -> Sequence[str]:
@@ -208,6 +208,9 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
                     c: {k.replace(".cluster.", ".personal."): v.clone() for k, v in up.items()}
                     for c, up in uploads.items()
                 }
+        else:  # federated rounds: these clients trained from their personal start, it is theirs now
+            for c in uploads:
+                self._personal_start.pop(c, None)
         clients = sorted(uploads)
         labels = self.plan.labels
         placed_now = [c for c in clients if labels[0, c] < 0]

@@ -246,8 +246,8 @@ class FedTreeLoRAOptions(StrategyOptions):
     personal_init: Literal["zero", "warmup"] = "zero"
     """With ``personal: true``: how the personal expert starts. ``zero``: a fresh LoRA (B = 0, adds nothing
     at first). ``warmup``: the client's own adapter at the end of warm-up (its last warm-up upload, sent
-    back once with the first federated payload), so the client starts from what local training gave it
-    and the tree's experts add to that."""
+    back with its payloads until it has trained with it, so also to a client first sampled later), so
+    the client starts from what local training gave it and the tree's experts add to that."""
 
     @field_validator("tau", mode="before")
     @classmethod
