@@ -1,10 +1,11 @@
-"""Step 4 of FedTreeLoRA: the layer-wise cut search that turns one tree into a trunk and branches."""
+"""Step 4 of FedTreeLoRA: the layer-wise cut search that turns one tree into a trunk and branches, and
+its ablations (a fixed count everywhere, a tree per layer): every way a plan is made."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from sklearn.metrics import silhouette_samples
@@ -15,6 +16,11 @@ from fedtreelora.core.tree import build_tree, cut_exact, relabel_by_first_appear
 
 AUTO = "auto"
 """The value of tau that replaces the fixed prior with a relabelling test (:mod:`fedtreelora.core.tau_auto`)."""
+
+CutMode = Literal["tree", "fixed", "independent"]
+CUT_MODES: tuple[CutMode, ...] = ("tree", "fixed", "independent")
+"""How :func:`plan_sharing` cuts the layers: one tree searched layer by layer (the method), the same
+fixed count everywhere, or each layer on its own tree."""
 
 
 @dataclass(frozen=True)
@@ -130,19 +136,30 @@ def plan_sharing(
     permutations: int = DEFAULT_PERMUTATIONS,
     seed: int = 0,
     max_clusters: int | None = None,
+    cut_mode: CutMode = "tree",
+    fixed_clusters: int | None = None,
 ) -> SharingPlan:
-    """Choose how many clusters every layer shares among, on one tree, shallow to deep.
+    """Choose how many clusters every layer shares among, shallow to deep: FedTreeLoRA's cut search and
+    its ablations (``cut_mode``), in one place.
 
-    The tree is average linkage on the layer-mean distance. Layer l tries
-    ``c_{l-1} <= c < min(N, c_{l-1} + window)`` (``c_0 = 1``) and keeps the best score:
-    ``tau`` for c = 1, else the mean silhouette of the exactly-c cut under ``distances[l]``.
-    Ties go to the smaller c (more sharing). With N <= 2 every layer stays at 1.
+    ``cut_mode="tree"`` (the method): one tree, average linkage on the layer-mean distance. Layer l
+    tries ``c_{l-1} <= c < min(N, c_{l-1} + window)`` (``c_0 = 1``) and keeps the best score: ``tau``
+    for c = 1, else the mean silhouette of the tree's exactly-c cut under ``distances[l]``. Ties go to
+    the smaller c (more sharing). With N <= 2 every layer stays at 1. Partitions nest from layer to layer.
+
+    ``cut_mode="independent"``: the same search, but each layer's exactly-c partition is the cut of its
+    own tree (``linkage_method`` on ``distances[l]``), so partitions need not nest; ``plan.tree`` is
+    still the layer-mean tree, for plotting.
+
+    ``cut_mode="fixed"``: every layer shares among the one tree's exactly-k cut, k =
+    ``min(fixed_clusters, N)``; nothing is searched (``scores`` empty).
 
     With ``tau="auto"`` no prior is needed: a candidate c > c_{l-1} competes only when a relabelling
     test admits it (its held-out silhouette beats the ``level`` quantile of its own null at this layer
-    and at every deeper layer; :mod:`fedtreelora.core.tau_auto`); c_{l-1} is always allowed and is kept
-    when nothing is admitted. A federation without structure then keeps every layer shared with
-    probability at least ``level``.
+    and at every deeper layer, relabelling within layer l-1's clusters; :mod:`fedtreelora.core.tau_auto`);
+    c_{l-1} is always allowed and is kept when nothing is admitted. A federation without structure then
+    keeps every layer shared with probability at least ``level``. The test never scores a layer's own
+    tree, which is built from the distances it would be tested on.
 
     Args:
         distances: (layers, clients, clients) from :func:`layer_distances`.
@@ -154,7 +171,9 @@ def plan_sharing(
         permutations: ``tau="auto"`` only: random relabellings per layer and previous partition.
         seed: ``tau="auto"`` only: seed of the relabellings (same input and seed, same plan).
         max_clusters: the largest count any layer may take (None: no cap); the search scores, and under
-            ``"auto"`` tests, only counts up to it.
+            ``"auto"`` tests, only counts up to it. Under ``"fixed"``, ``fixed_clusters`` may not exceed it.
+        cut_mode: ``"tree"``, ``"independent"`` or ``"fixed"`` (:data:`CUT_MODES`), as above.
+        fixed_clusters: ``cut_mode="fixed"`` only (required there): the count every layer takes, >= 1.
 
     Returns:
         a :class:`SharingPlan`.
@@ -163,9 +182,32 @@ def plan_sharing(
     require_distance_stack(d, "distances")
     window = require_positive_int(window, "window", 1)
     tau = check_tau(tau)
-    n_clients = d.shape[1]
+    if cut_mode not in CUT_MODES:
+        raise ValueError(f"cut_mode must be one of {CUT_MODES}, got {cut_mode!r}")
+    cap = None if max_clusters is None else require_positive_int(max_clusters, "max_clusters", 1)
+    n_layers, n_clients, _ = d.shape
     tree = build_tree(d.mean(axis=0), method=linkage_method)
+    if cut_mode == "fixed":
+        if fixed_clusters is None:
+            raise ValueError("cut_mode='fixed' needs fixed_clusters, the count every layer takes")
+        k = require_positive_int(fixed_clusters, "fixed_clusters", 1)
+        if cap is not None and k > cap:
+            raise ValueError(f"fixed_clusters ({k}) exceeds max_clusters ({cap})")
+        k = min(k, n_clients)
+        labels = np.tile(cut_exact(tree, n_clients, k), (n_layers, 1))
+        return SharingPlan(np.full(n_layers, k, dtype=np.int64), labels, tree, [], tau, window)
     test = RelabellingTest(d, level, permutations, seed, linkage_method) if tau == AUTO else None
+    partition = (
+        _one_tree_partitions(tree, n_clients)
+        if cut_mode == "tree"
+        else _per_layer_tree_partitions(d, n_clients, linkage_method)
+    )
+    return search_cuts(d, tree, partition, tau=tau, window=window, test=test, cap=cap)
+
+
+def _one_tree_partitions(tree: np.ndarray, n_clients: int) -> Callable[[int, int], np.ndarray]:
+    """``(layer, c) -> (clients,)``: the exactly-c cut of the one ``tree`` (clients - 1, 4), whatever
+    the layer (cached per c)."""
     partitions: dict[int, np.ndarray] = {1: np.zeros(n_clients, dtype=np.int64)}
 
     def partition(layer: int, c: int) -> np.ndarray:
@@ -173,8 +215,22 @@ def plan_sharing(
             partitions[c] = cut_exact(tree, n_clients, c)
         return partitions[c]
 
-    cap = None if max_clusters is None else require_positive_int(max_clusters, "max_clusters", 1)
-    return search_cuts(d, tree, partition, tau=tau, window=window, test=test, cap=cap)
+    return partition
+
+
+def _per_layer_tree_partitions(
+    distances: np.ndarray, n_clients: int, linkage_method: str
+) -> Callable[[int, int], np.ndarray]:
+    """``(layer, c) -> (clients,)``: the exactly-c cut of the layer's own tree, ``linkage_method`` on
+    ``distances[layer]`` (clients, clients) (each tree built on first use)."""
+    layer_trees: dict[int, np.ndarray] = {}
+
+    def partition(layer: int, c: int) -> np.ndarray:
+        if layer not in layer_trees:
+            layer_trees[layer] = build_tree(distances[layer], method=linkage_method)
+        return cut_exact(layer_trees[layer], n_clients, c)
+
+    return partition
 
 
 def search_cuts(

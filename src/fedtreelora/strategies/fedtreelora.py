@@ -10,17 +10,7 @@ import numpy as np
 import torch
 
 from fedtreelora.adapters import ExpertSpec, PhaseSpec
-from fedtreelora.core import (
-    RelabellingTest,
-    SharingPlan,
-    build_tree,
-    cut_exact,
-    group_means,
-    group_means_for,
-    layer_distances,
-    plan_sharing,
-)
-from fedtreelora.core.plan import AUTO, search_cuts
+from fedtreelora.core import SharingPlan, group_means, group_means_for, layer_distances, plan_sharing
 from fedtreelora.strategies.base import FederationContext, Tensors, as_payloads
 from fedtreelora.strategies.common import (
     ClusteredAfterWarmup,
@@ -153,48 +143,22 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
         return self.plan_from_distances(self.distances)
 
     def plan_from_distances(self, distances: np.ndarray) -> SharingPlan:
-        """The sharing plan for (layers, clients, clients) distances under ``cut_mode`` (and the
-        ``max_clusters`` cap of ``external="per_cluster"``)."""
+        """The sharing plan for (layers, clients, clients) distances under ``cut_mode`` and the
+        ``max_clusters`` cap of ``external="per_cluster"``
+        (:func:`~fedtreelora.core.plan.plan_sharing`)."""
         opts = self.options
-        cap = opts.max_clusters if opts.external == "per_cluster" else None
-        n_layers, n_clients, _ = distances.shape
-        if opts.cut_mode == "tree":
-            return plan_sharing(
-                distances,
-                opts.tau,
-                opts.window,
-                linkage_method=opts.linkage,
-                level=opts.auto_level,
-                permutations=opts.auto_permutations,
-                seed=opts.auto_seed,
-                max_clusters=cap,
-            )
-        tree = build_tree(distances.mean(axis=0), method=opts.linkage)
-        if opts.cut_mode == "fixed":
-            k = min(opts.fixed_clusters, n_clients)
-            labels = np.tile(cut_exact(tree, n_clients, k), (n_layers, 1))
-            return SharingPlan(np.full(n_layers, k, dtype=np.int64), labels, tree, [], opts.tau, opts.window)
-        return self._independent_plan(distances, tree, cap)
-
-    def _independent_plan(self, distances: np.ndarray, tree: np.ndarray, cap: int | None) -> SharingPlan:
-        """Each layer on its own tree: candidates ``c_{l-1} <= c < min(N, c_{l-1} + window)`` (and
-        ``<= cap``), score tau for c = 1 else the silhouette of the layer tree's exactly-c cut under
-        the layer's distances; ties keep the smaller c. With ``tau="auto"`` a count above c_{l-1}
-        competes only when the relabelling test admits it (relabelling within the previous layer's
-        clusters); c = 1 then has no score."""
-        opts = self.options
-        n_clients = distances.shape[1]
-        test = None
-        if opts.tau == AUTO:
-            test = RelabellingTest(distances, opts.auto_level, opts.auto_permutations, opts.auto_seed, opts.linkage)
-        layer_trees: dict[int, np.ndarray] = {}
-
-        def partition(layer: int, c: int) -> np.ndarray:
-            if layer not in layer_trees:
-                layer_trees[layer] = build_tree(distances[layer], method=opts.linkage)
-            return cut_exact(layer_trees[layer], n_clients, c)
-
-        return search_cuts(distances, tree, partition, tau=opts.tau, window=opts.window, test=test, cap=cap)
+        return plan_sharing(
+            distances,
+            opts.tau,
+            opts.window,
+            linkage_method=opts.linkage,
+            level=opts.auto_level,
+            permutations=opts.auto_permutations,
+            seed=opts.auto_seed,
+            max_clusters=opts.max_clusters if opts.external == "per_cluster" else None,
+            cut_mode=opts.cut_mode,
+            fixed_clusters=opts.fixed_clusters,
+        )
 
     def aggregate(self, rnd: int, uploads: Mapping[int, Tensors]) -> dict[str, Any]:
         if self.remember_warmup(rnd, uploads):
