@@ -90,12 +90,12 @@ def test_rejected_client_keeps_its_previous_state() -> None:
     captured: dict[str, list] = {}
 
     original = engine.recorder.write_client_states
-    engine.recorder.write_client_states = lambda states, meta: (
-        captured.setdefault("states", states) or original(states, meta)
+    engine.recorder.write_client_states = lambda states, meta, *received: (
+        captured.setdefault("states", states) or original(states, meta, *received)
     )  # type: ignore[method-assign]
     engine.run()
     ref: dict[str, list] = {}
-    one_round.recorder.write_client_states = lambda states, meta: ref.setdefault("states", states)  # type: ignore[method-assign]
+    one_round.recorder.write_client_states = lambda states, meta, *received: ref.setdefault("states", states)  # type: ignore[method-assign]
     one_round.run()
     after_round0 = ref["states"][1]
     final = captured["states"][1]
