@@ -21,6 +21,7 @@ from fedtreelora.compare import (
     Column,
     RunResult,
     RunSpec,
+    _read_summary,
     _source,
     ari_tables,
     csv_columns,
@@ -32,9 +33,11 @@ from fedtreelora.compare import (
     render_markdown,
     run_compare,
     summarise,
+    table_columns,
     write_outputs,
 )
 from fedtreelora.config import ConfigError, ExperimentConfig, load_config
+from fedtreelora.runfolder import RunFolder
 from fedtreelora.strategies import STRATEGIES
 from fedtreelora.suites import PACKAGED_SUITES, Suite, available_suites, find_suite, load_suite, order_methods
 
@@ -292,13 +295,13 @@ def test_paired_sections_in_table_md_and_csv(config: ExperimentConfig, tmp_path:
     markdown = files["table.md"].read_text()
     assert markdown.index("## Cost") < markdown.index("## Paired differences to FedIT")
     assert markdown.index("## Paired differences to FedIT") < markdown.index("## Paired differences to local")
-    assert markdown.count(MARK_RULE) == 4  # under each of best / final round, for each reference
+    assert markdown.count(MARK_RULE) == 6  # under each of best / best federated / final round, for each reference
     assert "| method − FedIT | sarcasm | Average |" in markdown
     assert "| fedit | — | — |" in markdown
     assert "| fedtreelora | +4.33 ± 6.03 (n=3) | +4.33 ± 6.03 (n=3) |" in markdown
     assert "| steady | +5.33 ± 3.51 (n=3)* | +5.33 ± 3.51 (n=3)* |" in markdown
     assert "| local | -5.67 ± 4.04 (n=3)* |" in markdown  # [-5, -2, -10] against FedIT
-    assert markdown.count("| method | sarcasm | Average |") == 2  # the main tables keep their header
+    assert markdown.count("| method | sarcasm | Average |") == 3  # the main tables keep their header
     with files["table.csv"].open() as f:
         csv_rows = {r["method"]: r for r in csv.DictReader(f)}
     assert list(next(iter(csv_rows.values()))) == csv_columns(["sarcasm"], ["fedit", "local"])
@@ -325,6 +328,89 @@ def test_an_absent_reference_gives_no_section(config: ExperimentConfig, tmp_path
     assert "## Paired differences to FedIT" in markdown and "to local" not in markdown
     header = files["table.csv"].read_text().splitlines()[0]
     assert "diff_fedit_sarcasm_best_mean" in header and "diff_local" not in header
+
+
+# ----------------------------------------------------------------------------------------------
+# the best federated round (fake runs, nothing trains)
+# ----------------------------------------------------------------------------------------------
+
+#: per method, the round means of seeds 1-3: two warm-up rounds, then three federated ones
+WARM_HISTORIES = {
+    "fedtreelora": [[0.82, 0.60, 0.70, 0.74, 0.73], [0.80, 0.61, 0.71, 0.76, 0.75], [0.84, 0.62, 0.72, 0.70, 0.78]],
+    "fedit": [[0.70, 0.71, 0.72, 0.73, 0.74]] * 3,
+}
+
+
+def _warm_runs(config: ExperimentConfig, folder: Path) -> list[RunResult]:
+    """Runs whose summaries are written as before the best federated round was recorded; FedTreeLoRA's
+    best round is warm-up round 1 on every seed."""
+    runs = []
+    for method, per_seed in WARM_HISTORIES.items():
+        for seed, means in zip(SEEDS, per_seed, strict=True):
+            history = [
+                {"round": r, "phase": "warmup" if r < 2 else "federated", "mean_metric": m,
+                 "uplink_mb_per_client": 0.0, "downlink_mb_per_client": 0.0}
+                for r, m in enumerate(means)
+            ]  # fmt: skip
+            best = max(range(5), key=lambda r: (means[r], -r))
+            summary = {
+                "best_mean": means[best], "best_round": best, "final_mean": means[-1], "metric": "accuracy",
+                "evaluate": "received", "trainable_params_per_client": 10, "backbone_params": 1000,
+                "history": history,
+            }  # fmt: skip
+            run_dir = folder / "sarcasm" / method / f"seed{seed}"
+            RunFolder(run_dir).root.mkdir(parents=True)
+            RunFolder(run_dir).write_summary(summary)
+            read = _read_summary(run_dir)
+            assert read is not None
+            runs.append(RunResult(RunSpec("sarcasm", method, seed, config, run_dir), read, "reused", 0.0))
+    return runs
+
+
+def test_the_best_federated_round_gets_its_own_table_paired_differences_and_csv_columns(
+    config: ExperimentConfig, tmp_path: Path
+) -> None:
+    """The best round of FedTreeLoRA is a warm-up round, so it ranks first at the best round and last at the
+    best round after warm-up; old run folders get that round from their history."""
+    runs = _warm_runs(config, tmp_path / "runs")
+    assert [r.summary["best_round"] for r in runs[:3]] == [0, 0, 0], "a warm-up round: what this test is about"
+    assert [r.summary["best_federated_round"] for r in runs[:3]] == [3, 3, 4]
+    methods, columns = ["fedit", "fedtreelora"], [Column("sarcasm", "sarcasm")]
+    tables = paired_tables(runs, methods, columns)
+    rows = summarise(runs, ["sarcasm"], methods, columns)
+    _add_differences(rows, tables)
+    tree = rows[1]
+    assert tree["sarcasm_best_mean"] == pytest.approx(82.0) and tree["sarcasm_best_std"] == pytest.approx(2.0)
+    assert tree["sarcasm_best_federated_mean"] == pytest.approx((74 + 76 + 78) / 3)
+    assert tree["diff_fedit_sarcasm_best_mean"] == pytest.approx(82.0 - 74.0)
+    assert tree["diff_fedit_sarcasm_best_federated_mean"] == pytest.approx(76.0 - 74.0)
+    files = write_outputs(tmp_path, rows, runs, ["sarcasm"], _meta(runs, tables), ["sarcasm"], list(tables))
+    markdown = files["table.md"].read_text()
+    best = markdown.index("at the best round (as the paper reports)")
+    federated = markdown.index("at the best federated round (the best round after warm-up)")
+    assert best < federated < markdown.index("at the final round")
+    assert "| fedtreelora | **76.00 ± 2.00** | **76.00 ± 2.00** |" in markdown[federated:], "ahead after warm-up"
+    assert "### best federated round (after warm-up)" in markdown
+    assert "| fedtreelora | +2.00 ± 2.00 (n=3) | +2.00 ± 2.00 (n=3) |" in markdown
+    header = files["table.csv"].read_text().splitlines()[0].split(",")
+    assert header == csv_columns(["sarcasm"], ["fedit"])
+    earlier = [c for c in header if "best_federated" not in c]
+    assert header[: len(earlier)] == earlier, "the earlier columns keep their places; the new ones come last"
+    record = json.loads(files["compare.json"].read_text())
+    assert [r["best_federated_round"] for r in record["runs"]][:3] == [3, 3, 4]
+
+
+def test_a_category_column_takes_its_clients_at_the_best_federated_round(config: ExperimentConfig) -> None:
+    summary = {
+        "best_mean": 0.9, "final_mean": 0.5, "best_federated_mean": 0.6, "client_categories": ["a", "b", "a"],
+        "per_client_best_round": [0.9, 0.9, 0.9], "per_client_best_federated_round": [0.4, 0.9, 0.6],
+        "per_client": [0.5, 0.5, 0.5], "trainable_params_per_client": 10, "backbone_params": 1000, "history": [],
+    }  # fmt: skip
+    run = RunResult(RunSpec("nlg", "fedit", 1, config, Path("x")), summary, "reused", 0.0)
+    columns = table_columns([run], ["nlg"])
+    row = summarise([run], ["nlg"], ["fedit"], columns)[0]
+    assert row["a_best_federated_mean"] == pytest.approx(50.0) and row["b_best_federated_mean"] == pytest.approx(90.0)
+    assert row["a_best_mean"] == pytest.approx(90.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -485,11 +571,11 @@ def test_compare_smoke_suite_tables_reuse_and_redo(tmp_path: Path) -> None:
     assert [r["method"] for r in rows] == methods
     assert list(rows[0]) == csv_columns(datasets)
     markdown = (out / "table.md").read_text()
-    assert "best round" in markdown and "final round" in markdown
-    assert markdown.count(f"| method | {' | '.join(datasets)} | {AVERAGE} |") == 2
+    assert "best round" in markdown and "best federated round" in markdown and "final round" in markdown
+    assert markdown.count(f"| method | {' | '.join(datasets)} | {AVERAGE} |") == 3
     for row in rows:
         method = row["method"]
-        for prefix, key in (("best", "best_mean"), ("final", "final_mean")):
+        for prefix, key in (("best", "best_mean"), ("best_federated", "best_federated_mean"), ("final", "final_mean")):
             per_dataset = {d: [runs[(d, method, 1)][key]] for d in datasets}
             for dataset, values in per_dataset.items():
                 mean, std = _expected(values)

@@ -262,3 +262,54 @@ def test_partial_participation_report_from_a_hand_made_run_folder(tmp_path: Path
     for name in ("tree", "sharing", "accuracy", "communication"):
         assert_real_image((tmp_path / FIGURES_DIR / f"{name}.png").read_bytes())
     assert "no partition record" in md_path.read_text() and "lambda" in html_path.read_text()
+
+
+def _warmup_best_folder(folder: Path, *, recorded: bool) -> None:
+    """A hand-made FedLEASE-like run of 4 rounds, 2 of warm-up, whose best round is the second (warm-up)
+    and best round after warm-up the fourth; ``recorded``: as the engine writes it now, else as runs
+    were written before the best federated round was recorded (then computed from the history)."""
+    means = [0.62, 0.81, 0.70, 0.76]
+    history = [
+        {"round": r, "phase": "warmup" if r < 2 else "federated", "metric": "accuracy", "evaluate": "received",
+         "mean_metric": m, "mean_accuracy": m, "received_mean_metric": m, "trained_mean_metric": m,
+         "clients": [0, 1], "uplink_mb_per_client": 0.1, "downlink_mb_per_client": 0.0 if r < 2 else 0.2}
+        for r, m in enumerate(means)
+    ]  # fmt: skip
+    summary = {
+        "method": "fedlease", "dataset": "toy", "metric": "accuracy", "evaluate": "received", "num_clients": 2,
+        "final_mean": 0.76, "best_mean": 0.81, "best_round": 1, "per_client": [0.75, 0.77],
+        "per_client_best_round": [0.8, 0.82], "history": history,
+    }  # fmt: skip
+    if recorded:
+        summary.update(best_federated_mean=0.76, best_federated_round=3, per_client_best_federated_round=[0.75, 0.77])
+    (folder / "summary.json").write_text(json.dumps(summary))
+    rows = [
+        {
+            "round": r,
+            "client": k,
+            "phase": history[r]["phase"],
+            "accuracy": m,
+            "received_accuracy": m + 0.01 * (2 * k - 1),
+        }
+        for r, m in enumerate(means)
+        for k in range(2)
+    ]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_the_report_shows_the_best_round_after_warmup_beside_the_best_round(tmp_path: Path, recorded: bool) -> None:
+    """The overview names both rounds (a run folder written before the second was recorded gets it from its
+    history), and the accuracy figure marks both."""
+    _warmup_best_folder(tmp_path, recorded=recorded)
+    html_path, md_path = write_report(tmp_path)
+    markdown = md_path.read_text()
+    assert "| best mean accuracy | 0.8100 (round 2) |" in markdown
+    assert "| best federated mean accuracy | 0.7600 (round 4; the best round after warm-up) |" in markdown
+    assert "0.7600 (round 4; the best round after warm-up)" in html_path.read_text()
+    run = load_run(tmp_path)
+    assert run.summary["per_client_best_federated_round"] == pytest.approx([0.75, 0.77])
+    from fedtreelora.report.plots import plot_accuracy
+
+    labels = plot_accuracy(run).axes[0].get_legend_handles_labels()[1]
+    assert "best" in labels and "best after warm-up" in labels

@@ -109,3 +109,37 @@ def test_the_setting_picks_the_headline(runs) -> None:  # type: ignore[no-untype
     last = [rows[(3, k)]["received_accuracy"] for k in range(4)]
     assert received["per_client"] == pytest.approx(last)
     assert received["history"][3]["received_mean_metric"] == pytest.approx(sum(last) / 4)
+
+
+class ZeroFederatedUploads(SimulationEngine):
+    """Every upload of a federated round arrives as zeros: what the clients receive from then on carries
+    nothing they learned, so the rounds after warm-up score below the warm-up rounds."""
+
+    def tamper(self, rnd: int, client: int, upload: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.new_zeros(v.shape) for k, v in upload.items()} if rnd >= 2 else upload
+
+
+def test_a_best_round_in_warmup_and_the_best_federated_round_after_it(tmp_path: Path) -> None:
+    """The best round (as the papers report it) is a warm-up round here; the best federated round is the
+    best of the rounds after warm-up, under both conventions, and each client's score at it is recorded."""
+    overrides = [*SMALL, *FEDIT, "data.n_train=32", "model.num_layers=1", "train.local_epochs=2"]
+    config = load_config(overrides=overrides)
+    summary = ZeroFederatedUploads(config, tmp_path, quiet=True, report=True).run()
+    history = summary["history"]
+    assert [h["phase"] for h in history] == ["warmup", "warmup", "federated", "federated"]
+    assert history[summary["best_round"]]["phase"] == "warmup", "what this test is about"
+    means = [h["mean_metric"] for h in history]
+    federated = max((2, 3), key=lambda r: (means[r], -r))
+    assert summary["best_federated_round"] == federated
+    assert summary["best_federated_mean"] == means[federated] < summary["best_mean"]
+    for name in ("received", "trained"):
+        values = [h[f"{name}_mean_metric"] for h in history]
+        headline = summary["by_convention"][name]
+        assert headline["best_federated_round"] == max((2, 3), key=lambda r: (values[r], -r)), name
+        assert headline["best_federated_mean"] == max(values[2:]), name
+    assert summary["by_convention"]["received"]["best_federated_mean"] == summary["best_federated_mean"]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    at = {r["client"]: r["received_accuracy"] for r in rows if r["round"] == federated}
+    assert summary["per_client_best_federated_round"] == [at[k] for k in range(4)]
+    report = (tmp_path / "report.md").read_text()
+    assert f"| best federated mean accuracy | {means[federated]:.4f} (round {federated + 1};" in report

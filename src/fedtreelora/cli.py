@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -15,6 +15,36 @@ from fedtreelora.errors import ConfigError
 from fedtreelora.runfolder import CLIENT_MODELS, ClientModel, RunFolder
 
 DEFAULT_OUT = "runs/default"
+
+
+def _federated_text(values: dict[str, Any], with_round: bool) -> str:
+    """``best federated 0.7708 (round 6)``: the best round after warm-up, or ``-`` when the run has none."""
+    best, rnd = values.get("best_federated_mean"), values.get("best_federated_round")
+    if best is None or rnd is None:
+        return "best federated -"
+    return f"best federated {best:.4f}" + (f" (round {rnd + 1})" if with_round else "")
+
+
+def result_line(summary: dict[str, Any], out: Path) -> str:
+    """The line ``fedtreelora run`` ends with: the headline convention's final mean, best round (as the
+    papers report it, possibly a warm-up round) and best federated round (the best after warm-up), the
+    other convention's three, the cuts, the wall time and the run folder."""
+    metric = summary.get("metric", "accuracy")
+    other = "trained" if summary.get("evaluate") == "received" else "received"
+    scored = {"received": "of the model each client receives", "trained": "after local training"}
+    headline, aside = summary.get("by_convention", {}).get(other, {}), scored[other]
+    return (
+        f"{summary['method']} on {summary['dataset']}: final mean {metric} {scored.get(summary.get('evaluate', ''), '')} "
+        f"{summary['final_mean']:.4f}, best {summary['best_mean']:.4f} (round {summary['best_round'] + 1}), "
+        f"{_federated_text(summary, True)}; "
+        + (
+            f"{aside}: final {headline['final_mean']:.4f}, best {headline['best_mean']:.4f}, "
+            f"{_federated_text(headline, False)}; "
+            if headline
+            else ""
+        )
+        + f"cuts {summary['cuts']}, {summary['wall_seconds']:.0f} s -> {out}"
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -33,17 +63,7 @@ def _run(args: argparse.Namespace) -> int:
     from fedtreelora.engines import SimulationEngine  # heavy imports only when running
 
     summary = SimulationEngine(config, out, quiet=args.quiet, resume=args.resume is not None).run()
-    metric = summary.get("metric", "accuracy")
-    other = "trained" if summary.get("evaluate") == "received" else "received"
-    scored = {"received": "of the model each client receives", "trained": "after local training"}
-    headline, aside = summary.get("by_convention", {}).get(other, {}), scored[other]
-    line = (
-        f"{summary['method']} on {summary['dataset']}: final mean {metric} {scored.get(summary.get('evaluate', ''), '')} "
-        f"{summary['final_mean']:.4f}, best {summary['best_mean']:.4f} (round {summary['best_round'] + 1}); "
-        + (f"{aside}: final {headline['final_mean']:.4f}, best {headline['best_mean']:.4f}; " if headline else "")
-        + f"cuts {summary['cuts']}, {summary['wall_seconds']:.0f} s -> {out}"
-    )
-    print(line)
+    print(result_line(summary, out))
     if args.quiet and summary.get("finding"):
         # A quiet run shows no round lines, so the one-off finding of its plan round comes with the result.
         print(summary["finding"])

@@ -3,8 +3,8 @@
 Layout of the output folder ``DIR``::
 
     DIR/runs/<dataset>/<method>/seed<seed>/   one run folder each (see :mod:`fedtreelora.runfolder`)
-    DIR/table.md                              the tables (best round, final round, cost, paired
-                                              differences), human-readable
+    DIR/table.md                              the tables (best round, best federated round, final
+                                              round, cost, paired differences), human-readable
     DIR/table.csv                             the same numbers, one row per method, full precision
     DIR/compare.json                          what was compared (suite, methods, seeds, overrides), the
                                               rows, the paired differences per seed, every run's
@@ -18,13 +18,17 @@ run) resumes from its last checkpoint; a run whose config differs is deleted and
 
 Numbers: a run's score is the mean personalized metric over clients (each client on its own
 validation set; accuracy for classification, ROUGE-1 for generation) at the best round (``best_mean``,
-what the paper reports) and at the final round (``final_mean``). A cell is the mean +- sample standard
-deviation (ddof=1) over seeds, in percent; with one seed the std is shown as 0.00.
+what the paper reports, possibly a warm-up round before anything is shared), at the best federated
+round (``best_federated_mean``: the best round after warm-up; every round for a method without
+warm-up) and at the final round (``final_mean``). A run folder written before the best federated round
+was recorded gets it from its history (:func:`fedtreelora.headline.complete_summary`). A cell is the
+mean +- sample standard deviation (ddof=1) over seeds, in percent; with one seed the std is shown as
+0.00 (n/a where no run has the score, e.g. every run ended in warm-up).
 
 Columns: one per dataset; a dataset whose runs report client categories (instruction tuning, e.g. the
 ``nlg`` suites) gets one column per category instead (the paper's NLG table: Text Edit, Struct2Text,
-Sentiment, Reasoning), each the mean over that category's clients, taken at the run's best round
-(chosen by the mean over all clients) or at its final round. ``Average`` is, per seed, the mean over
+Sentiment, Reasoning), each the mean over that category's clients, taken at the run's best round,
+best federated round (each chosen by the mean over all clients) or final round. ``Average`` is, per seed, the mean over
 the columns, then mean +- std over seeds. Cost columns are means over every run of the method: trainable parameters per client (and
 as % of the backbone), and uplink/downlink MB per client per round (mean over all rounds, warm-up
 rounds included).
@@ -35,7 +39,8 @@ differences ``score(row, seed) - score(reference, seed)`` in points over the see
 sample std (ddof=1) and the number of pairs n. A pair whose runs' partition records differ is left out
 and listed. ``Average`` pairs the per-seed means over the columns. A cell is marked ``*`` when
 ``|mean| > 2 * std / sqrt(n)`` with n >= 2. ``table.csv`` has them as
-``diff_<reference>_<column>_<best|final>_<mean|std|n>``.
+``diff_<reference>_<column>_<best|best_federated|final>_<mean|std|n>``; the best federated round's
+score and difference columns come last.
 
 Planted groups: for a dataset built from ``data.groups`` the runs record ``ari`` (a layers x depths
 adjusted Rand index of each layer's sharing partition against the planted groups at each depth of the
@@ -66,13 +71,28 @@ from rich.console import Console
 
 from fedtreelora.config import ConfigError, ExperimentBase, ExperimentConfig
 from fedtreelora.data.groups import configured_dataset_name
+from fedtreelora.headline import FEDERATED_KEYS, complete_summary
 from fedtreelora.progress import progress_bars
 from fedtreelora.runfolder import RunFolder
 from fedtreelora.suites import Suite, check_same_partition
 
 AVERAGE = "Average"
 METRICS = (("best", "best_mean", "Mean personalized {metric} (%) at the best round (as the paper reports), {convention}"),
+           ("best_federated", "best_federated_mean",
+            "Mean personalized {metric} (%) at the best federated round (the best round after warm-up), {convention}"),
            ("final", "final_mean", "Mean personalized {metric} (%) at the final round, {convention}"))  # fmt: skip
+"""(prefix, summary key, table title) of each score, in the order of the tables."""
+ADDED_PREFIXES = ("best_federated",)
+"""Scores added after ``table.csv`` had its first layout: their columns come after all the others, so
+the earlier columns keep their places."""
+ROUND_NAMES = {"best": "best round", "best_federated": "best federated round (after warm-up)", "final": "final round"}
+"""A score's prefix -> how the paired tables' headings name its round."""
+PER_CLIENT_KEYS = {
+    "best_mean": "per_client_best_round",
+    "best_federated_mean": "per_client_best_federated_round",
+    "final_mean": "per_client",
+}
+"""A score's summary key -> the summary key of each client's score at that round (category columns)."""
 CONVENTIONS = {
     "received": "scored on the model each client receives after aggregation (the papers' convention)",
     "trained": "scored right after each client's local training, before aggregation",
@@ -229,9 +249,14 @@ def stored_config_matches(folder: Path, config: ExperimentConfig) -> bool:
 
 
 def _read_summary(folder: Path) -> dict[str, Any] | None:
-    """The summary of a finished run in ``folder``; None when it has none or it lacks the headline."""
-    summary = RunFolder(folder).read_summary()
-    return summary if summary is not None and "best_mean" in summary else None
+    """The summary of a finished run in ``folder``; None when it has none or it lacks the headline. A
+    summary written before the best federated round was recorded gets it from its history and metrics
+    (:func:`fedtreelora.headline.complete_summary`)."""
+    run = RunFolder(folder)
+    summary = run.read_summary()
+    if summary is None or "best_mean" not in summary:
+        return None
+    return complete_summary(summary, None if FEDERATED_KEYS[0] in summary else run.read_metrics())
 
 
 def execute_run(spec: RunSpec) -> RunResult:
@@ -269,12 +294,13 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def _score(summary: dict[str, Any], key: str, category: str | None = None) -> float:
-    """The run's ``best_mean`` / ``final_mean`` in %, or that of one category's clients (their mean at
-    the best / final round; clients that never reported are left out)."""
+    """The run's ``best_mean`` / ``best_federated_mean`` / ``final_mean`` in %, or that of one category's
+    clients (their mean at that round; clients that never reported are left out); NaN where the run has
+    none."""
     if category is None:
         value = summary.get(key)
         return math.nan if value is None else 100.0 * float(value)
-    per_client = summary.get("per_client_best_round" if key == "best_mean" else "per_client") or []
+    per_client = summary.get(PER_CLIENT_KEYS[key]) or []
     values = [
         float(v)
         for v, c in zip(per_client, summary.get("client_categories") or [], strict=False)
@@ -326,8 +352,8 @@ def summarise(
     """One row per method (flat dict, the CSV row) from finished runs.
 
     Keys: ``method``; for each column label (``columns``, default :func:`table_columns`) + ``Average``
-    and each of ``best``/``final``: ``{label}_{best|final}_mean`` and ``{label}_{best|final}_std``
-    (the metric in %, over seeds);
+    and each score prefix of :data:`METRICS` (``best``, ``best_federated``, ``final``):
+    ``{label}_{prefix}_mean`` and ``{label}_{prefix}_std`` (the metric in %, over seeds);
     ``seeds`` (how many); ``trainable_params_per_client``, ``trainable_percent``,
     ``uplink_mb_per_client_per_round``, ``downlink_mb_per_client_per_round``; ``wall_seconds`` (sum
     over the method's runs, as recorded by each run).
@@ -464,9 +490,9 @@ def paired_differences(
     (:func:`read_partitions`) knows both, their partitions are equal; a missing seed reduces ``n``.
 
     Returns ``{"reference", "excluded": [{"method", "dataset", "seed"}, ...], "best": {method: {label:
-    cell}}, "final": {...}}`` with the score columns' labels and ``Average`` as labels and cells as
-    :func:`difference_cell`; ``best`` / ``final`` are the best-round / final-round scores of the main
-    tables. The reference's own row is all zeros.
+    cell}}, "best_federated": {...}, "final": {...}}`` with the score columns' labels and ``Average`` as
+    labels and cells as :func:`difference_cell`; one entry per score of the main tables (:data:`METRICS`).
+    The reference's own row is all zeros.
     """
     by_key = {(r.spec.method, r.spec.dataset, r.spec.seed): r.summary for r in runs}
     datasets = list(dict.fromkeys(c.dataset for c in columns))
@@ -493,7 +519,8 @@ def paired_tables(
 
 
 def difference_key(reference: str, label: str, prefix: str, stat: str) -> str:
-    """The row / CSV key of a paired difference: ``diff_<reference>_<label>_<best|final>_<mean|std|n>``."""
+    """The row / CSV key of a paired difference:
+    ``diff_<reference>_<label>_<best|best_federated|final>_<mean|std|n>``."""
     return f"diff_{reference}_{label}_{prefix}_{stat}"
 
 
@@ -654,10 +681,10 @@ def _markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
 
 
 def render_markdown(rows: list[dict[str, Any]], datasets: Sequence[str], meta: dict[str, Any]) -> str:
-    """``table.md``: a header on what was run, then the best-round, final-round and cost tables, then the
-    paired differences to each reference the rows carry (:func:`render_paired_section`), then, for
-    datasets with planted groups, the ARI of the sharing partitions (``meta["ari"]``,
-    :func:`render_ari_section`).
+    """``table.md``: a header on what was run, then the best-round, best-federated-round, final-round and
+    cost tables, then the paired differences to each reference the rows carry
+    (:func:`render_paired_section`), then, for datasets with planted groups, the ARI of the sharing
+    partitions (``meta["ari"]``, :func:`render_ari_section`).
 
     ``datasets`` are the score columns' labels (datasets, or categories; ``meta["datasets"]`` names the
     datasets when they differ). The best mean of each score column is in bold.
@@ -768,9 +795,9 @@ def render_paired_section(
     metric: str,
     excluded: Sequence[Mapping[str, Any]] = (),
 ) -> list[str]:
-    """The markdown lines of "Paired differences to <reference>": one table per score (best round, final
-    round) with the rows in the main table's order, read from the rows' :func:`difference_key` entries;
-    the reference's own row is shown as ``—``."""
+    """The markdown lines of "Paired differences to <reference>": one table per score (best round, best
+    federated round, final round) with the rows in the main table's order, read from the rows'
+    :func:`difference_key` entries; the reference's own row is shown as ``—``."""
     name = REFERENCE_NAMES.get(reference, reference)
     lines = [
         "",
@@ -779,7 +806,8 @@ def render_paired_section(
         f"Per seed, the row's score minus {name}'s on the same partition, in points of {metric} (%); cells: "
         f"mean ± sample std of these differences over the seeds both ran (n pairs).",
     ]
-    for prefix, title in (("best", "best round"), ("final", "final round")):
+    for prefix, _, _ in METRICS:
+        title = ROUND_NAMES[prefix]
         body = []
         for r in rows:
             cells = [r["method"]]
@@ -795,13 +823,25 @@ def render_paired_section(
 
 
 def csv_columns(datasets: Sequence[str], references: Sequence[str] = REFERENCES) -> list[str]:
-    """Column order of ``table.csv``: the scores, the cost, then the paired differences to each of
-    ``references`` (those in the comparison; :func:`difference_key`)."""
-    columns = ["method"]
-    for prefix, _, _ in METRICS:
-        for label in [*datasets, AVERAGE]:
-            columns += [f"{label}_{prefix}_mean", f"{label}_{prefix}_std"]
-    columns += [
+    """Column order of ``table.csv``: the best- and final-round scores, the cost, the paired differences
+    of those two to each of ``references`` (those in the comparison; :func:`difference_key`), then the
+    same for :data:`ADDED_PREFIXES` (the best federated round's scores, then its differences)."""
+    labels = [*datasets, AVERAGE]
+
+    def scores(prefixes: Sequence[str]) -> list[str]:
+        return [f"{label}_{prefix}_{stat}" for prefix in prefixes for label in labels for stat in ("mean", "std")]
+
+    def differences(prefixes: Sequence[str]) -> list[str]:
+        return [
+            difference_key(reference, label, prefix, stat)
+            for reference in references
+            for prefix in prefixes
+            for label in labels
+            for stat in ("mean", "std", "n")
+        ]
+
+    first = [prefix for prefix, _, _ in METRICS if prefix not in ADDED_PREFIXES]
+    cost = [
         "seeds",
         "trainable_params_per_client",
         "trainable_percent",
@@ -809,11 +849,7 @@ def csv_columns(datasets: Sequence[str], references: Sequence[str] = REFERENCES)
         "downlink_mb_per_client_per_round",
         "wall_seconds",
     ]
-    for reference in references:
-        for prefix, _, _ in METRICS:
-            for label in [*datasets, AVERAGE]:
-                columns += [difference_key(reference, label, prefix, stat) for stat in ("mean", "std", "n")]
-    return columns
+    return ["method", *scores(first), *cost, *differences(first), *scores(ADDED_PREFIXES), *differences(ADDED_PREFIXES)]
 
 
 def write_outputs(
@@ -853,6 +889,8 @@ def write_outputs(
                 "best_mean": r.summary.get("best_mean"),
                 "final_mean": r.summary.get("final_mean"),
                 "best_round": r.summary.get("best_round"),
+                "best_federated_mean": r.summary.get("best_federated_mean"),
+                "best_federated_round": r.summary.get("best_federated_round"),
                 "wall_seconds": r.summary.get("wall_seconds"),
                 "status": r.status,
             }
@@ -903,13 +941,15 @@ def _plot(
 def _run_line(index: int, total: int, result: RunResult) -> str:
     s, spec = result.summary, result.spec
     best, final = _score(s, "best_mean"), _score(s, "final_mean")
+    federated, federated_round = _score(s, "best_federated_mean"), s.get("best_federated_round")
+    after = "-" if federated_round is None else f"{federated:6.2f} (round {int(federated_round) + 1})"
     if result.reused:
         how = f"reused (ran {s.get('wall_seconds', 0.0):.1f} s)"
     else:
         how = f"{result.seconds:.1f} s" + ("" if result.status == "new" else f" ({result.status})")
     return (
         f"[{index}/{total}] {spec.dataset:<12} {spec.method:<12} seed {spec.seed}: best {best:6.2f} "
-        f"(round {int(s.get('best_round', -1)) + 1}), final {final:6.2f}  {how}"
+        f"(round {int(s.get('best_round', -1)) + 1}), best federated {after}, final {final:6.2f}  {how}"
     )
 
 

@@ -25,6 +25,7 @@ from fedtreelora.engines.round_table import RoundTable
 from fedtreelora.engines.runners import ClientRunner, in_process_runner
 from fedtreelora.engines.setup import Federation, FederationView, build_federation
 from fedtreelora.engines.validation import RejectedUpdate, check_update
+from fedtreelora.headline import best_federated, headline, last_seen, round_mean
 from fedtreelora.progress import progress_bars
 
 
@@ -33,26 +34,9 @@ def run_metric(fed: FederationView) -> str:
     return fed.metric
 
 
-def round_mean(record: dict[str, Any]) -> float | None:
-    """A round record's mean client metric (records written before ``mean_metric`` existed hold
-    ``mean_accuracy``)."""
-    return record.get("mean_metric", record.get("mean_accuracy"))
-
-
 def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
     """Bytes on the wire for a set of float32 tensors."""
     return sum(t.numel() * 4 for t in tensors.values())
-
-
-def _headline(history: list[dict[str, Any]], key: str) -> dict[str, Any]:
-    """``final_mean``, ``best_mean`` and ``best_round`` of the per-round means under ``key`` (one
-    evaluation convention); None where no round recorded it."""
-    means = [h.get(key) for h in history]
-    scored = [(m, r) for r, m in enumerate(means) if m is not None]
-    if not scored:
-        return {"final_mean": None, "best_mean": None, "best_round": None}
-    best, best_round = max(scored, key=lambda pair: (pair[0], -pair[1]))
-    return {"final_mean": means[-1], "best_mean": best, "best_round": best_round}
 
 
 def planted_structure(config: ExperimentConfig, sharing_labels: np.ndarray | None) -> dict[str, Any]:
@@ -387,16 +371,17 @@ class SimulationEngine:
             if not n.startswith("base.")
         )
 
-        def last_seen(values: list[float | None]) -> float | None:
-            return next((v for v in reversed(values) if v is not None), None)
-
         categories = fed.client_categories()
         per_client_final = [last_seen(acc) for acc in run.per_client]
         per_client_best = [last_seen(acc[: best + 1]) for acc in run.per_client]
+        federated_mean, federated_round = best_federated(history)
+        per_client_federated = [
+            None if federated_round is None else last_seen(acc[: federated_round + 1]) for acc in run.per_client
+        ]
         summary: dict[str, Any] = {
             "method": fed.config.method,
             "dataset": fed.dataset_name,
-            "by_convention": {name: _headline(history, f"{name}_mean_metric") for name in ("received", "trained")},
+            "by_convention": {name: headline(history, f"{name}_mean_metric") for name in ("received", "trained")},
             "metric": run_metric(fed),
             "num_clients": fed.num_clients,
             "rounds": len(history),
@@ -404,8 +389,11 @@ class SimulationEngine:
             "final_mean": round_mean(history[-1]),
             "best_mean": round_mean(history[best]),
             "best_round": best,
+            "best_federated_mean": federated_mean,
+            "best_federated_round": federated_round,
             "per_client": per_client_final,
             "per_client_best_round": per_client_best,
+            "per_client_best_federated_round": per_client_federated,
             "cuts": None if labels is None else [len({v for v in row if v >= 0}) for row in labels.tolist()],
             "labels": None if labels is None else labels.tolist(),
             "label_counts": fed.label_counts,

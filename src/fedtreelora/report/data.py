@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from fedtreelora.headline import complete_summary
 from fedtreelora.runfolder import RunFolder
 
 
@@ -211,16 +212,19 @@ class RunData:
 
 
 def load_run(run_dir: str | Path) -> RunData:
-    """Parse a finished run folder.
+    """Parse a finished run folder (a summary written before the best federated round was recorded gets
+    it from its history: :func:`fedtreelora.headline.complete_summary`).
 
     Raises FileNotFoundError when the run summary is missing (the run has not finished).
     """
     folder = RunFolder(Path(run_dir))
-    summary = folder.require_summary()
+    metrics = folder.read_metrics()
+    # A run written before the best federated round was recorded: computed from its history and metrics.
+    summary = complete_summary(folder.require_summary(), metrics)
     return RunData(
         run_dir=folder.root,
         summary=summary,
-        metrics=folder.read_metrics(),
+        metrics=metrics,
         partition=folder.read_partition(),
         config=folder.read_config_dict(),
         meta=folder.read_client_meta(),

@@ -255,6 +255,10 @@ def plot_accuracy(run: RunData) -> Figure:
     best = run.summary.get("best_round")
     if best is not None and 0 <= best < mean.size:
         ax.scatter([best + 1], [mean[best]], s=90, facecolors="none", edgecolors="#c44e52", zorder=5, label="best")
+    federated = run.summary.get("best_federated_round")
+    if federated is not None and federated != best and 0 <= federated < mean.size:
+        ax.scatter([federated + 1], [mean[federated]], s=90, marker="s", facecolors="none", edgecolors="#4c72b0",
+                   zorder=5, label="best after warm-up")  # fmt: skip
     ax.set_xlabel("round")
     ax.set_ylabel(str(run.summary.get("metric", "accuracy")) + " (own validation split)")
     ax.set_xticks(rounds if rounds.size <= 30 else rounds[:: max(1, rounds.size // 15)])

@@ -106,7 +106,8 @@ def build_sections(run: RunData) -> list[Section]:
             "accuracy",
             f"{run.metric.capitalize() if run.metric == 'accuracy' else 'ROUGE-1'} over rounds",
             f"Each client's {run.metric} on its own validation split (drawn with its own label skew or task) after every "
-            "round, and the mean over clients; grey bands mark warm-up rounds (local training only).",
+            "round, and the mean over clients; grey bands mark warm-up rounds (local training only). The circle "
+            "marks the best round, the square the best round after warm-up where it is another one.",
             png=plots.figure_png(plots.plot_accuracy(run)),
         )
     )
@@ -173,6 +174,7 @@ def overview_rows(run: RunData) -> list[tuple[str, str]]:
         ("rounds", f"{run.num_rounds} ({len(run.warmup_rounds)} warm-up)"),
         (f"final mean {run.metric}", _fmt(s.get("final_mean"))),
         (f"best mean {run.metric}", f"{_fmt(s.get('best_mean'))} (round {int(s.get('best_round', 0)) + 1})"),
+        (f"best federated mean {run.metric}", best_federated_text(s)),
         ("clusters per layer (cuts)", _fmt(s.get("cuts"))),
         ("backbone", f"{model.get('name', '?')}, {model.get('num_layers') or 'all'} layers"),
         (
@@ -205,6 +207,15 @@ def overview_rows(run: RunData) -> list[tuple[str, str]]:
     if s.get("wall_seconds") is not None:
         rows.append(("wall time", f"{s['wall_seconds']:.1f} s"))
     return rows
+
+
+def best_federated_text(summary: dict[str, Any]) -> str:
+    """The best federated round's overview cell: its mean and round (the best round after warm-up,
+    which the best round may precede), or why there is none."""
+    best, rnd = summary.get("best_federated_mean"), summary.get("best_federated_round")
+    if best is None or rnd is None:
+        return "- (no round after warm-up, or a history without phases)"
+    return f"{_fmt(best)} (round {int(rnd) + 1}; the best round after warm-up)"
 
 
 def finding_rows(run: RunData) -> list[tuple[str, str]]:
