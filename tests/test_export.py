@@ -26,7 +26,7 @@ from fedtreelora.config import load_config
 from fedtreelora.engines import Federation, SimulationEngine, build_federation
 from fedtreelora.engines.setup import client_seed
 from fedtreelora.export import ExportError, export_client, export_trunk, trunk_layers
-from fedtreelora.runfolder import RunFolder
+from fedtreelora.runfolder import RunFolder, trained_record
 from fedtreelora.train.batches import EncodedExamples, eval_batches
 from fedtreelora.train.received import evaluate_received
 
@@ -151,7 +151,8 @@ def peft_scores(minilm_path: str, adapter: Path, run_dir: Path, client: int) -> 
 
 
 def final_row(run_dir: Path, client: int) -> dict[str, Any]:
-    """Client ``client``'s record of the run's last round (metrics.jsonl)."""
+    """Client ``client``'s record of the run's last round (metrics.jsonl; a score-only record when it sat
+    that round out)."""
     rows = [r for r in RunFolder(run_dir).read_metrics() if r["client"] == client]
     return max(rows, key=lambda r: r["round"])
 
@@ -378,7 +379,7 @@ def test_a_router_run_is_refused_for_either_model(
 @pytest.fixture(scope="module")
 def partial(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Federation]:
     """FedTreeLoRA with two warm-up rounds of four and half the clients per round: at seed 0 client 0
-    takes part in round 0 only, client 1 last in round 1 (the last warm-up round)."""
+    trains in round 0 only, client 1 last in round 1 (the last warm-up round)."""
     folder = tmp_path_factory.mktemp("partial")
     overrides = [*TINY, "federation.rounds=4", "federation.fraction_train=0.5", "fedtreelora.warmup_rounds=2"]
     engine = KeepingEngine(load_config(overrides=overrides, method="fedtreelora"), folder, quiet=True, report=False)
@@ -386,47 +387,45 @@ def partial(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Federation]
     return folder, engine.fed
 
 
-def test_a_client_that_sat_out_keeps_the_model_it_was_last_scored_on(
+def test_a_client_that_sat_out_is_scored_and_saved_on_what_the_server_would_send_it(
     partial: tuple[Path, Federation], minilm_path: str, tmp_path: Path
 ) -> None:
-    """A client absent from the last rounds was last scored on what the server sent after its last
-    round, in the phase of the round after it, not on the final payload: that is its saved received
-    model, and its export, in the phase clients/meta.json records for it, scores its last
-    ``received_accuracy``. Client 0 (last in warm-up round 0) received nothing: its received model is
-    its trained one, in the warm-up phase; client 1 (last in round 1) received the first federated
-    experts."""
+    """Every client is scored after every round on what it would receive, sampled or not: a client absent
+    from the last rounds is scored, saved and exported on its kept state plus the server's final payload
+    for it, in the final phase, and its trained model stays the one it last trained, in that round's
+    phase. Client 0 last trained in warm-up round 0, client 1 in round 1 (the last warm-up round); both
+    receive the tree's experts."""
     run, fed = partial
     folder = RunFolder(run)
     rows = folder.read_metrics()
-    last = {k: max(r["round"] for r in rows if r["client"] == k) for k in range(4)}
+    assert sorted((r["round"], r["client"]) for r in rows) == [(r, k) for r in range(4) for k in range(4)]
+    last = {k: max(r["round"] for r in rows if r["client"] == k and trained_record(r)) for k in range(4)}
     assert last == {0: 0, 1: 1, 2: 3, 3: 3}, "the participation this test is about"
     meta = folder.read_client_meta()
     assert meta is not None
     assert (meta["received_phase"]["name"], meta["received_phase"]["mixer"]) == ("federated", "lambda")
-    assert list(meta["received_phase_of_client"]) == ["0"], "only client 0 was scored in another phase"
-    assert (meta["received_phase_of_client"]["0"]["name"], meta["received_phase_of_client"]["0"]["mixer"]) == (
-        "warmup",
-        "single",
-    )
+    assert "received_phase_of_client" not in meta, "every client was scored in the final phase"
     rounds = fed.config.federation.rounds
-    for k, rank in ((0, 8), (1, 16)):
+    for k in (0, 1):
         received, trained = folder.client_state(k, "received"), folder.client_state(k, "trained")
         final = {**trained, **fed.strategy.payload(rounds, k)}
-        assert any(not received[key].equal(final[key]) for key in received), "not the final payload"
-        assert all(received[key].equal(trained[key]) for key in received) == (k == 0), "client 0 received nothing"
+        assert received.keys() == final.keys() and all(received[key].equal(final[key]) for key in received)
+        assert any(not received[key].equal(trained[key]) for key in received), "the shared part was replaced"
         row = final_row(run, k)
+        assert (row["round"], row["trained"]) == (rounds - 1, False) and "accuracy" not in row
         scores = evaluate_received(
-            fed.bank, fed.classifier.tokenizer, phase=fed.strategy.phase(last[k] + 1), state=received, payload={},
+            fed.bank, fed.classifier.tokenizer, phase=fed.strategy.phase(rounds), state=received, payload={},
             train_data=fed.train_data[k], val_data=fed.val_data[k], settings=fed.settings,
-            seed=client_seed(fed.config.seed, last[k], k), device=fed.device,
+            seed=client_seed(fed.config.seed, rounds - 1, k), device=fed.device,
         )  # fmt: skip
         assert (scores["accuracy"], scores["eval_loss"]) == (row["received_accuracy"], row["received_eval_loss"])
-        for model, r, prefix in (("received", rank, "received_"), ("trained", 8, "")):
+        trained_row = next(r for r in rows if (r["round"], r["client"]) == (last[k], k))
+        for model, r, prefix, scored in (("received", 16, "received_", row), ("trained", 8, "", trained_row)):
             adapter = export_client(run, k, tmp_path / f"{k}-{model}", model=model)  # type: ignore[arg-type]
             assert json.loads((adapter / "adapter_config.json").read_text())["r"] == r, (k, model)
             exported = peft_scores(minilm_path, adapter, run, k)
-            assert exported["accuracy"] == row[f"{prefix}accuracy"], (k, model)
-            assert exported["eval_loss"] == pytest.approx(row[f"{prefix}eval_loss"], abs=1e-5), (k, model)
+            assert exported["accuracy"] == scored[f"{prefix}accuracy"], (k, model)
+            assert exported["eval_loss"] == pytest.approx(scored[f"{prefix}eval_loss"], abs=1e-5), (k, model)
 
 
 def test_a_run_folder_without_received_models_names_the_fix(

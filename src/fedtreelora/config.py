@@ -247,7 +247,8 @@ class FederationConfig(Section):
     rounds: int = Field(default=12, ge=1)
     """Communication rounds, warm-up included."""
     fraction_train: float = Field(default=1.0, gt=0.0, le=1.0)
-    """Share of clients sampled to train each round (from the seed); the others keep their state."""
+    """Share of clients sampled to train each round (from the seed); the others keep their state. Every
+    client, sampled or not, is still scored each round on the model it would receive (``evaluate``)."""
     max_update_norm: float | None = Field(default=None, gt=0)
     """Reject an uploaded tensor whose Frobenius norm exceeds this; None: no bound."""
     checkpoint_every: int = Field(default=1, ge=0)
@@ -260,7 +261,10 @@ class FederationConfig(Section):
     """Which score a round reports (both are recorded in the run's per-client metrics every round): ``received``
     (the methods' papers' convention): after the server's step, each client's kept state plus what
     the server sends it, in the next round's phase, and after the last round the final aggregation;
-    ``trained``: each client right after its local training, before the server aggregates."""
+    every client is scored, sampled that round or not, so a round's mean is over the whole federation.
+    ``trained``: each client right after its local training, before the server aggregates; only the
+    clients that trained that round can be scored (under ``fraction_train`` < 1 a different subset
+    each round)."""
 
 
 class LoggingConfig(Section):

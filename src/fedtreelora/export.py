@@ -36,7 +36,7 @@ from peft import LoraConfig, get_peft_model
 
 from fedtreelora.adapters.export import ExportError, averaged_factors, expert_weights, merged_factors
 from fedtreelora.adapters.layer import MIXERS
-from fedtreelora.runfolder import CLIENT_MODELS, ClientModel, RunFolder
+from fedtreelora.runfolder import CLIENT_MODELS, ClientModel, RunFolder, trained_record
 from fedtreelora.strategies import STRATEGIES, get_strategy
 
 __all__ = [
@@ -137,7 +137,7 @@ def client_phase(
         phase["mixer"] = inference
     if model == "received":
         return phase
-    rows = [r for r in run.read_metrics() if int(r["client"]) == client]
+    rows = [r for r in run.read_metrics() if int(r["client"]) == client and trained_record(r)]
     if rows and phase.get("name") != "warmup":
         last = max(rows, key=lambda r: int(r["round"]))
         if last.get("phase") == "warmup":
@@ -311,7 +311,7 @@ def trunk_layers(run_dir: str | Path) -> list[int]:
 
 def last_round_clients(run_dir: str | Path, num_clients: int) -> list[int]:
     """Clients whose update the server accepted in the run's last round (all when metrics are absent)."""
-    rows = RunFolder(Path(run_dir)).read_metrics()
+    rows = [r for r in RunFolder(Path(run_dir)).read_metrics() if trained_record(r)]
     if not rows:
         return list(range(num_clients))
     last = max(int(r["round"]) for r in rows)

@@ -4,7 +4,11 @@ A run folder (what ``fedtreelora run --out DIR`` writes) holds::
 
     config.yaml                      the resolved experiment config (every key, defaults included)
     partition.json                   which examples each client holds (label counts, planted groups)
-    metrics.jsonl                    one JSON object per line: a client's record of one round it took part in
+    metrics.jsonl                    one JSON object per line: a client's record of one round, of its local
+                                     training and the model it receives; a client whose training did not
+                                     count that round (not sampled, update rejected) has a record of the
+                                     received model's scores only, marked ``"trained": false``
+                                     (:func:`trained_record`)
     summary.json                     headline numbers, history and sharing plan; written last, so a
                                      readable one means the run finished
     clients/client_NNN.safetensors   client NNN's final trained adapter state (NNN: its index, 3 digits): the
@@ -51,6 +55,14 @@ part, as ``federation.evaluate: received`` scores it)."""
 
 CLIENT_MODELS: tuple[ClientModel, ...] = ("received", "trained")
 """Every :data:`ClientModel`, the default (what ``fedtreelora export`` writes) first."""
+
+
+def trained_record(record: Mapping[str, Any]) -> bool:
+    """True for a ``metrics.jsonl`` record of a client whose local training counted that round (its
+    training scores, upload and received scores); False for a record that only scores the model a
+    client that sat the round out would receive (``"trained": false``; runs written before such records
+    existed have none)."""
+    return record.get("trained", True) is not False
 
 
 def jsonable(value: Any) -> Any:
@@ -220,7 +232,8 @@ class RunFolder:
         return summary
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        """Every per-client round record, in the order written; [] when absent."""
+        """Every per-client round record, in the order written (score-only records of clients that sat a
+        round out included: :func:`trained_record`); [] when absent."""
         if not self.metrics.is_file():
             return []
         return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]

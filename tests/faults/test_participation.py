@@ -12,6 +12,7 @@ import torch
 from fedtreelora.adapters import Site
 from fedtreelora.config import load_config
 from fedtreelora.engines import SimulationEngine
+from fedtreelora.runfolder import RunFolder, trained_record
 from fedtreelora.strategies import FederationContext, get_strategy
 
 N, LAYERS = 5, 3
@@ -124,3 +125,129 @@ def test_a_checkpoint_holds_clients_that_have_not_trained_yet(tmp_path: Path) ->
     assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["round"] == 2
     resumed = SimulationEngine(config, tmp_path, quiet=True, report=False, resume=True).run()
     assert resumed["per_client"] == summary["per_client"]
+
+
+#: a tiny federation where half the clients train each round
+PARTIAL = [
+    "model.num_layers=1",
+    "data.num_clients=4",
+    "data.n_train=16",
+    "data.n_val=8",
+    "train.batch_size=8",
+    "federation.rounds=3",
+    "federation.fraction_train=0.5",
+    "logging.tensorboard=false",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["fedit", "local"])
+def test_every_client_is_scored_every_round_on_what_it_would_receive(tmp_path: Path, method: str) -> None:
+    """Under partial participation the received model of every client is scored after every round, sampled
+    or not, so a round's mean is over the whole federation; the clients that sat the round out have a
+    record of those scores only. Trained scores, losses and bytes stay the participants'."""
+    config = load_config(overrides=[*PARTIAL, f"method={method}"])
+    summary = SimulationEngine(config, tmp_path, quiet=True, report=False).run()
+    rows = RunFolder(tmp_path).read_metrics()
+    assert sorted((r["round"], r["client"]) for r in rows) == [(r, k) for r in range(3) for k in range(4)]
+    for h in summary["history"]:
+        mine = {r["client"]: r for r in rows if r["round"] == h["round"]}
+        trained = sorted(k for k, r in mine.items() if trained_record(r))
+        assert trained == h["clients"] and len(trained) == 2
+        for k, r in mine.items():
+            if k in trained:
+                assert "trained" not in r and {"accuracy", "train_loss", "uplink_bytes"} <= set(r)
+            else:
+                assert r["trained"] is False
+                assert set(r) == {"round", "client", "phase", "trained", "received_accuracy", "received_eval_loss"}
+        assert h["mean_metric"] == pytest.approx(np.mean([r["received_accuracy"] for r in mine.values()]))
+        assert h["mean_metric"] == h["received_mean_metric"]
+        assert h["trained_mean_metric"] == pytest.approx(np.mean([mine[k]["accuracy"] for k in trained]))
+        assert h["mean_train_loss"] == pytest.approx(np.mean([mine[k]["train_loss"] for k in trained]))
+        assert h["uplink_mb_per_client"] == pytest.approx(np.mean([mine[k]["uplink_bytes"] for k in trained]) / 1e6)
+    last = {r["client"]: r["received_accuracy"] for r in rows if r["round"] == 2}
+    assert summary["per_client"] == [last[k] for k in range(4)]
+    assert summary["final_mean"] == pytest.approx(np.mean(summary["per_client"]))
+    if method == "local":  # nothing is received: a client that sits a round out keeps its own model, unchanged
+        for r in rows:
+            if not trained_record(r) and r["round"] > 0:
+                before = next(x for x in rows if (x["round"], x["client"]) == (r["round"] - 1, r["client"]))
+                assert (r["received_accuracy"], r["received_eval_loss"]) == (
+                    before["received_accuracy"],
+                    before["received_eval_loss"],
+                )
+
+
+@pytest.mark.slow
+def test_after_local_training_only_the_participants_are_scored(tmp_path: Path) -> None:
+    """``federation.evaluate: trained`` scores a client right after its local training: a round's mean is
+    over the clients that trained; the others' received models are still scored and recorded."""
+    config = load_config(overrides=[*PARTIAL, "method=fedit", "federation.evaluate=trained"])
+    summary = SimulationEngine(config, tmp_path, quiet=True, report=False).run()
+    rows = RunFolder(tmp_path).read_metrics()
+    for h in summary["history"]:
+        mine = [r for r in rows if r["round"] == h["round"]]
+        assert len(mine) == 4 and h["received_mean_metric"] == pytest.approx(
+            np.mean([r["received_accuracy"] for r in mine])
+        )
+        assert h["mean_metric"] == pytest.approx(np.mean([r["accuracy"] for r in mine if trained_record(r)]))
+    latest = {r["client"]: r["accuracy"] for r in sorted(rows, key=lambda r: r["round"]) if trained_record(r)}
+    assert summary["per_client"] == [latest.get(k) for k in range(4)], "each client's last trained score"
+
+
+class PayloadLog(SimulationEngine):
+    """Records the personal-expert tensors of every payload a client trains with and of every received
+    model it is scored on: ``trained_with[(round, client)]``, ``scored_with[(round, client)]``."""
+
+    def setup(self):  # type: ignore[no-untyped-def]
+        fed, runner = super().setup()
+        self.trained_with: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self.scored_with: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+
+        def personal(payload: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: v.clone() for k, v in payload.items() if ".personal." in k}
+
+        engine = self
+
+        class Logging:
+            def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+                return getattr(runner, name)
+
+            def train(self, rnd, phase, payloads, keys, states, tick):  # type: ignore[no-untyped-def]
+                engine.trained_with.update({(rnd, k): personal(p) for k, p in payloads.items()})
+                return runner.train(rnd, phase, payloads, keys, states, tick)
+
+            def evaluate_received(self, rnd, phase, payloads, states):  # type: ignore[no-untyped-def]
+                engine.scored_with.update({(rnd, k): personal(p) for k, p in payloads.items()})
+                return runner.evaluate_received(rnd, phase, payloads, states)
+
+        return fed, Logging()
+
+
+@pytest.mark.slow
+def test_a_personal_start_reaches_a_client_first_sampled_after_the_first_federated_round() -> None:
+    """``personal_init: warmup``: the start a client is scored with after the last warm-up round is what
+    it trains from at its next round, also when it is not sampled in the first federated round."""
+    overrides = [
+        *PARTIAL,
+        "seed=1",  # client 0 trains in warm-up round 1, sits out round 2, trains again in round 4
+        "federation.rounds=4",
+        "method=fedtreelora",
+        "fedtreelora.warmup_rounds=1",
+        "fedtreelora.tau=-1",
+        "fedtreelora.personal=true",
+        "fedtreelora.personal_init=warmup",
+    ]
+    engine = PayloadLog(load_config(overrides=overrides), quiet=True)
+    engine.run()
+    sampled = [engine.participants(rnd, 4) for rnd in range(4)]
+    late = [k for k in sampled[0] if k not in sampled[1] and any(k in s for s in sampled[2:])]
+    assert late, f"a client with a start that sits out the first federated round and trains later: {sampled}"
+    for k in late:
+        first = min(rnd for rnd in (2, 3) if k in sampled[rnd])
+        assert engine.trained_with[(first, k)], f"client {k} trains from its personal start in round {first + 1}"
+    for (rnd, k), scored in engine.scored_with.items():
+        later = [t for t in range(rnd + 1, 4) if k in sampled[t]]
+        if scored and later:
+            got = engine.trained_with[(later[0], k)]
+            assert got.keys() == scored.keys() and all(got[key].equal(scored[key]) for key in got), (rnd, k)

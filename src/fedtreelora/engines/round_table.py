@@ -58,9 +58,10 @@ class RoundTable:
     def row(self, record: dict[str, Any], client_values: Sequence[float], seconds: float) -> Text:
         """The row of ``record``, preceded by the header on the first call.
 
-        ``client_values`` are this round's per-client metric values (participants whose update was
-        accepted); ``seconds`` is the round's wall time. The "other" column is the round's mean under
-        the convention that is not the headline.
+        ``client_values`` are this round's per-client metric values under the headline convention
+        (received: every client, sampled or not; trained: the clients whose update was accepted);
+        ``seconds`` is the round's wall time. The "other" column is the round's mean under the
+        convention that is not the headline; the ``n`` column counts the clients whose update counted.
         """
         other = record.get(f"{self.other}_mean_metric")
         mean = record.get("mean_metric", record.get("mean_accuracy"))

@@ -139,10 +139,9 @@ class SimulationEngine:
                 run.history.append(record)
                 run.next_round = rnd + 1
                 progress.advance(rounds_task)
-                # (a client whose evaluation did not come back has no value this round)
-                values = [
-                    v for k, acc in enumerate(run.per_client) if k in record["clients"] and (v := acc[-1]) is not None
-                ]
+                # Every client scored this round (under `trained`, the participants; a client whose
+                # evaluation did not come back has no value this round).
+                values = [v for acc in run.per_client if (v := acc[-1]) is not None]
                 progress.console.print(table.row(record, values, time.perf_counter() - round_start), soft_wrap=True)
                 if "cuts" in (record.get("server") or {}):  # the round the clusters were made
                     # Through the same console as the rows: --quiet silences it with them (the line is in
@@ -249,29 +248,43 @@ class SimulationEngine:
             )
         info = strategy.aggregate(rnd, uploads)
         metric = run_metric(fed)
-        received = self._evaluate_received(fed, runner, rnd, [r["client"] for r in records], run)
+        trained = [r["client"] for r in records]
+        runner.settle(chosen, trained)
+        received = self._evaluate_received(fed, runner, rnd, trained, run)
         for r in records:
             r.update({f"received_{key}": value for key, value in received.get(r["client"], {}).items()})
-        headline = metric if self.config.federation.evaluate == "trained" else f"received_{metric}"
-        scores = {r["client"]: r.get(headline) for r in records}
+        # Clients whose training did not count this round (not sampled, update rejected): only the model
+        # they would receive is scored, in a record marked as such.
+        sat_out = [
+            {
+                "round": rnd,
+                "client": k,
+                "phase": phase.name,
+                "trained": False,
+                **{f"received_{key}": value for key, value in received[k].items()},
+            }
+            for k in sorted(set(received) - set(trained))
+        ]
+        score_key = metric if self.config.federation.evaluate == "trained" else f"received_{metric}"
+        scored = sorted([*records, *sat_out], key=lambda r: r["client"])
+        scores = {r["client"]: r.get(score_key) for r in scored}
         for k in range(fed.num_clients):
             run.per_client[k].append(scores.get(k))
-        self.recorder.log_clients(records)
-        runner.settle(chosen, [r["client"] for r in records])
+        self.recorder.log_clients(scored)
 
         def mean(key: str) -> float | None:
-            values = [r[key] for r in records if r.get(key) is not None]
+            values = [r[key] for r in scored if r.get(key) is not None]
             return float(np.mean(values)) if values else None
 
         return {
             "round": rnd,
             "phase": phase.name,
-            "clients": [r["client"] for r in records],
+            "clients": trained,
             "rejected": rejected,
             "metric": metric,
             "evaluate": self.config.federation.evaluate,
-            "mean_metric": mean(headline),
-            f"mean_{metric}": mean(headline),
+            "mean_metric": mean(score_key),
+            f"mean_{metric}": mean(score_key),
             "trained_mean_metric": mean(metric),
             "received_mean_metric": mean(f"received_{metric}"),
             "mean_train_loss": mean("train_loss"),
@@ -281,23 +294,27 @@ class SimulationEngine:
         }
 
     def _evaluate_received(
-        self, fed: FederationView, runner: ClientRunner, rnd: int, clients: list[int], run: RunState
+        self, fed: FederationView, runner: ClientRunner, rnd: int, trained: list[int], run: RunState
     ) -> dict[int, dict[str, Any]]:
-        """After round ``rnd``'s aggregation, the scores of what each of ``clients`` receives: its kept
-        state plus the server's payload for round ``rnd + 1``, in that round's phase (after the last
-        round: the final aggregation). Scored with round ``rnd``'s client seeds, so where nothing is
-        received (warm-up, local training) the score equals the trained one exactly.
+        """After round ``rnd``'s aggregation, the scores of what every client receives, whether it trained
+        this round or not: its kept state plus the server's payload for it for round ``rnd + 1``, in that
+        round's phase (after the last round: the final aggregation). Scored with round ``rnd``'s client
+        seeds, so where nothing is received (warm-up, local training) the score equals the trained one
+        exactly. ``trained``: the clients whose update counted this round (their state changed).
 
         Each scored client's payload and round go into ``run`` (its received model, saved at the end);
-        a client whose score did not come back keeps none, since its state has changed since."""
+        a client of ``trained`` whose score did not come back keeps none, since its state has changed
+        since; any other client whose score did not come back keeps the one it was last scored on."""
         strategy = fed.strategy
         phase = strategy.phase(rnd + 1)
+        clients = range(fed.num_clients)
         payloads = {k: strategy.payload(rnd + 1, k) for k in clients}
         scores = runner.evaluate_received(rnd, phase, payloads, run.client_states)
+        changed = set(trained)
         for k in clients:
             if k in scores:
                 run.received_payloads[k], run.received_rounds[k] = payloads[k], rnd + 1
-            else:
+            elif k in changed:
                 run.received_payloads.pop(k, None)
                 run.received_rounds.pop(k, None)
         return scores
@@ -319,7 +336,7 @@ class SimulationEngine:
         ``final_phase`` for the trained states (the last round's; a client whose last round was a
         warm-up round was trained in that), ``received_phase`` for the received ones (the phase after
         the last round, the final aggregation's) and ``received_phase_of_client`` for a client whose
-        received model was scored in another phase (it sat out the last rounds)."""
+        received model was scored in another phase (its score did not come back in the last rounds)."""
         cfg = fed.config
         rounds = cfg.federation.rounds
         received_phase = phase_record(fed.strategy.phase(rounds))

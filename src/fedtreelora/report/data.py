@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from fedtreelora.headline import complete_summary
-from fedtreelora.runfolder import RunFolder
+from fedtreelora.runfolder import RunFolder, trained_record
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class RunData:
         leaves = tree.shape[0] + 1
         if leaves == self.num_clients:
             return list(range(leaves))
-        warm = sorted({int(r["client"]) for r in self.metrics if r.get("phase") == "warmup"})
+        warm = sorted({int(r["client"]) for r in self.metrics if r.get("phase") == "warmup" and trained_record(r)})
         return warm if len(warm) == leaves else list(range(leaves))
 
     @property
@@ -157,8 +157,9 @@ class RunData:
 
     def accuracy_matrix(self, evaluate: str | None = None) -> np.ndarray:
         """(clients, rounds) each client's metric (:attr:`metric`: accuracy, or ROUGE-1 for generation)
-        after each round under ``evaluate`` (default: the run's headline convention); NaN where it did
-        not take part."""
+        after each round under ``evaluate`` (default: the run's headline convention); NaN where it was
+        not scored (``trained``: rounds it did not train in; ``received``: every client is scored every
+        round, but runs written before that scored only the clients that trained)."""
         out = np.full((self.num_clients, self.num_rounds), np.nan)
         evaluate = evaluate or self.evaluate
         key = self.metric if evaluate == "trained" else f"received_{self.metric}"

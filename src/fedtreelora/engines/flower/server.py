@@ -221,7 +221,8 @@ class FlowerEngine(SimulationEngine):
 
 class FlowerRunner:
     """Clients on Flower nodes, reached through a ServerApp's ``Grid``: a ``train`` message per chosen
-    client, an ``evaluate`` message per accepted one, and a ``finish`` query per node at the end.
+    client, an ``evaluate`` message per client each round (chosen or not; see :meth:`evaluate_received`),
+    and a ``finish`` query per node at the end.
 
     Args:
         fed: the server's view of the federation (which node holds which client; it records who
@@ -286,15 +287,17 @@ class FlowerRunner:
         self, rnd: int, phase: PhaseSpec, payloads: Mapping[int, Tensors], states: Sequence[Tensors]
     ) -> dict[int, dict[str, Any]]:
         """Each client scores what it receives on its node: an ``evaluate`` message with the payload of
-        round ``rnd + 1`` (the node first commits the state whose upload was just accepted)."""
+        round ``rnd + 1`` (the node first commits the state whose upload was just accepted, or drops one
+        the server did not accept). A client whose node did not answer its last message is not asked
+        (it may be gone); it is scored again once it answers a training message."""
         fed = self.fed
-        clients = list(payloads)
+        clients = [k for k in payloads if fed.answered.get(k, True)]
         messages = []
         for k in clients:
             config: dict[str, Any] = {
                 "round": rnd,
                 **phase_config(phase),
-                "accepted": True,
+                "accepted": fed.accepted.get(k, False),
                 "label-names": fed.label_names,
             }
             content = RecordDict({"config": ConfigRecord(config), "payload": to_array_record(payloads[k])})

@@ -1,0 +1,39 @@
+"""Partial participation over Flower: every node scores what it would receive after every round, sampled
+or not, and the run records what the in-process engine records, client by client and round by round."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from flower_helpers import in_process, metrics_by_client_round, small_experiment
+from test_messages import LoopbackGrid, task_identity  # noqa: F401  (task_identity: an autouse fixture)
+
+from fedtreelora.engines.flower.server import FlowerEngine
+from fedtreelora.engines.flower.settings import FlowerRunSettings
+from fedtreelora.runfolder import trained_record
+
+pytestmark = pytest.mark.slow
+
+
+def test_every_node_is_scored_each_round_as_in_process(tmp_path: Path) -> None:
+    config = small_experiment("fedtreelora", num_clients=4, federation={"rounds": 3, "fraction_train": 0.5})
+    reference = in_process(config, tmp_path / "in-process")
+    grid = LoopbackGrid(FlowerRunSettings.for_experiment(config), num_nodes=4)
+    summary = FlowerEngine(config, grid, tmp_path / "run", quiet=True, report=False).run()
+    expected, got = metrics_by_client_round(tmp_path / "in-process"), metrics_by_client_round(tmp_path / "run")
+    assert sorted(got) == sorted(expected) == [(r, k) for r in range(3) for k in range(4)]
+    assert sum(not trained_record(row) for row in got.values()) == 3 * 2, "half the clients sit each round out"
+    for key, row in expected.items():
+        assert got[key].keys() == row.keys(), key
+        for field, value in row.items():
+            if isinstance(value, float):
+                assert got[key][field] == pytest.approx(value, abs=1e-6), (key, field)
+            else:
+                assert got[key][field] == value, (key, field)
+    assert [m.metadata.message_type for m in grid.sent].count("evaluate") == 3 * 4, "every node, every round"
+    assert [m.metadata.message_type for m in grid.sent].count("train") == 3 * 2
+    assert summary["per_client"] == pytest.approx(reference["per_client"], abs=1e-6)
+    assert [h["mean_metric"] for h in summary["history"]] == pytest.approx(
+        [h["mean_metric"] for h in reference["history"]], abs=1e-6
+    )
