@@ -20,9 +20,7 @@ in ``--out`` are reused, so an interrupted sweep continues), then reads each run
 from __future__ import annotations
 
 import argparse
-import json
 import re
-import statistics
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,6 +29,8 @@ from typing import Any
 from bench_scoring import CONVENTIONS, cell
 
 from fedtreelora.compare import run_compare, run_folder
+from fedtreelora.compare.stats import majority_rate, mean_std
+from fedtreelora.runfolder import RunFolder
 from fedtreelora.suites import Suite, load_suite
 
 ROW = re.compile(r"^share-(first|last)-(\d+)$")
@@ -60,9 +60,9 @@ def read_summaries(
     for level in levels:
         for row in rows:
             for seed in seeds:
-                path = run_folder(out, level, row, seed) / "summary.json"
-                if path.is_file():
-                    found[(level, row, seed)] = json.loads(path.read_text())
+                summary = RunFolder(run_folder(out, level, row, seed)).read_summary()
+                if summary is not None:
+                    found[(level, row, seed)] = summary
     return found
 
 
@@ -77,30 +77,18 @@ def gather(summaries: Mapping[tuple[str, str, int], Mapping[str, Any]], conventi
     return scores
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def majority_rate(partition: Mapping[str, Any]) -> float:
-    """The mean over clients of the share of their most common validation label (what predicting each
-    client's majority class scores)."""
-    counts = [c["val_label_counts"] for c in partition["clients"]]
-    return statistics.mean(max(c) / sum(c) for c in counts if sum(c))
-
-
 def majority_rates(
     out: Path, levels: Sequence[str], rows: Sequence[str], seeds: Sequence[int]
 ) -> dict[str, list[float]]:
     """level -> one majority rate per seed, from the first row whose run folder has a ``partition.json``
-    (every row of a (level, seed) sees the same partition)."""
+    (every row of a (level, seed) sees the same partition; :func:`fedtreelora.compare.stats.majority_rate`)."""
     rates: dict[str, list[float]] = {}
     for level in levels:
         for seed in seeds:
             for row in rows:
-                path = run_folder(out, level, row, seed) / "partition.json"
-                if path.is_file():
-                    rates.setdefault(level, []).append(majority_rate(json.loads(path.read_text())))
+                partition = RunFolder(run_folder(out, level, row, seed)).read_partition()
+                if partition is not None:
+                    rates.setdefault(level, []).append(majority_rate(partition))
                     break
     return rates
 

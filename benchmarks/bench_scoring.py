@@ -12,11 +12,12 @@ mean +- sample std over seeds of the best-round and final-round mean accuracy un
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from fedtreelora.compare.stats import majority_rate, mean_std
+from fedtreelora.runfolder import RunFolder
 
 CONVENTIONS = ("received", "trained")
 
@@ -25,8 +26,8 @@ def cell(values: list[float]) -> str:
     """``mean +- std`` in % (sample std; 0.00 with one value)."""
     if not values:
         return "n/a"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.2f} ± {100 * std:.2f}"
+    mean, std = mean_std(values)
+    return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
 def collect(out: Path) -> dict[tuple[str, str], list[dict]]:
@@ -34,18 +35,19 @@ def collect(out: Path) -> dict[tuple[str, str], list[dict]]:
     found: dict[tuple[str, str], list[dict]] = {}
     for path in sorted((out / "runs").glob("*/*/seed*/summary.json")):
         dataset, method = path.parts[-4], path.parts[-3]
-        found.setdefault((dataset, method), []).append(json.loads(path.read_text()))
+        found.setdefault((dataset, method), []).append(RunFolder(path.parent).require_summary())
     return found
 
 
 def majority_rates(out: Path) -> dict[str, list[float]]:
     """Per dataset, per seed: the mean over clients of the share of the most common label in the
-    client's validation split (what predicting each client's majority class scores)."""
+    client's validation split (what predicting each client's majority class scores:
+    :func:`fedtreelora.compare.stats.majority_rate`)."""
     rates: dict[str, list[float]] = {}
     for path in sorted((out / "runs").glob("*/local/seed*/partition.json")):
-        clients = json.loads(path.read_text())["clients"]
-        shares = [max(c["val_label_counts"]) / sum(c["val_label_counts"]) for c in clients]
-        rates.setdefault(path.parts[-4], []).append(statistics.mean(shares))
+        partition = RunFolder(path.parent).read_partition()
+        assert partition is not None  # the glob found its file
+        rates.setdefault(path.parts[-4], []).append(majority_rate(partition))
     return rates
 
 

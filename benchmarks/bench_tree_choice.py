@@ -28,6 +28,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedtreelora.compare.stats import difference_cell, mean_std
+
 ROUNDS = {"final": "final_mean", "best": "best_mean"}
 DEFAULT_FIXED = {"tau-0.0": 0.0, "tau-0.1": 0.1, "tau-0.2": 0.2, "fedtreelora": 0.3}
 """Rows of the nlu-cpu-tree suite that fix tau, and their tau."""
@@ -41,19 +43,11 @@ def scores(runs: Sequence[Mapping[str, Any]], key: str) -> dict[str, dict[str, d
     return out
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def paired(mine: Mapping[int, float], theirs: Mapping[int, float]) -> tuple[float, float, int, bool]:
-    """Paired difference over the seeds both have: mean, sample std, pairs, and |mean| > 2 SE."""
-    diffs = [mine[s] - theirs[s] for s in sorted(set(mine) & set(theirs))]
-    if not diffs:
-        return math.nan, math.nan, 0, False
-    mean, std = mean_std(diffs)
-    se = std / math.sqrt(len(diffs))
-    return mean, std, len(diffs), len(diffs) > 1 and abs(mean) > 2 * se
+    """Paired difference over the seeds both have: mean, sample std, pairs, and |mean| > 2 SE
+    (:func:`fedtreelora.compare.stats.difference_cell`; NaN and no mark without pairs)."""
+    d = difference_cell({s: mine[s] - theirs[s] for s in set(mine) & set(theirs)})
+    return d["mean"], d["std"], d["n"], d["marked"]
 
 
 def cell(mean: float, std: float, star: bool = False) -> str:

@@ -26,6 +26,7 @@ from fedtreelora.compare import (
     ari_tables,
     csv_columns,
     difference_values,
+    majority_rate,
     mean_std,
     paired_tables,
     plan_runs,
@@ -165,6 +166,11 @@ def test_mean_std_convention() -> None:
     assert mean_std([70.0]) == (70.0, 0.0)
     mean, std = mean_std([70.0, 74.0, 72.0])
     assert mean == pytest.approx(72.0) and std == pytest.approx(2.0)  # sample std, ddof=1
+
+
+def test_majority_rate_is_the_mean_share_of_each_clients_commonest_label() -> None:
+    partition = {"clients": [{"val_label_counts": [3, 1]}, {"val_label_counts": [1, 1]}, {"val_label_counts": [0, 0]}]}
+    assert majority_rate(partition) == pytest.approx((0.75 + 0.5) / 2)  # a client without validation data is left out
 
 
 # ----------------------------------------------------------------------------------------------

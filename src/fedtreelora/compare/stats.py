@@ -5,6 +5,7 @@ ARI tables of planted groups (see :mod:`fedtreelora.compare` for what each numbe
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -54,6 +55,14 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     if arr.size == 0:
         return math.nan, math.nan
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def majority_rate(partition: Mapping[str, Any]) -> float:
+    """What predicting each client's majority class scores: the mean over clients of the share of their
+    most common validation label, from a run's partition record (``clients[i].val_label_counts``;
+    clients without validation examples are left out)."""
+    counts = [c["val_label_counts"] for c in partition["clients"]]
+    return statistics.mean(max(c) / sum(c) for c in counts if sum(c))
 
 
 def _score(summary: dict[str, Any], key: str, category: str | None = None) -> float:
