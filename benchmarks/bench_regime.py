@@ -23,7 +23,6 @@ row per run with
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from dataclasses import dataclass
@@ -33,9 +32,11 @@ import numpy as np
 from safetensors.numpy import load_file
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 
+from fedtreelora.compare.stats import majority_rate
 from fedtreelora.core.distances import layer_distances
 from fedtreelora.core.plan import plan_sharing
 from fedtreelora.core.tree import build_tree, cut_exact
+from fedtreelora.runfolder import RunFolder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_weight_signal import LAYER  # noqa: E402  (one pattern for a key's layer index)
@@ -108,11 +109,13 @@ def weight_signal(b: np.ndarray, groups: np.ndarray, window: int = 2) -> Signal:
 
 def learned(run: Path) -> dict[str, float]:
     """Accuracy, majority rate and training losses of a finished run."""
-    summary = json.loads((run / "summary.json").read_text())
-    clients = json.loads((run / "partition.json").read_text())["clients"]
-    majority = statistics.mean(max(c["val_label_counts"]) / sum(c["val_label_counts"]) for c in clients)
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "client" in r and "train_loss" in r]
+    folder = RunFolder(run)
+    summary = folder.require_summary()
+    partition = folder.read_partition()
+    if partition is None:
+        raise SystemExit(f"{run}: no partition.json")
+    majority = majority_rate(partition)
+    rows = [r for r in folder.read_metrics() if "client" in r and "train_loss" in r]
     last = max(r["round"] for r in rows)
     first_loss = statistics.mean(r["train_loss"] for r in rows if r["round"] == 0)
     last_losses = [r["train_loss"] for r in rows if r["round"] == last]
@@ -127,11 +130,11 @@ def learned(run: Path) -> dict[str, float]:
 
 
 def analyse(run: Path) -> tuple[dict[str, float], Signal]:
-    summary = json.loads((run / "summary.json").read_text())
-    levels = summary.get("planted_levels")
+    folder = RunFolder(run)
+    levels = folder.require_summary().get("planted_levels")
     if not levels:
         raise SystemExit(f"{run}: summary.json has no planted_levels (a run without data.groups)")
-    files = sorted((run / "clients").glob("client_*.safetensors"), key=lambda f: int(f.stem.split("_")[1]))
+    files = folder.client_state_files()  # client order: the names are zero-padded
     groups = np.unique(np.asarray(levels[-1]), return_inverse=True)[1]
     return learned(run), weight_signal(b_stack([load_file(str(f)) for f in files]), groups)
 
@@ -166,7 +169,8 @@ def main() -> None:
     results = {}
     for summary in sorted((args.out / "runs").glob("*/*/seed*/summary.json")):
         run = summary.parent
-        if not (run / "clients").is_dir() or not json.loads(summary.read_text()).get("planted_levels"):
+        folder = RunFolder(run)
+        if not folder.clients_dir.is_dir() or not folder.require_summary().get("planted_levels"):
             continue
         results[f"{run.parts[-3]} {run.parts[-2]} {run.parts[-1]}"] = analyse(run)
     text = render(results)

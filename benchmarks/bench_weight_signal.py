@@ -15,13 +15,14 @@ well separated groups.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
 from sklearn.metrics import silhouette_score
+
+from fedtreelora.runfolder import RunFolder
 
 LAYER = re.compile(r"\.(?:layer|layers|h)\.(\d+)\.")
 
@@ -60,11 +61,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a finished run folder with planted groups and clients/")
     args = parser.parse_args()
-    summary = json.loads((args.run / "summary.json").read_text())
+    folder = RunFolder(args.run)
+    summary = folder.require_summary()
     levels = summary.get("planted_levels")
     if not levels:
         raise SystemExit(f"{args.run}: summary.json has no planted_levels (a run without data.groups)")
-    files = sorted((args.run / "clients").glob("client_*.safetensors"))
+    files = folder.client_state_files()
     if len(files) != len(levels[0]):
         raise SystemExit(f"{args.run}: {len(files)} saved client states for {len(levels[0])} clients")
     states = [load_file(str(f)) for f in files]
