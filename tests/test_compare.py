@@ -615,9 +615,16 @@ def test_compare_smoke_suite_tables_reuse_and_redo(tmp_path: Path) -> None:
     assert [r.status for r in resumed.runs] == ["resumed"]
     assert resumed.runs[0].summary["best_mean"] == runs[("sarcasm", "fedit", 1)]["best_mean"]
 
-    # a changed setting is run again; the other runs stay as they were
+    # a changed setting meets finished runs of another config: an error naming them, before anything is lost
     before = _mtimes(out)
-    redo = run_compare(suite, out, methods=["local"], datasets=["sarcasm"], overrides=["train.lr=1e-3"], quiet=True)
+    with pytest.raises(ConfigError, match=r"(?s)1 finished run.*local/seed1: differs at train\.lr.*--replace"):
+        run_compare(suite, out, methods=["local"], datasets=["sarcasm"], overrides=["train.lr=1e-3"], quiet=True)
+    assert _mtimes(out) == before
+
+    # with replace=True it is run again; the other runs stay as they were
+    redo = run_compare(
+        suite, out, methods=["local"], datasets=["sarcasm"], overrides=["train.lr=1e-3"], quiet=True, replace=True
+    )
     assert [(r.spec.method, r.status) for r in redo.runs] == [("local", "rerun")]
     redone = out / "runs" / "sarcasm" / "local" / "seed1"
     assert "lr: 0.001" in (redone / "config.yaml").read_text()

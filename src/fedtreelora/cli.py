@@ -167,6 +167,7 @@ def _compare(args: argparse.Namespace) -> int:
         overrides=list(args.set or []),
         quiet=args.quiet,
         command=_compare_command(args, out),
+        replace=args.replace,
     )
     print(result.files["table.md"].read_text(), end="")
     written = ", ".join(str(p) for p in result.files.values())
@@ -338,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--out", help="output folder (default runs/compare-<suite>); finished runs in it are reused")
     compare.add_argument("--quiet", action="store_true", help="no progress bar (one line per run is still printed)")
+    compare.add_argument(
+        "--replace",
+        action="store_true",
+        help="delete and rerun finished runs in --out made with another config (without it they are an error)",
+    )
     compare.set_defaults(func=_compare)
     _add_flower(sub, config_options)
     return parser

@@ -14,7 +14,9 @@ Layout of the output folder ``DIR``::
 Reuse: a run whose folder holds a finished summary and a config equal to the run's resolved config
 (compared after validating it with today's schema, and ignoring the option sections of the *other*
 methods) is read back instead of run again; a run with a matching config but no summary (an interrupted
-run) resumes from its last checkpoint; a run whose config differs is deleted and run again.
+run) resumes from its last checkpoint; an unfinished run whose config differs is deleted and run again.
+A *finished* run whose config differs (typically a forgotten ``--set``) is an error, raised before anything
+runs, unless ``replace`` (``--replace``) asks to delete and rerun it.
 
 Numbers: a run's score is the mean personalized metric over clients (each client on its own
 validation set; accuracy for classification, ROUGE-1 for generation) at the best round (``best_mean``,
@@ -89,8 +91,10 @@ from fedtreelora.compare.runs import (
     _device_name,
     _read_summary,
     _source,
+    check_nothing_finished_is_replaced,
     comparable,
     execute_run,
+    finished_runs_of_other_configs,
     partition_mismatches,
     plan_runs,
     read_partitions,
@@ -124,6 +128,8 @@ from fedtreelora.progress import progress_bars
 from fedtreelora.suites import Suite
 
 __all__ = [
+    "check_nothing_finished_is_replaced",
+    "finished_runs_of_other_configs",
     "ADDED_PREFIXES",
     "ARI_RULE",
     "ARI_TITLE",
@@ -207,6 +213,7 @@ def run_compare(
     console: Console | None = None,
     command: str = "",
     on_run: Callable[[RunResult], None] | None = None,
+    replace: bool = False,
 ) -> CompareResult:
     """Run (or reuse) every (dataset, seed, method) of ``suite`` and write the tables under ``out``.
 
@@ -219,10 +226,14 @@ def run_compare(
         console: where lines go (default: stderr).
         command: the command line, recorded in ``table.md``.
         on_run: called after each run (tests, custom progress).
+        replace: delete and run again finished runs in ``out`` made with another config; without it such
+            runs are an error (raised before anything runs).
     """
     out = Path(out)
     console = console or Console(stderr=True)
     specs = plan_runs(suite, out, methods=methods, seeds=seeds, datasets=datasets, overrides=overrides)
+    if not replace:
+        check_nothing_finished_is_replaced(specs)
     labels = list(dict.fromkeys(s.dataset for s in specs))
     method_list = list(dict.fromkeys(s.method for s in specs))
     seed_list = list(dict.fromkeys(s.seed for s in specs))

@@ -156,6 +156,53 @@ def _read_summary(folder: Path) -> dict[str, Any] | None:
     return complete_summary(summary, None if FEDERATED_KEYS[0] in summary else run.read_metrics())
 
 
+def _differing_keys(stored: Any, wanted: Any, prefix: str = "") -> list[str]:
+    """Dotted keys at which two ``comparable`` dicts differ (a key missing on one side differs)."""
+    if isinstance(stored, dict) and isinstance(wanted, dict):
+        keys = sorted(set(stored) | set(wanted))
+        return [d for k in keys for d in _differing_keys(stored.get(k), wanted.get(k), f"{prefix}{k}.")]
+    return [] if stored == wanted else [prefix.rstrip(".")]
+
+
+def finished_runs_of_other_configs(specs: Sequence[RunSpec]) -> list[tuple[RunSpec, list[str]]]:
+    """The specs whose folder holds a *finished* run (a summary with the headline) of another config,
+    each with the dotted keys at which the stored config differs (``["config"]`` when it no longer loads)."""
+    found: list[tuple[RunSpec, list[str]]] = []
+    for spec in specs:
+        if _read_summary(spec.folder) is None or stored_config_matches(spec.folder, spec.config):
+            continue
+        try:
+            keys = _differing_keys(comparable(RunFolder(spec.folder).read_config()), comparable(spec.config))
+        except (ConfigError, ValueError, yaml.YAMLError):
+            keys = ["config"]
+        found.append((spec, keys or ["config"]))
+    return found
+
+
+def check_nothing_finished_is_replaced(specs: Sequence[RunSpec]) -> None:
+    """Raise :class:`ConfigError` when a planned run would delete a finished run of another config.
+
+    A comparison reuses a folder's run only when its config matches; a forgotten ``--set`` (say the
+    precision the runs were made with) would otherwise delete every finished run it meets and train it
+    again. Checked for all runs before any is touched, so nothing is lost and nothing is half done.
+    """
+    found = finished_runs_of_other_configs(specs)
+    if not found:
+        return
+    lines = [
+        f"  {spec.folder}: differs at {', '.join(keys[:4])}" + (" ..." if len(keys) > 4 else "")
+        for spec, keys in found[:5]
+    ]
+    more = f"\n  ... and {len(found) - 5} more" if len(found) > 5 else ""
+    raise ConfigError(
+        f"{len(found)} finished run(s) in this output folder were made with another config:\n"
+        + "\n".join(lines)
+        + more
+        + "\nPass the same --set overrides as the command that made them (table.md records it), choose "
+        "another --out, or pass --replace to delete them and run them again."
+    )
+
+
 def execute_run(spec: RunSpec) -> RunResult:
     """Reuse, resume or (re)run one run (see the module docstring)."""
     start = time.perf_counter()
