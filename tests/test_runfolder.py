@@ -18,7 +18,7 @@ from fedtreelora.config import ConfigError, load_config
 from fedtreelora.engines.recorder import RunRecorder
 from fedtreelora.headline import complete_summary
 from fedtreelora.report import load_run
-from fedtreelora.runfolder import RunFolder
+from fedtreelora.runfolder import ClientRecord, Convention, Headline, RoundRecord, RunFolder, RunSummary
 
 PACKAGE = Path(fedtreelora.__file__).parent
 #: the layout's file names, which only runfolder.py may spell out
@@ -198,5 +198,89 @@ def test_runfolder_imports_neither_torch_nor_engines() -> None:
             imported |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module or "")
-    assert imported <= {"__future__", "json", "math", "os", "collections.abc", "dataclasses", "pathlib", "typing",
+    assert imported <= {"__future__", "json", "math", "os", "collections.abc", "dataclasses", "enum", "pathlib",
+                        "typing",
                         "numpy", "yaml", "fedtreelora.config"}  # fmt: skip
+
+
+# --- typed records -------------------------------------------------------------------------------------
+
+RUNS = Path(__file__).resolve().parents[1] / "runs"
+
+
+def test_each_convention_knows_the_other_and_says_what_it_scores() -> None:
+    assert Convention.RECEIVED.other is Convention.TRAINED
+    assert Convention.TRAINED.other is Convention.RECEIVED
+    assert {c.other.other for c in Convention} == set(Convention)
+    assert "receives after aggregation" in Convention.RECEIVED.description
+    assert "local training" in Convention.TRAINED.description
+    assert Convention.RECEIVED.description != Convention.TRAINED.description
+    assert Convention.RECEIVED.score_key("rouge1") == "received_rouge1"
+    assert Convention.TRAINED.score_key("rouge1") == "rouge1"
+    assert Convention.TRAINED.mean_key == "trained_mean_metric"
+    assert f"{Convention.RECEIVED}" == "received" and Convention("trained") is Convention.TRAINED
+
+
+def test_a_run_written_before_the_setting_scored_after_local_training() -> None:
+    assert Convention.of(None) is Convention.TRAINED
+    assert Convention.of("received") is Convention.RECEIVED
+    with pytest.raises(ValueError):
+        Convention.of("sideways")
+
+
+def test_an_old_summary_reads_with_the_defaults_of_its_time() -> None:
+    """A summary written before metric, evaluate, num_clients, by_convention and the best federated round
+    were recorded: the keys it lacks take the defaults of the runs of its time."""
+    old = RunSummary({"method": "fedit", "final_mean": 0.5, "best_mean": 0.625, "best_round": 1,
+                      "per_client": [0.5, 0.5, None], "history": [{"round": 0, "mean_accuracy": 0.25},
+                                                                  {"round": 1, "mean_accuracy": 0.625}]})  # fmt: skip
+    assert old.metric == "accuracy" and old.evaluate is Convention.TRAINED and old.score_key == "accuracy"
+    assert old.num_clients == 3 and old.num_rounds == 2
+    assert old.headline == Headline(0.5, 0.625, 1, None, None)
+    assert old.by_convention(Convention.RECEIVED) is None
+    assert [h.mean for h in old.history] == [0.25, 0.625], "mean_accuracy before mean_metric existed"
+    assert old.history[0].phase is None and old.warmup_rounds == []
+    assert old.cuts is None and old.client_categories == [] and old.per_client_at("best_mean") == []
+    assert old.dataset is None and old.finding is None and old.wall_seconds is None
+
+
+def test_a_real_summary_reads_as_written() -> None:
+    path = RUNS / "default" / "summary.json"
+    if not path.is_file():
+        pytest.skip("no runs/default in this checkout")
+    raw = json.loads(path.read_text())
+    summary = RunFolder(path.parent).require_run_summary()
+    assert summary == raw and summary.to_dict() == raw, "every key kept, unchanged"
+    assert summary.evaluate is Convention(raw["evaluate"])
+    assert summary.best_round == raw["best_round"] and summary.final_mean == raw["final_mean"]
+    other = summary.by_convention(summary.evaluate.other)
+    assert other is not None and other.best_mean == raw["by_convention"][str(summary.evaluate.other)]["best_mean"]
+    assert [h.mean for h in summary.history] == [h["mean_metric"] for h in raw["history"]]
+    assert summary.warmup_rounds == [h["round"] for h in raw["history"] if h["phase"] == "warmup"]
+
+
+def test_a_client_record_round_trips_from_a_real_metrics_line(tmp_path: Path) -> None:
+    source = RUNS / "default" / "metrics.jsonl"
+    line = source.read_text().splitlines()[0] if source.is_file() else json.dumps(
+        {"round": 0, "client": 0, "phase": "warmup", "train_loss": 0.69, "steps": 16, "accuracy": 0.640625,
+         "eval_loss": 0.67, "num_train": 128, "num_val": 64, "uplink_bytes": 294912, "downlink_bytes": 0,
+         "received_accuracy": 0.625, "received_eval_loss": 0.68})  # fmt: skip
+    raw = json.loads(line)
+    folder = RunFolder(tmp_path)
+    folder.append_metrics([ClientRecord(raw), ClientRecord({"round": 1, "client": 2, "trained": False,
+                                                            "received_accuracy": 0.5})])  # fmt: skip
+    assert folder.metrics.read_text().splitlines()[0] == line, "written back byte for byte"
+    first, sat_out = folder.read_client_records()
+    assert first == raw and (first.round, first.client, first.phase) == (0, 0, "warmup") and first.trained
+    assert first.score("accuracy", Convention.TRAINED) == raw["accuracy"]
+    assert first.score("accuracy", Convention.RECEIVED) == raw["received_accuracy"]
+    assert first.train_loss == raw["train_loss"]
+    assert not sat_out.trained and sat_out.train_loss is None and sat_out.score("accuracy", Convention.TRAINED) is None
+
+
+def test_a_round_record_prefers_mean_metric_and_reads_each_convention() -> None:
+    record = RoundRecord({"round": 2, "phase": "cluster", "mean_metric": 0.7, "mean_accuracy": 0.1,
+                          "received_mean_metric": 0.7, "trained_mean_metric": 0.6, "uplink_mb_per_client": None})  # fmt: skip
+    assert record.mean == 0.7 and record.round == 2 and record.phase == "cluster"
+    assert record.convention_mean(Convention.TRAINED) == 0.6 and record.convention_mean(Convention.RECEIVED) == 0.7
+    assert record.uplink_mb == 0.0 and record.downlink_mb == 0.0 and record.mean_train_loss is None

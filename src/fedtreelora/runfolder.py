@@ -34,8 +34,9 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -63,6 +64,416 @@ def trained_record(record: Mapping[str, Any]) -> bool:
     client that sat the round out would receive (``"trained": false``; runs written before such records
     existed have none)."""
     return record.get("trained", True) is not False
+
+
+class Convention(str, Enum):
+    """A scoring convention (``federation.evaluate``): which of a client's models a round's scores are of.
+
+    The one place that knows the two conventions: their names, how outputs describe them, the other one,
+    the keys they are recorded under (round records, per-client records, ``by_convention``) and which
+    one a run written before the setting existed used (:meth:`of`).
+    """
+
+    RECEIVED = "received"
+    """The model each client receives after aggregation: its kept state with the server's payload in
+    place of the shared part (the papers' convention, the default)."""
+    TRAINED = "trained"
+    """Each client's model right after its local training, before aggregation."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def of(cls, value: object) -> Convention:
+        """The convention named ``value``; :attr:`TRAINED` for None (a run written before
+        ``federation.evaluate`` existed scored after local training)."""
+        return cls.TRAINED if value is None else cls(str(value))
+
+    @property
+    def other(self) -> Convention:
+        """The other convention (the one the run did not take as its headline)."""
+        return Convention.TRAINED if self is Convention.RECEIVED else Convention.RECEIVED
+
+    @property
+    def description(self) -> str:
+        """One line saying what is scored, as table titles say it."""
+        return _CONVENTION_TEXT[self][0]
+
+    @property
+    def scored(self) -> str:
+        """What is scored, after a score's name (``final mean accuracy of the model each client receives``)."""
+        return _CONVENTION_TEXT[self][1]
+
+    @property
+    def subject(self) -> str:
+        """What is scored, as a noun phrase (``the model each client receives``)."""
+        return _CONVENTION_TEXT[self][2]
+
+    @property
+    def mean_label(self) -> str:
+        """How a plot legend names the round mean under this convention."""
+        return _CONVENTION_TEXT[self][3]
+
+    @property
+    def mean_key(self) -> str:
+        """The round record's key of the round mean under this convention (``received_mean_metric``)."""
+        return f"{self.value}_mean_metric"
+
+    def score_key(self, metric: str) -> str:
+        """The per-client record's key of a client's score under this convention: ``received_<metric>``
+        or ``<metric>``."""
+        return f"received_{metric}" if self is Convention.RECEIVED else metric
+
+
+_CONVENTION_TEXT: dict[Convention, tuple[str, str, str, str]] = {
+    Convention.RECEIVED: (
+        "scored on the model each client receives after aggregation (the papers' convention)",
+        "of the model each client receives",
+        "the model each client receives",
+        "mean of the received model",
+    ),
+    Convention.TRAINED: (
+        "scored right after each client's local training, before aggregation",
+        "after local training",
+        "each client after local training",
+        "mean after local training",
+    ),
+}
+"""Per convention: (:attr:`~Convention.description`, :attr:`~Convention.scored`,
+:attr:`~Convention.subject`, :attr:`~Convention.mean_label`)."""
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+class _Record(Mapping[str, Any]):
+    """A read-only record as written (every key kept, including ones added after this reader), with typed
+    properties for the keys this package reads. Equal to its mapping; :meth:`to_dict` gives it back."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self._data: Mapping[str, Any] = data._data if isinstance(data, _Record) else data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({dict(self._data)!r})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as a plain dict, keys in the order written."""
+        return dict(self._data)
+
+
+class ClientRecord(_Record):
+    """One line of ``metrics.jsonl``: one client's record of one round.
+
+    A client whose training counted that round has its training scores (``train_loss``, ``steps``,
+    ``<metric>``, ``eval_loss``, ``num_train``, ``num_val``, ``uplink_bytes``, ``downlink_bytes``) and
+    the scores of the model it then received (``received_<metric>``, ``received_eval_loss``); one that
+    sat the round out has only the received scores, marked ``"trained": false``.
+    """
+
+    __slots__ = ()
+
+    @property
+    def round(self) -> int:
+        """The round (0-based)."""
+        return int(self["round"])
+
+    @property
+    def client(self) -> int:
+        """The client's index."""
+        return int(self["client"])
+
+    @property
+    def phase(self) -> str | None:
+        """The round's phase name (``warmup``, ...); None in records written before it was recorded."""
+        phase = self.get("phase")
+        return None if phase is None else str(phase)
+
+    @property
+    def trained(self) -> bool:
+        """Whether the client's training counted this round (:func:`trained_record`)."""
+        return trained_record(self)
+
+    @property
+    def train_loss(self) -> float | None:
+        """The mean training loss of the client's local training; None in a score-only record."""
+        return _float(self.get("train_loss"))
+
+    def score(self, metric: str, convention: Convention) -> float | None:
+        """The client's ``metric`` under ``convention``; None where it was not scored."""
+        return _float(self.get(convention.score_key(metric)))
+
+
+class RoundRecord(_Record):
+    """One round of a run's history (``summary.json``'s ``history``): the round's means over clients.
+
+    Keys: ``round``, ``phase``, ``clients`` (whose training counted), ``rejected``, ``metric``,
+    ``evaluate``, ``mean_metric`` (under the run's headline convention; ``mean_accuracy`` in runs written
+    before it), ``received_mean_metric`` and ``trained_mean_metric``, ``mean_train_loss``,
+    ``uplink_mb_per_client``, ``downlink_mb_per_client`` and, for some methods, ``server``.
+    """
+
+    __slots__ = ()
+
+    @property
+    def round(self) -> int:
+        """The round (0-based)."""
+        return int(self["round"])
+
+    @property
+    def phase(self) -> str | None:
+        """The round's phase name; None in histories written before it was recorded."""
+        phase = self.get("phase")
+        return None if phase is None else str(phase)
+
+    @property
+    def mean(self) -> float | None:
+        """The round's mean client metric under the run's headline convention (``mean_metric``; records
+        written before it existed hold ``mean_accuracy``)."""
+        return _float(self.get("mean_metric", self.get("mean_accuracy")))
+
+    def convention_mean(self, convention: Convention) -> float | None:
+        """The round's mean client metric under ``convention``; None where it was not recorded."""
+        return _float(self.get(convention.mean_key))
+
+    @property
+    def mean_train_loss(self) -> float | None:
+        """The mean training loss of the clients that trained."""
+        return _float(self.get("mean_train_loss"))
+
+    @property
+    def uplink_mb(self) -> float:
+        """Megabytes each participating client sent, on average (0.0 when unrecorded)."""
+        return float(self.get("uplink_mb_per_client") or 0.0)
+
+    @property
+    def downlink_mb(self) -> float:
+        """Megabytes each participating client received, on average (0.0 when unrecorded)."""
+        return float(self.get("downlink_mb_per_client") or 0.0)
+
+
+@dataclass(frozen=True)
+class Headline:
+    """A run's headline numbers under one convention: the final round's mean, the best round's (as the
+    papers report it, possibly a warm-up round) and the best federated round's (the best after warm-up).
+    None where the run has none (a best federated round of a run that ended in warm-up, or of a summary
+    written before it was recorded and not completed: :func:`fedtreelora.headline.complete_summary`)."""
+
+    final_mean: float | None
+    best_mean: float | None
+    best_round: int | None
+    best_federated_mean: float | None
+    best_federated_round: int | None
+
+    KEYS: ClassVar[tuple[str, ...]] = (
+        "final_mean", "best_mean", "best_round", "best_federated_mean", "best_federated_round"
+    )  # fmt: skip
+    """Their keys, top level in the summary (the headline convention) and in each ``by_convention`` entry."""
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> Headline:
+        """From a summary (its top level) or one of its ``by_convention`` entries."""
+        return cls(
+            final_mean=_float(values.get("final_mean")),
+            best_mean=_float(values.get("best_mean")),
+            best_round=_int(values.get("best_round")),
+            best_federated_mean=_float(values.get("best_federated_mean")),
+            best_federated_round=_int(values.get("best_federated_round")),
+        )
+
+    def score(self, key: str) -> float | None:
+        """One of the means by its key (``final_mean``, ``best_mean``, ``best_federated_mean``)."""
+        if key not in ("final_mean", "best_mean", "best_federated_mean"):
+            raise KeyError(key)
+        value: float | None = getattr(self, key)
+        return value
+
+
+class RunSummary(_Record):
+    """A run's ``summary.json``, read: headline numbers, history and sharing plan.
+
+    Every key as written is kept (a mapping, for what reads it whole); the properties are what this
+    package reads, with the defaults of runs written before a key existed."""
+
+    __slots__ = ()
+
+    @property
+    def method(self) -> str | None:
+        """The method's name."""
+        return None if self.get("method") is None else str(self["method"])
+
+    @property
+    def dataset(self) -> str | None:
+        """The dataset's name."""
+        return None if self.get("dataset") is None else str(self["dataset"])
+
+    @property
+    def metric(self) -> str:
+        """The per-client metric: ``accuracy`` (classification, and runs written before it was
+        recorded) or ``rouge1`` (generation)."""
+        return str(self.get("metric", "accuracy"))
+
+    @property
+    def evaluate(self) -> Convention:
+        """The headline convention (``federation.evaluate``; :meth:`Convention.of` for old runs)."""
+        return Convention.of(self.get("evaluate"))
+
+    @property
+    def score_key(self) -> str:
+        """The per-client record key of the headline score (``received_accuracy``, ``accuracy``)."""
+        return self.evaluate.score_key(self.metric)
+
+    @property
+    def headline(self) -> Headline:
+        """The headline numbers under :attr:`evaluate` (the summary's top level)."""
+        return Headline.from_mapping(self)
+
+    def by_convention(self, convention: Convention) -> Headline | None:
+        """The headline numbers under ``convention``; None for a run written before both were recorded."""
+        values = (self.get("by_convention") or {}).get(convention.value)
+        return None if not values else Headline.from_mapping(values)
+
+    @property
+    def final_mean(self) -> float | None:
+        """The final round's mean under the headline convention."""
+        return self.headline.final_mean
+
+    @property
+    def best_mean(self) -> float | None:
+        """The best round's mean under the headline convention."""
+        return self.headline.best_mean
+
+    @property
+    def best_round(self) -> int | None:
+        """The best round (0-based)."""
+        return self.headline.best_round
+
+    @property
+    def best_federated_mean(self) -> float | None:
+        """The best federated round's mean (the best after warm-up); None when there is none."""
+        return self.headline.best_federated_mean
+
+    @property
+    def best_federated_round(self) -> int | None:
+        """The best federated round (0-based); None when there is none."""
+        return self.headline.best_federated_round
+
+    @property
+    def history(self) -> list[RoundRecord]:
+        """Every round's record, in order ([] when none)."""
+        return [RoundRecord(h) for h in self.get("history") or []]
+
+    @property
+    def num_clients(self) -> int:
+        """How many clients (from ``per_client`` in runs that did not record it)."""
+        return int(self.get("num_clients") or len(self.get("per_client") or []))
+
+    @property
+    def num_rounds(self) -> int:
+        """How many rounds ran (the history's length)."""
+        return len(self.get("history") or [])
+
+    @property
+    def warmup_rounds(self) -> list[int]:
+        """The 0-based rounds whose phase was ``warmup``."""
+        return [h.round for h in self.history if h.phase == "warmup"]
+
+    def per_client_at(self, key: str) -> list[float | None]:
+        """Each client's score at the round of one headline score (``final_mean``: its last score,
+        ``best_mean``: at the best round, ``best_federated_mean``: at the best federated round); []
+        when not recorded."""
+        return [_float(v) for v in self.get(PER_CLIENT_KEYS[key]) or []]
+
+    @property
+    def client_categories(self) -> list[str]:
+        """Each client's category (datasets that have them, e.g. the NLG tasks), [] otherwise."""
+        return [str(c) for c in self.get("client_categories") or []]
+
+    @property
+    def cuts(self) -> list[int] | None:
+        """Per layer, how many clusters share it; None for methods without a sharing partition."""
+        cuts = self.get("cuts")
+        return None if cuts is None else [int(c) for c in cuts]
+
+    @property
+    def labels(self) -> list[list[int]] | None:
+        """(layers, clients) each client's cluster at each layer (-1: in none), or None."""
+        labels = self.get("labels")
+        return None if labels is None else [list(row) for row in labels]
+
+    @property
+    def label_counts(self) -> list[list[int]] | None:
+        """(clients, labels) training label counts, or None when not recorded."""
+        counts = self.get("label_counts")
+        return counts or None
+
+    @property
+    def planted_groups(self) -> list[str] | None:
+        """(clients,) each client's planted group, or None when the run had none."""
+        groups = self.get("planted_groups")
+        return None if groups is None else [str(g) for g in groups]
+
+    @property
+    def planted_levels(self) -> list[list[str]] | None:
+        """(depth, clients) each client's group prefix at every depth of the planted hierarchy, or None."""
+        levels = self.get("planted_levels")
+        return None if levels is None else [[str(g) for g in level] for level in levels]
+
+    @property
+    def ari(self) -> list[list[float | None]] | None:
+        """(layers, depth) ARI of each layer's partition against the planted groups, or None."""
+        ari = self.get("ari")
+        return None if ari is None else [[_float(v) for v in row] for row in ari]
+
+    @property
+    def plan(self) -> dict[str, Any] | None:
+        """The FedTreeLoRA sharing plan, or None for methods without one."""
+        plan = self.get("plan")
+        return plan if isinstance(plan, dict) else None
+
+    @property
+    def finding(self) -> str | None:
+        """The line the run printed where it made its clusters, when it recorded one."""
+        finding = self.get("finding")
+        return str(finding) if finding else None
+
+    @property
+    def trainable_params_per_client(self) -> int | None:
+        """One client's trainable parameters in the last round's phase."""
+        return _int(self.get("trainable_params_per_client"))
+
+    @property
+    def trainable_percent(self) -> float | None:
+        """Those as a percentage of the backbone's parameters."""
+        return _float(self.get("trainable_percent"))
+
+    @property
+    def wall_seconds(self) -> float | None:
+        """The run's wall time in seconds."""
+        return _float(self.get("wall_seconds"))
+
+
+PER_CLIENT_KEYS = {
+    "best_mean": "per_client_best_round",
+    "best_federated_mean": "per_client_best_federated_round",
+    "final_mean": "per_client",
+}
+"""A headline score's key -> the summary key of each client's score at that round."""
 
 
 def jsonable(value: Any) -> Any:
@@ -230,6 +641,19 @@ class RunFolder:
             raise FileNotFoundError(f"{str(self.root)!r} holds no {self.summary.name}; is it a finished run folder?")
         summary: dict[str, Any] = _read_json(self.summary)
         return summary
+
+    def read_run_summary(self) -> RunSummary | None:
+        """:meth:`read_summary`, typed; None when the run has not finished."""
+        summary = self.read_summary()
+        return None if summary is None else RunSummary(summary)
+
+    def require_run_summary(self) -> RunSummary:
+        """:meth:`require_summary`, typed (raises as it does)."""
+        return RunSummary(self.require_summary())
+
+    def read_client_records(self) -> list[ClientRecord]:
+        """:meth:`read_metrics`, typed: every per-client round record in the order written."""
+        return [ClientRecord(row) for row in self.read_metrics()]
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every per-client round record, in the order written (score-only records of clients that sat a
