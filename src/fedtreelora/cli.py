@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -12,39 +12,59 @@ from pydantic import ValidationError
 
 from fedtreelora.config import load_config, load_run_config
 from fedtreelora.errors import ConfigError
-from fedtreelora.runfolder import CLIENT_MODELS, ClientModel, RunFolder
+from fedtreelora.runfolder import CLIENT_MODELS, ClientModel, Headline, RunFolder, RunSummary
 
 DEFAULT_OUT = "runs/default"
 
 
-def _federated_text(values: dict[str, Any], with_round: bool) -> str:
+def _federated_text(values: Headline, with_round: bool) -> str:
     """``best federated 0.7708 (round 6)``: the best round after warm-up, or ``-`` when the run has none."""
-    best, rnd = values.get("best_federated_mean"), values.get("best_federated_round")
+    best, rnd = values.best_federated_mean, values.best_federated_round
     if best is None or rnd is None:
         return "best federated -"
     return f"best federated {best:.4f}" + (f" (round {rnd + 1})" if with_round else "")
 
 
-def result_line(summary: dict[str, Any], out: Path) -> str:
+def result_line(summary: Mapping[str, Any], out: Path) -> str:
     """The line ``fedtreelora run`` ends with: the headline convention's final mean, best round (as the
     papers report it, possibly a warm-up round) and best federated round (the best after warm-up), the
     other convention's three, the cuts, the wall time and the run folder."""
-    metric = summary.get("metric", "accuracy")
-    other = "trained" if summary.get("evaluate") == "received" else "received"
-    scored = {"received": "of the model each client receives", "trained": "after local training"}
-    headline, aside = summary.get("by_convention", {}).get(other, {}), scored[other]
+    run = RunSummary(summary)
+    ours, other = run.headline, run.evaluate.other
+    aside = run.by_convention(other)
     return (
-        f"{summary['method']} on {summary['dataset']}: final mean {metric} {scored.get(summary.get('evaluate', ''), '')} "
-        f"{summary['final_mean']:.4f}, best {summary['best_mean']:.4f} (round {summary['best_round'] + 1}), "
-        f"{_federated_text(summary, True)}; "
+        f"{run.method} on {run.dataset}: final mean {run.metric} {run.evaluate.scored} "
+        f"{_number(ours.final_mean)}, best {_number(ours.best_mean)} (round {_round(ours.best_round)}), "
+        f"{_federated_text(ours, True)}; "
         + (
-            f"{aside}: final {headline['final_mean']:.4f}, best {headline['best_mean']:.4f}, "
-            f"{_federated_text(headline, False)}; "
-            if headline
+            f"{other.scored}: final {_number(aside.final_mean)}, best {_number(aside.best_mean)}, "
+            f"{_federated_text(aside, False)}; "
+            if aside is not None
             else ""
         )
-        + f"cuts {summary['cuts']}, {summary['wall_seconds']:.0f} s -> {out}"
+        + f"cuts {run.cuts}, {_number(run.wall_seconds, '.0f')} s -> {out}"
     )
+
+
+def flower_result_line(summary: Mapping[str, Any], out: Path) -> str:
+    """The line ``fedtreelora flower simulate`` ends with: the final and best round's mean, the cuts and
+    the run folder."""
+    run = RunSummary(summary)
+    return (
+        f"{run.method} on {run.dataset} (Flower simulation, {run.num_clients} nodes): "
+        f"final mean {run.metric} {_number(run.final_mean)}, best {_number(run.best_mean)}, "
+        f"cuts {run.cuts} -> {out}"
+    )
+
+
+def _number(value: float | None, spec: str = ".4f") -> str:
+    """``value`` formatted, ``-`` when the run has none."""
+    return "-" if value is None else format(value, spec)
+
+
+def _round(value: int | None) -> str:
+    """A 0-based round as shown (1-based), ``-`` when the run has none."""
+    return "-" if value is None else str(value + 1)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -64,9 +84,10 @@ def _run(args: argparse.Namespace) -> int:
 
     summary = SimulationEngine(config, out, quiet=args.quiet, resume=args.resume is not None).run()
     print(result_line(summary, out))
-    if args.quiet and summary.get("finding"):
+    finding = RunSummary(summary).finding
+    if args.quiet and finding:
         # A quiet run shows no round lines, so the one-off finding of its plan round comes with the result.
-        print(summary["finding"])
+        print(finding)
     return 0
 
 
@@ -182,11 +203,7 @@ def _flower_simulate(args: argparse.Namespace) -> int:
     config = load_run_config(args.config, list(args.set or []), method=args.method, seed=args.seed)
     out = Path(args.out)
     summary = simulate(config, out, round_timeout=args.round_timeout, echo=not args.quiet)
-    print(
-        f"{summary['method']} on {summary['dataset']} (Flower simulation, {summary['num_clients']} nodes): "
-        f"final mean {summary.get('metric', 'accuracy')} {summary['final_mean']:.4f}, best {summary['best_mean']:.4f}, "
-        f"cuts {summary['cuts']} -> {out}"
-    )
+    print(flower_result_line(summary, out))
     return 0
 
 

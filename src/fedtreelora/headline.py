@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fedtreelora.runfolder import ClientRecord, Convention, RoundRecord, RunSummary
+
 WARMUP_PHASE = "warmup"
 """The phase name of rounds before anything is shared (local training; FedTreeLoRA, FedLEASE and the
 methods' ``warmup_rounds``)."""
@@ -27,16 +29,15 @@ FEDERATED_KEYS = ("best_federated_mean", "best_federated_round")
 
 def round_mean(record: Mapping[str, Any]) -> float | None:
     """A round record's mean client metric under the run's headline convention (records written before
-    ``mean_metric`` existed hold ``mean_accuracy``)."""
-    value = record.get("mean_metric", record.get("mean_accuracy"))
-    return None if value is None else float(value)
+    ``mean_metric`` existed hold ``mean_accuracy``: :attr:`fedtreelora.runfolder.RoundRecord.mean`)."""
+    return RoundRecord(record).mean
 
 
 def first_federated_round(history: Sequence[Mapping[str, Any]]) -> int | None:
     """The first round (0-based) whose phase is not warm-up: 0 for a method without warm-up; None when
     every round was a warm-up round, no round ran, or a round record names no phase (written by a
     version that did not record it)."""
-    phases = [h.get("phase") for h in history]
+    phases = [RoundRecord(h).phase for h in history]
     if any(p is None for p in phases):
         return None
     return next((r for r, phase in enumerate(phases) if phase != WARMUP_PHASE), None)
@@ -84,22 +85,20 @@ def last_seen(values: Sequence[float | None]) -> float | None:
 def headline_score_key(summary: Mapping[str, Any]) -> str:
     """The per-client record key of a run's headline score: ``received_<metric>`` when it scored the
     received model, ``<metric>`` when it scored after local training (runs written before the setting
-    existed)."""
-    metric = str(summary.get("metric", "accuracy"))
-    return f"received_{metric}" if summary.get("evaluate", "trained") == "received" else metric
+    existed: :meth:`fedtreelora.runfolder.Convention.of`)."""
+    return RunSummary(summary).score_key
 
 
 def per_client_scores(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list[list[float | None]]:
     """(clients, rounds) each client's headline score per round from a run's per-client round records,
     None where it has none."""
-    history = summary.get("history") or []
-    num_clients = int(summary.get("num_clients") or len(summary.get("per_client") or []))
-    key = headline_score_key(summary)
-    scores: list[list[float | None]] = [[None] * len(history) for _ in range(num_clients)]
-    for row in rows:
-        r, k, value = int(row["round"]), int(row["client"]), row.get(key)
-        if value is not None and 0 <= r < len(history) and 0 <= k < num_clients:
-            scores[k][r] = float(value)
+    run = RunSummary(summary)
+    num_rounds, num_clients = run.num_rounds, run.num_clients
+    scores: list[list[float | None]] = [[None] * num_rounds for _ in range(num_clients)]
+    for row in map(ClientRecord, rows):
+        r, k, value = row.round, row.client, row.score(run.metric, run.evaluate)
+        if value is not None and 0 <= r < num_rounds and 0 <= k < num_clients:
+            scores[k][r] = value
     return scores
 
 
@@ -110,7 +109,7 @@ def complete_summary(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any
     given, ``per_client_best_federated_round``. A value that cannot be computed (a history without
     phases, a run that ended in warm-up) is None. A summary that has them is returned as it is (copied)."""
     out = dict(summary)
-    history = out.get("history") or []
+    history = RunSummary(out).history
     if any(key not in out for key in FEDERATED_KEYS):
         out["best_federated_mean"], out["best_federated_round"] = best_federated(history)
     conventions = out.get("by_convention")
@@ -119,13 +118,13 @@ def complete_summary(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any
         for name, values in conventions.items():
             values = dict(values)
             if any(key not in values for key in FEDERATED_KEYS):
-                values.update({k: headline(history, f"{name}_mean_metric")[k] for k in FEDERATED_KEYS})
+                values.update({k: headline(history, Convention(name).mean_key)[k] for k in FEDERATED_KEYS})
             completed[name] = values
         out["by_convention"] = completed
     if rows is not None and "per_client_best_federated_round" not in out:
-        best = out["best_federated_round"]
+        best = RunSummary(out).best_federated_round
         scores = per_client_scores(out, rows)
         out["per_client_best_federated_round"] = [
-            None if best is None else last_seen(values[: int(best) + 1]) for values in scores
+            None if best is None else last_seen(values[: best + 1]) for values in scores
         ]
     return out

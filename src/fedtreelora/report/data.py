@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from fedtreelora.headline import complete_summary
-from fedtreelora.runfolder import RunFolder, trained_record
+from fedtreelora.runfolder import ClientRecord, Convention, RunFolder, RunSummary
 
 
 @dataclass(frozen=True)
@@ -47,15 +47,16 @@ class RunData:
     Attributes:
         run_dir: the folder.
         summary: the run summary.
-        metrics: the per-client round records (one per client per round).
+        metrics: the per-client round records (one per client per round, and score-only records of
+            clients that sat a round out).
         partition: the partition record, or None when absent.
         config: the run's config as a plain dict, or {} when absent.
         meta: the clients' model description, or None when the run saved no client states.
     """
 
     run_dir: Path
-    summary: dict[str, Any]
-    metrics: list[dict[str, Any]] = field(default_factory=list)
+    summary: RunSummary
+    metrics: list[ClientRecord] = field(default_factory=list)
     partition: dict[str, Any] | None = None
     config: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] | None = None
@@ -67,26 +68,25 @@ class RunData:
 
     @property
     def method(self) -> str:
-        return str(self.summary.get("method", "?"))
+        return self.summary.method or "?"
 
     @property
     def metric(self) -> str:
         """The per-client metric of the run: ``accuracy`` (classification) or ``rouge1`` (generation)."""
-        return str(self.summary.get("metric", "accuracy"))
+        return self.summary.metric
 
     @property
     def num_clients(self) -> int:
-        return int(self.summary.get("num_clients") or len(self.summary.get("per_client") or []))
+        return self.summary.num_clients
 
     @property
     def num_rounds(self) -> int:
-        return len(self.summary.get("history") or [])
+        return self.summary.num_rounds
 
     @property
     def plan(self) -> dict[str, Any] | None:
         """The FedTreeLoRA sharing plan (tree, cuts, labels, scores), or None for methods without one."""
-        plan = self.summary.get("plan")
-        return plan if isinstance(plan, dict) else None
+        return self.summary.plan
 
     @property
     def tree(self) -> np.ndarray | None:
@@ -110,14 +110,14 @@ class RunData:
         leaves = tree.shape[0] + 1
         if leaves == self.num_clients:
             return list(range(leaves))
-        warm = sorted({int(r["client"]) for r in self.metrics if r.get("phase") == "warmup" and trained_record(r)})
+        warm = sorted({r.client for r in self.metrics if r.phase == "warmup" and r.trained})
         return warm if len(warm) == leaves else list(range(leaves))
 
     @property
     def labels(self) -> np.ndarray | None:
         """(layers, clients) each client's cluster at each layer (-1: not placed in any cluster), or None
         when the run did not record it."""
-        labels = self.summary.get("labels")
+        labels = self.summary.labels
         if labels is None:
             return None
         return np.asarray(labels, dtype=np.int64).reshape(len(labels), -1)
@@ -125,20 +125,18 @@ class RunData:
     @property
     def planted_groups(self) -> list[str] | None:
         """(clients,) each client's planted group (``data.groups``), or None when the run had none."""
-        groups = self.summary.get("planted_groups")
-        return None if groups is None else [str(g) for g in groups]
+        return self.summary.planted_groups
 
     @property
     def planted_levels(self) -> list[list[str]] | None:
         """(depth, clients) each client's group prefix at every depth of the planted hierarchy, or None."""
-        levels = self.summary.get("planted_levels")
-        return None if levels is None else [[str(g) for g in level] for level in levels]
+        return self.summary.planted_levels
 
     @property
     def ari(self) -> np.ndarray | None:
         """(layers, depth) adjusted Rand index of each layer's sharing partition against the planted
         groups at each depth (NaN where it could not be scored), or None when the run has none."""
-        ari = self.summary.get("ari")
+        ari = self.summary.ari
         if ari is None or self.planted_levels is None:
             return None
         values = [[np.nan if v is None else float(v) for v in row] for row in ari]
@@ -147,26 +145,25 @@ class RunData:
     @property
     def warmup_rounds(self) -> list[int]:
         """0-based rounds whose phase was ``warmup``."""
-        return [int(h["round"]) for h in self.summary.get("history") or [] if h.get("phase") == "warmup"]
+        return self.summary.warmup_rounds
 
     @property
-    def evaluate(self) -> str:
-        """The run's headline convention (``federation.evaluate``): ``received`` or ``trained`` (runs
-        written before the setting existed scored after local training)."""
-        return str(self.summary.get("evaluate", "trained"))
+    def evaluate(self) -> Convention:
+        """The run's headline convention (``federation.evaluate``; :meth:`Convention.of` for runs
+        written before the setting existed)."""
+        return self.summary.evaluate
 
-    def accuracy_matrix(self, evaluate: str | None = None) -> np.ndarray:
+    def accuracy_matrix(self, evaluate: Convention | None = None) -> np.ndarray:
         """(clients, rounds) each client's metric (:attr:`metric`: accuracy, or ROUGE-1 for generation)
         after each round under ``evaluate`` (default: the run's headline convention); NaN where it was
         not scored (``trained``: rounds it did not train in; ``received``: every client is scored every
         round, but runs written before that scored only the clients that trained)."""
         out = np.full((self.num_clients, self.num_rounds), np.nan)
         evaluate = evaluate or self.evaluate
-        key = self.metric if evaluate == "trained" else f"received_{self.metric}"
         for row in self.metrics:
-            r, k = int(row["round"]), int(row["client"])
-            if r < out.shape[1] and k < out.shape[0] and row.get(key) is not None:
-                out[k, r] = float(row[key])
+            r, k, value = row.round, row.client, row.score(self.metric, evaluate)
+            if r < out.shape[1] and k < out.shape[0] and value is not None:
+                out[k, r] = value
         return out
 
     def label_counts(self) -> tuple[np.ndarray, list[str]] | None:
@@ -174,8 +171,8 @@ class RunData:
         if self.partition is not None:
             counts = np.asarray([c["train_label_counts"] for c in self.partition["clients"]], dtype=np.int64)
             names = list(self.partition.get("label_names") or [])
-        elif self.summary.get("label_counts"):
-            counts = np.asarray(self.summary["label_counts"], dtype=np.int64)
+        elif self.summary.label_counts:
+            counts = np.asarray(self.summary.label_counts, dtype=np.int64)
             names = []
         else:
             return None
@@ -219,9 +216,9 @@ def load_run(run_dir: str | Path) -> RunData:
     Raises FileNotFoundError when the run summary is missing (the run has not finished).
     """
     folder = RunFolder(Path(run_dir))
-    metrics = folder.read_metrics()
+    metrics = folder.read_client_records()
     # A run written before the best federated round was recorded: computed from its history and metrics.
-    summary = complete_summary(folder.require_summary(), metrics)
+    summary = RunSummary(complete_summary(folder.require_summary(), metrics))
     return RunData(
         run_dir=folder.root,
         summary=summary,

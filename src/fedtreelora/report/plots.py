@@ -242,31 +242,30 @@ def plot_accuracy(run: RunData) -> Figure:
     _shade_warmup(ax, run.warmup_rounds)
     for k in range(acc.shape[0]):
         ax.plot(rounds, acc[k], **_client_style(k, acc.shape[0]), markersize=3)
-    means = [h.get("mean_metric", h.get("mean_accuracy")) for h in run.summary.get("history") or []]
-    mean = np.asarray([np.nan if m is None else m for m in means], dtype=np.float64)
+    history = run.summary.history
+    mean = np.asarray([np.nan if h.mean is None else h.mean for h in history], dtype=np.float64)
     ax.plot(rounds[: mean.size], mean, color="black", linewidth=2.2, marker="o", markersize=4, label="mean")
-    other = "trained" if run.evaluate == "received" else "received"
-    other_key = f"{other}_mean_metric"
-    if any(h.get(other_key) is not None for h in run.summary.get("history") or []):
-        values = [h.get(other_key) for h in run.summary.get("history") or []]
+    other = run.evaluate.other
+    values = [h.convention_mean(other) for h in history]
+    if any(v is not None for v in values):
         other_mean = np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
-        label = "mean after local training" if other == "trained" else "mean of the received model"
-        ax.plot(rounds[: other_mean.size], other_mean, color="#555555", linewidth=1.4, linestyle="--", label=label)
-    best = run.summary.get("best_round")
+        ax.plot(rounds[: other_mean.size], other_mean, color="#555555", linewidth=1.4, linestyle="--",
+                label=other.mean_label)  # fmt: skip
+    best = run.summary.best_round
     if best is not None and 0 <= best < mean.size:
         ax.scatter([best + 1], [mean[best]], s=90, facecolors="none", edgecolors="#c44e52", zorder=5, label="best")
-    federated = run.summary.get("best_federated_round")
+    federated = run.summary.best_federated_round
     if federated is not None and federated != best and 0 <= federated < mean.size:
         ax.scatter([federated + 1], [mean[federated]], s=90, marker="s", facecolors="none", edgecolors="#4c72b0",
                    zorder=5, label="best after warm-up")  # fmt: skip
     ax.set_xlabel("round")
-    ax.set_ylabel(str(run.summary.get("metric", "accuracy")) + " (own validation split)")
+    ax.set_ylabel(run.metric + " (own validation split)")
     ax.set_xticks(rounds if rounds.size <= 30 else rounds[:: max(1, rounds.size // 15)])
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    scored = "the model each client receives" if run.evaluate == "received" else "each client after local training"
-    ax.set_title(f"Per-client (thin) and mean (bold) {run.metric} of {scored}, {acc.shape[0]} clients", fontsize=10)
+    ax.set_title(f"Per-client (thin) and mean (bold) {run.metric} of {run.evaluate.subject}, {acc.shape[0]} clients",
+                 fontsize=10)  # fmt: skip
     return fig
 
 
@@ -325,10 +324,10 @@ def plot_label_counts(run: RunData) -> Figure | None:
 
 def plot_communication(run: RunData) -> Figure:
     """Megabytes sent per client each round (mean over participating clients), up and down."""
-    history = run.summary.get("history") or []
+    history = run.summary.history
     rounds = np.arange(1, len(history) + 1)
-    up = np.asarray([h.get("uplink_mb_per_client") or 0.0 for h in history])
-    down = np.asarray([h.get("downlink_mb_per_client") or 0.0 for h in history])
+    up = np.asarray([h.uplink_mb for h in history])
+    down = np.asarray([h.downlink_mb for h in history])
     fig = Figure(figsize=(7.0, 3.4))
     ax = fig.add_subplot()
     _shade_warmup(ax, run.warmup_rounds)

@@ -14,7 +14,7 @@ import numpy as np
 from fedtreelora.core.findings import run_finding, summary_label_prior
 from fedtreelora.report import plots
 from fedtreelora.report.data import RunData, load_run
-from fedtreelora.runfolder import RunFolder
+from fedtreelora.runfolder import Headline, RunFolder
 
 #: folder next to report.md that holds its PNG figures
 FIGURES_DIR = RunFolder.FIGURES_DIR
@@ -169,24 +169,24 @@ def overview_rows(run: RunData) -> list[tuple[str, str]]:
     model = cfg.get("model") or (run.meta or {}).get("model") or {}
     rows = [
         ("method", run.method),
-        ("dataset", _fmt(s.get("dataset"))),
+        ("dataset", _fmt(s.dataset)),
         ("clients", _fmt(run.num_clients)),
         ("rounds", f"{run.num_rounds} ({len(run.warmup_rounds)} warm-up)"),
-        (f"final mean {run.metric}", _fmt(s.get("final_mean"))),
-        (f"best mean {run.metric}", f"{_fmt(s.get('best_mean'))} (round {int(s.get('best_round', 0)) + 1})"),
-        (f"best federated mean {run.metric}", best_federated_text(s)),
-        ("clusters per layer (cuts)", _fmt(s.get("cuts"))),
+        (f"final mean {run.metric}", _fmt(s.final_mean)),
+        (f"best mean {run.metric}", f"{_fmt(s.best_mean)} (round {(s.best_round or 0) + 1})"),
+        (f"best federated mean {run.metric}", best_federated_text(s.headline)),
+        ("clusters per layer (cuts)", _fmt(s.cuts)),
         ("backbone", f"{model.get('name', '?')}, {model.get('num_layers') or 'all'} layers"),
         (
             "LoRA",
             f"rank {model.get('rank', '?')}, alpha {model.get('alpha', '?')} on {model.get('target_modules', '?')}",
         ),
     ]
-    if s.get("trainable_params_per_client") is not None:
+    if s.trainable_params_per_client is not None:
         rows.append(
             (
                 "trainable parameters per client",
-                f"{s['trainable_params_per_client']:,} ({_fmt(s.get('trainable_percent'), 3)}% of the backbone)",
+                f"{s.trainable_params_per_client:,} ({_fmt(s.trainable_percent, 3)}% of the backbone)",
             )
         )
     plan = run.plan
@@ -200,22 +200,22 @@ def overview_rows(run: RunData) -> list[tuple[str, str]]:
     if run.planted_groups is not None and run.planted_levels is not None:
         per_depth = ", ".join(str(len(set(level))) for level in run.planted_levels)
         rows.append(("planted groups", f"{len(set(run.planted_groups))} (per depth: {per_depth})"))
-    history = s.get("history") or []
-    up = sum(h.get("uplink_mb_per_client") or 0.0 for h in history)
-    down = sum(h.get("downlink_mb_per_client") or 0.0 for h in history)
+    history = s.history
+    up = sum(h.uplink_mb for h in history)
+    down = sum(h.downlink_mb for h in history)
     rows.append(("communication per client", f"up {up:.3f} MB, down {down:.3f} MB"))
-    if s.get("wall_seconds") is not None:
-        rows.append(("wall time", f"{s['wall_seconds']:.1f} s"))
+    if s.wall_seconds is not None:
+        rows.append(("wall time", f"{s.wall_seconds:.1f} s"))
     return rows
 
 
-def best_federated_text(summary: dict[str, Any]) -> str:
+def best_federated_text(headline: Headline) -> str:
     """The best federated round's overview cell: its mean and round (the best round after warm-up,
     which the best round may precede), or why there is none."""
-    best, rnd = summary.get("best_federated_mean"), summary.get("best_federated_round")
+    best, rnd = headline.best_federated_mean, headline.best_federated_round
     if best is None or rnd is None:
         return "- (no round after warm-up, or a history without phases)"
-    return f"{_fmt(best)} (round {int(rnd) + 1}; the best round after warm-up)"
+    return f"{_fmt(best)} (round {rnd + 1}; the best round after warm-up)"
 
 
 def finding_rows(run: RunData) -> list[tuple[str, str]]:
@@ -224,7 +224,7 @@ def finding_rows(run: RunData) -> list[tuple[str, str]]:
     when they do, else the number; nothing for a run without clusters."""
     s = run.summary
     personal = bool((run.config.get("fedtreelora") or {}).get("personal", False))
-    finding = s.get("finding") or run_finding(s, personal=personal)
+    finding = s.finding or run_finding(s, personal=personal)
     rows = [] if finding is None else [("what the clustering found", str(finding))]
     prior = summary_label_prior(s)
     labels = run.labels
@@ -294,8 +294,8 @@ def cut_search_rows(run: RunData) -> tuple[list[str], list[list[str]]] | None:
 def client_rows(run: RunData) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the per-client table."""
     s = run.summary
-    final = s.get("per_client") or []
-    best = s.get("per_client_best_round") or []
+    final = s.per_client_at("final_mean")
+    best = s.per_client_at("best_mean")
     labels = run.labels
     found = run.label_counts()
     lambdas = run.lambdas()
@@ -338,7 +338,7 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def render_html(run: RunData, sections: Sequence[Section]) -> str:
     """One self-contained page: inline CSS, figures as base64 PNG data URIs, no external references."""
     esc = html.escape
-    title = f"fedtreelora report: {run.method} on {run.summary.get('dataset', '?')}"
+    title = f"fedtreelora report: {run.method} on {run.summary.dataset or '?'}"
     header, rows = client_rows(run)
     parts = [
         "<!DOCTYPE html>",
@@ -373,7 +373,7 @@ def render_html(run: RunData, sections: Sequence[Section]) -> str:
 
 def render_markdown(run: RunData, sections: Sequence[Section]) -> str:
     """Markdown with the figures as ``report_files/<key>.png`` next to the file."""
-    title = f"fedtreelora report: {run.method} on {run.summary.get('dataset', '?')}"
+    title = f"fedtreelora report: {run.method} on {run.summary.dataset or '?'}"
     lines = [f"# {title}", "", _md_table(["", ""], overview_rows(run)), ""]
     for section in sections:
         lines += [f"## {section.title}", ""]
