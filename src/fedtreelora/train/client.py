@@ -101,7 +101,9 @@ def _run_client_round(
             torch.manual_seed(seed)  # sampled answers depend on the client's round seed only
         evaluation = evaluate_client(bank.model, tokenizer, val_data, settings, device)
     new_state = bank.read_slot(0)
-    upload = client_upload(new_state, start, upload_keys, upload_transforms, client=client, rnd=rnd, seed=seed)
+    upload = client_upload(
+        new_state, start, upload_keys, upload_transforms, client=client, rnd=rnd, seed=seed, received=payload
+    )
     metrics = {
         # The mean in float64 (a pass of several clients averages in float32, as each always has).
         "train_loss": float(np.mean(losses.astype(np.float64))) if len(losses) else float("nan"),

@@ -10,13 +10,14 @@ exactly what the server has always received.
 A transform sees the upload as absolute tensors (what the server averages) and, through its
 :class:`UploadContext`, the received start each tensor was trained from; ``context.delta(upload)`` is
 the update a clipping or noise transform works on, ``context.from_delta(delta)`` turns it back into an
-upload.
+upload. ``context.received`` tells which of those starts the server sent (and so knows) and which
+are the client's own kept state, which the server has never seen.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -44,6 +45,10 @@ class UploadContext:
         start: the received start, every state key as training began: the client's kept state with the
             server's payload in its place (``{**state, **payload}``).
         state: the client's whole state after training (what it keeps), the same keys as ``start``.
+        received: the server's payload of this round, the keys of ``start`` that came from the server
+            (empty in a round where it sent nothing, e.g. a warm-up round): a transform whose output must
+            not reveal the client's kept state (differential privacy) measures the update from these,
+            the only starts the server knows.
     """
 
     client: int | None
@@ -51,6 +56,7 @@ class UploadContext:
     seed: int
     start: Mapping[str, torch.Tensor]
     state: Mapping[str, torch.Tensor]
+    received: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def delta(self, upload: Mapping[str, torch.Tensor]) -> Tensors:
         """What training changed in each uploaded tensor: ``upload[key] - start[key]`` (each of the
@@ -90,6 +96,7 @@ def client_upload(
     client: int | None = None,
     rnd: int | None = None,
     seed: int = 0,
+    received: Mapping[str, torch.Tensor] | None = None,
 ) -> Tensors:
     """The upload of one client round: ``state``'s tensors for ``keys``, passed through ``transforms``
     in order.
@@ -102,13 +109,16 @@ def client_upload(
         keys: the state keys the strategy asks for (``Strategy.upload_keys``).
         transforms: the run's upload chain, applied first to last.
         client, rnd, seed: the round's client, round and client seed, for :class:`UploadContext`.
+        received: the server's payload of this round (:attr:`UploadContext.received`); None: empty.
     Returns:
         key -> tensor for exactly ``keys`` (unless a transform breaks its contract).
     """
     upload = {key: state[key] for key in keys}
     if not transforms:
         return upload
-    context = UploadContext(client=client, round=rnd, seed=seed, start=start, state=state)
+    context = UploadContext(
+        client=client, round=rnd, seed=seed, start=start, state=state, received={} if received is None else received
+    )
     for transform in transforms:
         upload = transform(upload, context)
     return upload

@@ -134,7 +134,14 @@ def _run_clients_round(
             "num_val": len(val_data[j]),
         }
         upload = client_upload(
-            state, inputs[j], upload_keys[j], upload_transforms, client=ids[j], rnd=rnd, seed=seeds[j]
+            state,
+            inputs[j],
+            upload_keys[j],
+            upload_transforms,
+            client=ids[j],
+            rnd=rnd,
+            seed=seeds[j],
+            received=payloads[j],
         )
         results.append(ClientResult(state=state, upload=upload, metrics=metrics))
     bank.configure(phase, active_slots=1)
