@@ -267,6 +267,54 @@ class FederationConfig(Section):
     each round)."""
 
 
+class PrivacyConfig(Section):
+    """Client-level differential privacy of the uploads (docs/privacy.md). Off while ``clip_norm`` is unset."""
+
+    clip_norm: float | None = Field(default=None, gt=0)
+    """S: each client's update (its upload minus what the server already knows of it, every uploaded tensor
+    together) is clipped to this L2 norm before noise is added; None: no clipping, no noise (privacy off)."""
+    noise_multiplier: float | None = Field(default=None, ge=0)
+    """z: Gaussian noise of std z * S is added to every coordinate of the clipped update (0: clipping alone,
+    no guarantee). Set this or ``target_epsilon``, not both."""
+    target_epsilon: float | None = Field(default=None, gt=0)
+    """Derive z instead: the smallest noise multiplier whose epsilon after ``federation.rounds`` rounds at the
+    sampling rate of ``federation.fraction_train`` stays at most this, at ``delta``."""
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    """The delta of the (epsilon, delta) guarantee; must be below 1 / data.num_clients (a delta as large
+    as one client's share lets a mechanism publish one client's whole update)."""
+    accountant: Literal["rdp", "prv"] = "rdp"
+    """Opacus's accountant: ``rdp`` (Renyi DP, an upper bound) or ``prv`` (privacy random variables, tighter)."""
+    adjacency: Literal["add_remove", "replace"] = "add_remove"
+    """Neighbouring federations differ by one client's whole data: ``add_remove`` (present or absent; the
+    sensitivity is S) or ``replace`` (swapped for any other data; the sensitivity is 2S, so the accountant
+    sees z / 2)."""
+
+    @property
+    def enabled(self) -> bool:
+        """Uploads are clipped (and noised): ``clip_norm`` is set."""
+        return self.clip_norm is not None
+
+    @model_validator(mode="after")
+    def _one_noise_setting(self) -> PrivacyConfig:
+        if self.noise_multiplier is not None and self.target_epsilon is not None:
+            raise ValueError(
+                f"privacy.noise_multiplier={self.noise_multiplier} and privacy.target_epsilon={self.target_epsilon} "
+                "are both set; set one: the noise multiplier, or the target epsilon it is derived from"
+            )
+        noise = "privacy.noise_multiplier" if self.noise_multiplier is not None else "privacy.target_epsilon"
+        if self.clip_norm is None and (self.noise_multiplier is not None or self.target_epsilon is not None):
+            raise ValueError(
+                f"{noise} is set but privacy.clip_norm is not; the noise is scaled to the clipping bound: set "
+                "privacy.clip_norm (e.g. 1.0) too"
+            )
+        if self.clip_norm is not None and self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError(
+                f"privacy.clip_norm={self.clip_norm} is set but neither privacy.noise_multiplier nor "
+                "privacy.target_epsilon; set one (privacy.noise_multiplier=0 clips without noise)"
+            )
+        return self
+
+
 class LoggingConfig(Section):
     tensorboard: bool = True
     """Write per-round scalars (mean and per-client accuracy, loss, communication) to ``OUT/tensorboard``."""
@@ -291,6 +339,8 @@ class ExperimentBase(Section):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     """How answers are generated when evaluating a causal LM (data.task generation)."""
     federation: FederationConfig = Field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    """Client-level differential privacy of the uploads: clipping, Gaussian noise, the accountant (docs/privacy.md)."""
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @field_validator("method")
@@ -318,6 +368,13 @@ class ExperimentBase(Section):
                 )
         elif self.model.quantization != "none":
             raise ValueError("model.quantization applies to causal LMs (data.task generation); set it to 'none'")
+        privacy = self.privacy
+        if privacy.enabled and privacy.delta >= 1 / self.data.num_clients:
+            raise ValueError(
+                f"privacy.delta={privacy.delta:g} is not below 1 / data.num_clients = 1/{self.data.num_clients}; "
+                "a delta that large allows publishing one client's update outright: lower privacy.delta "
+                f"(e.g. {min(1e-5, 0.1 / self.data.num_clients):g})"
+            )
         warmup = getattr(self.method_options(), "warmup_rounds", 0)
         if warmup >= self.federation.rounds:
             raise ValueError(

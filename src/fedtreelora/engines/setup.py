@@ -191,8 +191,8 @@ class Federation(RunTask):
     upload_transforms: tuple[UploadTransform, ...] = ()
     """The run's upload chain, applied in order to every client's upload wherever it trains (one client
     per pass, several, a Flower node; :func:`fedtreelora.train.client_upload`). Empty: the upload is the
-    strategy's keys of the trained state, unchanged. No configuration key sets it yet; code that needs
-    one (a test, a privacy mechanism) builds the federation and replaces this field."""
+    strategy's keys of the trained state, unchanged. The ``privacy`` section puts the Gaussian mechanism
+    here (:func:`upload_chain`); code that needs another link (a test) replaces this field."""
 
     def client_categories(self) -> list[str] | None:
         """Each client's category (generation: its task's category, e.g. ``Sentiment``); None for
@@ -450,6 +450,19 @@ def _instruction_data(config: ExperimentConfig) -> tuple[InstructionDataset, lis
     return dataset, clients
 
 
+def upload_chain(config: ExperimentConfig, initial_state: dict[str, torch.Tensor]) -> tuple[UploadTransform, ...]:
+    """The run's upload transforms from its config: the clipping and noise of ``privacy`` when it is on
+    (:class:`fedtreelora.privacy.GaussianUpdate`, measuring updates from the server's payload or
+    ``initial_state``), else none."""
+    from fedtreelora.privacy import privacy_settings  # the accountant's library only when privacy is asked for
+
+    if not config.privacy.enabled:
+        return ()
+    settings = privacy_settings(config)
+    assert settings is not None
+    return (settings.transform(config.seed, initial_state),)
+
+
 def build_federation(config: ExperimentConfig, *, num_slots: int | None = None) -> Federation:
     """Load data and model, partition clients, inject adapters and set up the strategy.
 
@@ -474,4 +487,5 @@ def build_federation(config: ExperimentConfig, *, num_slots: int | None = None) 
         side.initial_state,
         side.settings,
         side.device,
+        upload_chain(config, side.initial_state),
     )

@@ -21,6 +21,7 @@ from fedtreelora.engines.setup import (
     encode_split,
     load_configured_classification,
     load_configured_instructions,
+    upload_chain,
 )
 
 _FEDERATIONS: dict[tuple[str, ...], Federation] = {}
@@ -135,7 +136,7 @@ def _site_federation(
     val = encode_split(config, tok, dataset.validation, share.val_indices)
     return Federation(
         config, dataset, [share], side.classifier, side.bank, side.strategy, [train], [val],
-        side.initial_state, side.settings, side.device,
+        side.initial_state, side.settings, side.device, upload_chain(config, side.initial_state),
     )  # fmt: skip
 
 
