@@ -11,7 +11,8 @@ from fedtreelora.runfolder import RunFolder
 
 class ScalarLogger:
     """Per-round scalars: mean (headline, and under each evaluation convention) and per-client metric
-    (accuracy, or rouge1 for generation), loss, communication, the cuts.
+    (accuracy, or rouge1 for generation), loss, communication, the cuts, and with ``privacy`` on the
+    epsilon spent so far (``privacy/epsilon``, ``privacy/epsilon_server``; absent while infinite).
 
     TensorBoard event files go to ``out_dir/tensorboard``; ``wandb=True`` also logs to a W&B run
     (requires the ``wandb`` package and its own login; ignored with a notice if not installed).
@@ -60,6 +61,8 @@ class ScalarLogger:
             "train_loss/mean": record["mean_train_loss"],
             "communication/uplink_mb_per_client": record["uplink_mb_per_client"],
             "communication/downlink_mb_per_client": record["downlink_mb_per_client"],
+            "privacy/epsilon": record.get("epsilon"),
+            "privacy/epsilon_server": record.get("epsilon_server"),
         }
         scalars.update({f"{metric}/client_{k:03d}": value for k, value in enumerate(per_client)})
         scalars = {k: v for k, v in scalars.items() if v is not None}

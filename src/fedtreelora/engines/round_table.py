@@ -85,6 +85,12 @@ class RoundTable:
         server = record.get("server") or {}
         if "cuts" in server:
             notes.append("cuts " + ",".join(str(c) for c in server["cuts"]))
+        if "epsilon" in record:  # privacy on: epsilon at the configured delta (server's view beside it)
+            eps, server_eps = record["epsilon"], record.get("epsilon_server")
+            text_eps = "inf" if eps is None else f"{eps:.2f}"
+            if server_eps != eps:
+                text_eps += "/" + ("inf" if server_eps is None else f"{server_eps:.2f}") + " server"
+            notes.append(f"eps {text_eps}")
         if record.get("rejected"):
             notes.append(f"rejected {record['rejected']}")
         if mean is None:

@@ -6,7 +6,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from fedtreelora.engines.setup import Federation, FederationView, build_federati
 from fedtreelora.engines.validation import RejectedUpdate, check_update
 from fedtreelora.headline import best_federated, headline, last_seen, round_mean
 from fedtreelora.progress import progress_bars
+
+if TYPE_CHECKING:
+    from fedtreelora.privacy import PrivacyLedger
 
 
 def run_metric(fed: FederationView) -> str:
@@ -100,6 +103,19 @@ class SimulationEngine:
         self.recorder = RunRecorder(out_dir)
         self.quiet = quiet
         self.console = console or Console(stderr=True, quiet=quiet)
+        self._ledger: PrivacyLedger | None = None
+
+    def privacy(self, num_clients: int) -> PrivacyLedger | None:
+        """The run's privacy ledger (epsilon after each round), or None when ``privacy`` is off."""
+        if not self.config.privacy.enabled:
+            return None
+        if self._ledger is None:
+            from fedtreelora.privacy import PrivacyLedger, privacy_settings
+
+            settings = privacy_settings(self.config)
+            assert settings is not None
+            self._ledger = PrivacyLedger(settings, num_clients)
+        return self._ledger
 
     def run(self) -> dict[str, Any]:
         """Run every round (from the last checkpoint when resuming); return the summary (also
@@ -221,6 +237,9 @@ class SimulationEngine:
         payloads = {k: strategy.payload(rnd, k) for k in chosen}
         keys = {k: list(strategy.upload_keys(rnd, k)) for k in chosen}
         results = runner.train(rnd, phase, payloads, keys, run.client_states, tick)
+        ledger = self.privacy(fed.num_clients)
+        # What the server saw this round (accepted or not), and the privacy spent once it has.
+        privacy = {} if ledger is None else ledger.round_fields(run.history, [k for k in results if keys[k]])
         uploads: dict[int, dict[str, torch.Tensor]] = {}
         records: list[dict[str, Any]] = []
         rejected: list[int] = []
@@ -267,6 +286,10 @@ class SimulationEngine:
         ]
         score_key = metric if self.config.federation.evaluate == "trained" else f"received_{metric}"
         scored = sorted([*records, *sat_out], key=lambda r: r["client"])
+        if ledger is not None:
+            own = ledger.client_epsilons([*run.history, privacy])
+            for r in scored:
+                r.update({"epsilon": privacy["epsilon"], "epsilon_server": own[r["client"]]})
         scores = {r["client"]: r.get(score_key) for r in scored}
         for k in range(fed.num_clients):
             run.per_client[k].append(scores.get(k))
@@ -290,6 +313,7 @@ class SimulationEngine:
             "mean_train_loss": mean("train_loss"),
             "uplink_mb_per_client": (mean("uplink_bytes") or 0.0) / 1e6,
             "downlink_mb_per_client": (mean("downlink_bytes") or 0.0) / 1e6,
+            **privacy,
             **({"server": info} if info else {}),
         }
 
@@ -423,6 +447,9 @@ class SimulationEngine:
             "wall_seconds": wall,
             **fed.strategy.summary(),
         }
+        ledger = self.privacy(fed.num_clients)
+        if ledger is not None:
+            summary["privacy"] = ledger.summary(history)
         finding = run_finding(summary, personal=_personal(fed))
         if finding is not None:
             summary["finding"] = finding
