@@ -228,3 +228,46 @@ def test_a_nodes_upload_transforms_shape_what_crosses_the_wire(tmp_path):
     for key, upload in received.items():
         assert not upload[zeroed].any(), key
         assert all(v.abs().max() > 0 for k, v in upload.items() if k != zeroed), key
+
+
+def test_private_uploads_cross_the_wire_as_in_process(tmp_path):
+    """With ``privacy`` on, every node clips and noises its upload through the chain its federation is built
+    with: the server receives, warm-up included, bit for bit what the in-process engine's server receives,
+    and both report the same epsilon."""
+    from fedtreelora.engines import SimulationEngine
+    from fedtreelora.privacy import GaussianUpdate
+
+    config = small_experiment(
+        "fedtreelora", rounds=2, fedtreelora={"warmup_rounds": 1, "tau": -1.0},
+        train={"local_epochs": 1, "batch_size": 8, "clients_per_pass": 1},
+        privacy={"clip_norm": 0.05, "noise_multiplier": 1.0, "delta": 1e-3},
+    )  # fmt: skip
+    received: dict[str, dict[tuple[int, int], dict]] = {"flower": {}, "in-process": {}}
+
+    class InProcess(SimulationEngine):
+        def tamper(self, rnd, client, upload):  # type: ignore[no-untyped-def]
+            received["in-process"][(rnd, client)] = upload
+            return upload
+
+    class Recording(FlowerEngine):
+        def tamper(self, rnd, client, upload):  # type: ignore[no-untyped-def]
+            received["flower"][(rnd, client)] = upload
+            return upload
+
+    expected = InProcess(config, tmp_path / "in-process", quiet=True, report=False).run()
+    settings = FlowerRunSettings.for_experiment(config)
+    grid = LoopbackGrid(settings, num_nodes=3)
+    from fedtreelora.engines.flower.node import node_client
+
+    node_experiment = FlowerRunSettings.from_run_config(settings.to_run_config()).experiment
+    for context in grid.contexts.values():
+        (mech,) = node_client(node_experiment, context.node_config).fed.upload_transforms
+        assert isinstance(mech, GaussianUpdate) and mech.noise_std == pytest.approx(0.05)
+    summary = Recording(config, grid, tmp_path / "run", quiet=True, report=False).run()
+    flower, local = received["flower"], received["in-process"]
+    assert sorted(flower) == sorted(local) == [(r, k) for r in range(2) for k in range(3)]
+    for key, upload in flower.items():
+        assert upload.keys() == local[key].keys()
+        assert all(upload[x].equal(local[key][x]) for x in upload), key
+    assert summary["privacy"] == expected["privacy"] and summary["privacy"]["epsilon"] > 0
+    assert [h["epsilon"] for h in summary["history"]] == [h["epsilon"] for h in expected["history"]]
