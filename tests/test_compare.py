@@ -38,7 +38,7 @@ from fedtreelora.compare import (
     write_outputs,
 )
 from fedtreelora.config import ConfigError, ExperimentConfig, load_config
-from fedtreelora.runfolder import RunFolder
+from fedtreelora.runfolder import RunFolder, RunSummary
 from fedtreelora.strategies import STRATEGIES
 from fedtreelora.suites import PACKAGED_SUITES, Suite, available_suites, find_suite, load_suite, order_methods
 
@@ -440,7 +440,7 @@ def _planted_runs(config: ExperimentConfig) -> list[RunResult]:
     for r in runs:
         if r.spec.dataset == "hierarchy":
             ari = ARI[r.spec.method][r.spec.seed]
-            r.summary.update(planted_groups=PLANTED, planted_levels=LEVELS, ari=ari)
+            r.summary = RunSummary({**r.summary, "planted_groups": PLANTED, "planted_levels": LEVELS, "ari": ari})
     return runs
 
 

@@ -18,7 +18,16 @@ from fedtreelora.config import ConfigError, load_config
 from fedtreelora.engines.recorder import RunRecorder
 from fedtreelora.headline import complete_summary
 from fedtreelora.report import load_run
-from fedtreelora.runfolder import ClientRecord, Convention, Headline, RoundRecord, RunFolder, RunSummary
+from fedtreelora.runfolder import (
+    ClientRecord,
+    ComparisonFolder,
+    Convention,
+    Headline,
+    RoundRecord,
+    RunFolder,
+    RunSummary,
+    write_json,
+)
 
 PACKAGE = Path(fedtreelora.__file__).parent
 #: the layout's file names, which only runfolder.py may spell out
@@ -284,3 +293,24 @@ def test_a_round_record_prefers_mean_metric_and_reads_each_convention() -> None:
     assert record.mean == 0.7 and record.round == 2 and record.phase == "cluster"
     assert record.convention_mean(Convention.TRAINED) == 0.6 and record.convention_mean(Convention.RECEIVED) == 0.7
     assert record.uplink_mb == 0.0 and record.downlink_mb == 0.0 and record.mean_train_loss is None
+
+
+def test_a_comparison_folder_lists_its_finished_runs(tmp_path: Path) -> None:
+    from fedtreelora.compare import run_folder
+
+    comparison = ComparisonFolder(str(tmp_path))
+    for dataset, method, seed, finished in [("tweets", "fedit", 10, True), ("tweets", "fedit", 2, True),
+                                            ("tweets", "local", 0, False), ("sarcasm", "fedit", 0, True)]:  # fmt: skip
+        run = comparison.run(dataset, method, seed)
+        assert run.root == run_folder(tmp_path, dataset, method, seed)
+        run.root.mkdir(parents=True)
+        if finished:
+            run.write_summary({"method": method, "best_mean": 0.5})
+    (comparison.runs_dir / "tweets" / "fedit" / "notes").mkdir()  # not a seed folder
+    found = [(d, m, s) for d, m, s, run in comparison.runs()]
+    assert found == [("sarcasm", "fedit", 0), ("tweets", "fedit", 2), ("tweets", "fedit", 10)]
+    assert all(run.require_run_summary().has_headline for *_, run in comparison.runs())
+    with pytest.raises(FileNotFoundError):
+        comparison.read_compare()
+    write_json(comparison.compare_json, {"rows": []})
+    assert comparison.read_compare() == {"rows": []}

@@ -349,6 +349,17 @@ class RunSummary(_Record):
         return None if not values else Headline.from_mapping(values)
 
     @property
+    def has_headline(self) -> bool:
+        """Whether the summary records the headline numbers (a finished run's does)."""
+        return "best_mean" in self
+
+    @property
+    def has_best_federated(self) -> bool:
+        """Whether the summary records the best federated round (runs written before it do not:
+        :func:`fedtreelora.headline.complete_summary` computes it)."""
+        return "best_federated_mean" in self
+
+    @property
     def final_mean(self) -> float | None:
         """The final round's mean under the headline convention."""
         return self.headline.final_mean
@@ -458,6 +469,17 @@ class RunSummary(_Record):
         return _int(self.get("trainable_params_per_client"))
 
     @property
+    def backbone_params(self) -> int | None:
+        """The backbone's parameters (the adapters' excluded)."""
+        return _int(self.get("backbone_params"))
+
+    @property
+    def has_ari(self) -> bool:
+        """Whether the run recorded :attr:`ari` (None for a method without a sharing partition on a
+        federation with planted groups; absent without planted groups)."""
+        return "ari" in self
+
+    @property
     def trainable_percent(self) -> float | None:
         """Those as a percentage of the backbone's parameters."""
         return _float(self.get("trainable_percent"))
@@ -466,6 +488,55 @@ class RunSummary(_Record):
     def wall_seconds(self) -> float | None:
         """The run's wall time in seconds."""
         return _float(self.get("wall_seconds"))
+
+
+@dataclass(frozen=True)
+class ComparisonFolder:
+    """A comparison folder (what ``fedtreelora compare --out DIR`` writes): one run folder per (dataset,
+    method, seed) under ``runs/<dataset>/<method>/seed<k>/``, and the comparison's outputs beside them
+    (``table.md``, ``table.csv``, ``compare.json``, ``compare.png``).
+
+    Attributes:
+        root: the folder.
+    """
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def runs_dir(self) -> Path:
+        """The folder of the run folders."""
+        return self.root / "runs"
+
+    @property
+    def compare_json(self) -> Path:
+        """The comparison's record (JSON): its rows, settings and every run's headline numbers."""
+        return self.root / "compare.json"
+
+    def run(self, dataset: str, method: str, seed: int) -> RunFolder:
+        """The run folder of one (dataset, method or variant, seed)."""
+        return RunFolder(self.runs_dir / dataset / method / f"seed{seed}")
+
+    def runs(self) -> list[tuple[str, str, int, RunFolder]]:
+        """``(dataset, method, seed, folder)`` of every finished run (a readable summary), sorted by
+        dataset, method and seed."""
+        found = []
+        for path in self.runs_dir.glob("*/*/seed*"):
+            seed = path.name.removeprefix("seed")
+            if path.is_dir() and seed.isdigit() and RunFolder(path).summary.is_file():
+                found.append((path.parent.parent.name, path.parent.name, int(seed), RunFolder(path)))
+        return sorted(found, key=lambda run: run[:3])
+
+    def read_compare(self) -> dict[str, Any]:
+        """The comparison's record (``compare.json``).
+
+        Raises:
+            FileNotFoundError when the comparison has not been written.
+        """
+        record: dict[str, Any] = _read_json(self.compare_json)
+        return record
 
 
 PER_CLIENT_KEYS = {

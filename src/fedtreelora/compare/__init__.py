@@ -189,15 +189,15 @@ __all__ = [
 def _run_line(index: int, total: int, result: RunResult) -> str:
     s, spec = result.summary, result.spec
     best, final = _score(s, "best_mean"), _score(s, "final_mean")
-    federated, federated_round = _score(s, "best_federated_mean"), s.get("best_federated_round")
-    after = "-" if federated_round is None else f"{federated:6.2f} (round {int(federated_round) + 1})"
+    federated, federated_round = _score(s, "best_federated_mean"), s.best_federated_round
+    after = "-" if federated_round is None else f"{federated:6.2f} (round {federated_round + 1})"
     if result.reused:
-        how = f"reused (ran {s.get('wall_seconds', 0.0):.1f} s)"
+        how = f"reused (ran {s.wall_seconds or 0.0:.1f} s)"
     else:
         how = f"{result.seconds:.1f} s" + ("" if result.status == "new" else f" ({result.status})")
     return (
         f"[{index}/{total}] {spec.dataset:<12} {spec.method:<12} seed {spec.seed}: best {best:6.2f} "
-        f"(round {int(s.get('best_round', -1)) + 1}), best federated {after}, final {final:6.2f}  {how}"
+        f"(round {(-1 if s.best_round is None else s.best_round) + 1}), best federated {after}, final {final:6.2f}  {how}"
     )
 
 

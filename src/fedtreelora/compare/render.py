@@ -20,6 +20,7 @@ from fedtreelora.compare.stats import (
     difference_key,
     is_marked,
 )
+from fedtreelora.runfolder import Convention
 
 if TYPE_CHECKING:
     from fedtreelora.compare.runs import RunResult
@@ -27,18 +28,17 @@ if TYPE_CHECKING:
 ROUND_NAMES = {"best": "best round", "best_federated": "best federated round (after warm-up)", "final": "final round"}
 """A score's prefix -> how the paired tables' headings name its round."""
 
-CONVENTIONS = {
-    "received": "scored on the model each client receives after aggregation (the papers' convention)",
-    "trained": "scored right after each client's local training, before aggregation",
-}
-"""``federation.evaluate`` -> how table titles say what was scored."""
+CONVENTIONS = {convention.value: convention.description for convention in Convention}
+"""``federation.evaluate`` -> how table titles say what was scored (:attr:`Convention.description`)."""
+MIXED = "mixed"
+"""The convention of a table whose runs were scored under different ones."""
 
 
 def convention_name(results: Sequence[RunResult]) -> str:
     """The evaluation convention of the runs' headline numbers (``received``, ``trained``, or ``mixed``;
     runs written before the setting existed scored after local training)."""
-    names = {str(r.summary.get("evaluate", "trained")) for r in results}
-    return names.pop() if len(names) == 1 else "mixed"
+    names = {r.summary.evaluate.value for r in results}
+    return names.pop() if len(names) == 1 else MIXED
 
 
 METRIC_NAMES = {"accuracy": "accuracy", "rouge1": "ROUGE-1"}
@@ -51,7 +51,7 @@ REFERENCE_NAMES = {"fedit": "FedIT", "local": "local"}
 
 def metric_name(runs: Sequence[RunResult]) -> str:
     """How the table names the runs' metric (``accuracy``, ``ROUGE-1``; ``score`` when they differ)."""
-    metrics = {str(r.summary.get("metric", "accuracy")) for r in runs}
+    metrics = {r.summary.metric for r in runs}
     if len(metrics) != 1:
         return "score"
     (metric,) = metrics
@@ -152,8 +152,12 @@ def render_markdown(rows: list[dict[str, Any]], datasets: Sequence[str], meta: d
         f"{over}; then mean ± std over seeds. Best mean per column in bold.",
     ]
     for prefix, _, template in METRICS:
-        evaluate = meta.get("evaluate", "trained")
-        convention = CONVENTIONS.get(evaluate, "runs scored under different conventions (federation.evaluate)")
+        evaluate = meta.get("evaluate")
+        convention = (
+            "runs scored under different conventions (federation.evaluate)"
+            if evaluate == MIXED
+            else Convention.of(evaluate).description
+        )
         title = template.format(metric=metric, convention=convention)
         best = {
             label: max(
@@ -323,12 +327,12 @@ def write_outputs(
                 "folder": str(r.spec.folder.relative_to(out))
                 if r.spec.folder.is_relative_to(out)
                 else str(r.spec.folder),
-                "best_mean": r.summary.get("best_mean"),
-                "final_mean": r.summary.get("final_mean"),
-                "best_round": r.summary.get("best_round"),
-                "best_federated_mean": r.summary.get("best_federated_mean"),
-                "best_federated_round": r.summary.get("best_federated_round"),
-                "wall_seconds": r.summary.get("wall_seconds"),
+                "best_mean": r.summary.best_mean,
+                "final_mean": r.summary.final_mean,
+                "best_round": r.summary.best_round,
+                "best_federated_mean": r.summary.best_federated_mean,
+                "best_federated_round": r.summary.best_federated_round,
+                "wall_seconds": r.summary.wall_seconds,
                 "status": r.status,
             }
             for r in runs

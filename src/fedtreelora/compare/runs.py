@@ -17,8 +17,8 @@ import yaml
 from fedtreelora.compare.stats import RunKey
 from fedtreelora.config import ConfigError, ExperimentBase, ExperimentConfig
 from fedtreelora.data.groups import configured_dataset_name
-from fedtreelora.headline import FEDERATED_KEYS, complete_summary
-from fedtreelora.runfolder import RunFolder
+from fedtreelora.headline import complete_summary
+from fedtreelora.runfolder import ComparisonFolder, RunFolder, RunSummary
 from fedtreelora.suites import Suite, check_same_partition
 
 
@@ -38,11 +38,16 @@ class RunResult:
     """A finished run: its summary, how it was obtained, and the seconds spent on it now."""
 
     spec: RunSpec
-    summary: dict[str, Any]
+    summary: RunSummary
+    """The run's summary (a plain mapping given here is read as one)."""
     status: str
     """``reused`` (read back), ``resumed`` (from a checkpoint), ``new``, or ``rerun`` (its folder held a
     run of another config, deleted first)."""
     seconds: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.summary, RunSummary):
+            self.summary = RunSummary(self.summary)
 
     @property
     def reused(self) -> bool:
@@ -74,8 +79,8 @@ class CompareResult:
 
 
 def run_folder(out: str | Path, dataset: str, method: str, seed: int) -> Path:
-    """``out/runs/<dataset>/<method>/seed<seed>``."""
-    return Path(out) / "runs" / dataset / method / f"seed{seed}"
+    """``out/runs/<dataset>/<method>/seed<seed>`` (:meth:`fedtreelora.runfolder.ComparisonFolder.run`)."""
+    return ComparisonFolder(Path(out)).run(dataset, method, seed).root
 
 
 def _pick(requested: Sequence[str] | None, available: list[str], what: str) -> list[str]:
@@ -145,15 +150,15 @@ def stored_config_matches(folder: Path, config: ExperimentConfig) -> bool:
     return comparable(stored) == comparable(config)
 
 
-def _read_summary(folder: Path) -> dict[str, Any] | None:
+def _read_summary(folder: Path) -> RunSummary | None:
     """The summary of a finished run in ``folder``; None when it has none or it lacks the headline. A
     summary written before the best federated round was recorded gets it from its history and metrics
     (:func:`fedtreelora.headline.complete_summary`)."""
     run = RunFolder(folder)
-    summary = run.read_summary()
-    if summary is None or "best_mean" not in summary:
+    summary = run.read_run_summary()
+    if summary is None or not summary.has_headline:
         return None
-    return complete_summary(summary, None if FEDERATED_KEYS[0] in summary else run.read_metrics())
+    return RunSummary(complete_summary(summary, None if summary.has_best_federated else run.read_metrics()))
 
 
 def _differing_keys(stored: Any, wanted: Any, prefix: str = "") -> list[str]:
@@ -221,7 +226,7 @@ def execute_run(spec: RunSpec) -> RunResult:
 
     summary = SimulationEngine(spec.config, spec.folder, quiet=True, resume=matches).run()
     gc.collect()
-    return RunResult(spec, summary, status, time.perf_counter() - start)
+    return RunResult(spec, RunSummary(summary), status, time.perf_counter() - start)
 
 
 def read_partitions(results: Sequence[RunResult]) -> dict[RunKey, str]:

@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedtreelora.runfolder import PER_CLIENT_KEYS as PER_CLIENT_KEYS  # a score's key -> its per-client key
+from fedtreelora.runfolder import RunSummary
+
 if TYPE_CHECKING:
     from fedtreelora.compare.runs import RunResult
 
@@ -24,14 +27,6 @@ METRICS = (("best", "best_mean", "Mean personalized {metric} (%) at the best rou
 ADDED_PREFIXES = ("best_federated",)
 """Scores added after ``table.csv`` had its first layout: their columns come after all the others, so
 the earlier columns keep their places."""
-
-PER_CLIENT_KEYS = {
-    "best_mean": "per_client_best_round",
-    "best_federated_mean": "per_client_best_federated_round",
-    "final_mean": "per_client",
-}
-"""A score's summary key -> the summary key of each client's score at that round (category columns)."""
-
 
 REFERENCES = ("fedit", "local")
 """The reference rows of the paired-difference tables, in the order they are shown."""
@@ -65,17 +60,17 @@ def majority_rate(partition: Mapping[str, Any]) -> float:
     return statistics.mean(max(c) / sum(c) for c in counts if sum(c))
 
 
-def _score(summary: dict[str, Any], key: str, category: str | None = None) -> float:
+def _score(summary: Mapping[str, Any], key: str, category: str | None = None) -> float:
     """The run's ``best_mean`` / ``best_federated_mean`` / ``final_mean`` in %, or that of one category's
     clients (their mean at that round; clients that never reported are left out); NaN where the run has
     none."""
+    run = RunSummary(summary)
     if category is None:
-        value = summary.get(key)
-        return math.nan if value is None else 100.0 * float(value)
-    per_client = summary.get(PER_CLIENT_KEYS[key]) or []
+        value = run.headline.score(key)
+        return math.nan if value is None else 100.0 * value
     values = [
-        float(v)
-        for v, c in zip(per_client, summary.get("client_categories") or [], strict=False)
+        v
+        for v, c in zip(run.per_client_at(key), run.client_categories, strict=False)
         if c == category and v is not None
     ]
     return 100.0 * float(np.mean(values)) if values else math.nan
@@ -89,7 +84,7 @@ def table_columns(runs: Sequence[RunResult], datasets: Sequence[str]) -> list[Co
         categories: list[str] = []
         for r in runs:
             if r.spec.dataset == dataset:
-                for category in r.summary.get("client_categories") or []:
+                for category in r.summary.client_categories:
                     if category not in categories:  # several clients share a category
                         categories.append(category)
         if not categories:
@@ -101,8 +96,8 @@ def table_columns(runs: Sequence[RunResult], datasets: Sequence[str]) -> list[Co
     return columns
 
 
-def _round_mean(summary: dict[str, Any], key: str) -> float:
-    values = [h.get(key) or 0.0 for h in summary.get("history", [])]
+def _per_round(values: Sequence[float]) -> float:
+    """The mean over a run's rounds (NaN for a run without rounds)."""
     return float(np.mean(values)) if values else math.nan
 
 
@@ -147,19 +142,27 @@ def summarise(
             row[f"{AVERAGE}_{prefix}_mean"], row[f"{AVERAGE}_{prefix}_std"] = mean_std(per_seed_average)
         summaries = [r.summary for r in mine]
         row["seeds"] = len(seeds)
-        row["trainable_params_per_client"] = float(np.mean([s["trainable_params_per_client"] for s in summaries]))
+        trainable = [_required(s.trainable_params_per_client) for s in summaries]
+        row["trainable_params_per_client"] = float(np.mean(trainable))
         row["trainable_percent"] = float(
-            np.mean([100.0 * s["trainable_params_per_client"] / s["backbone_params"] for s in summaries])
+            np.mean([100.0 * t / _required(s.backbone_params) for t, s in zip(trainable, summaries, strict=True)])
         )
         row["uplink_mb_per_client_per_round"] = float(
-            np.mean([_round_mean(s, "uplink_mb_per_client") for s in summaries])
+            np.mean([_per_round([h.uplink_mb for h in s.history]) for s in summaries])
         )
         row["downlink_mb_per_client_per_round"] = float(
-            np.mean([_round_mean(s, "downlink_mb_per_client") for s in summaries])
+            np.mean([_per_round([h.downlink_mb for h in s.history]) for s in summaries])
         )
-        row["wall_seconds"] = float(sum(s.get("wall_seconds", 0.0) for s in summaries))
+        row["wall_seconds"] = float(sum(s.wall_seconds or 0.0 for s in summaries))
         rows.append(row)
     return rows
+
+
+def _required(value: int | None) -> int:
+    """A count every finished run records (a summary without it is not a finished run's)."""
+    if value is None:
+        raise KeyError("a run summary without its parameter counts")
+    return value
 
 
 def is_marked(mean: float, std: float, n: int) -> bool:
@@ -328,14 +331,16 @@ def ari_tables(summaries: Mapping[RunKey, Mapping[str, Any]], methods: Sequence[
         {method: {"seeds": [...], "mean", "std", "n": L x depths lists}} (None where no run scored a
         cell), "runs": [{"method", "seed", "ari"}] (every run's values as recorded)}``.
     """
-    datasets = list(dict.fromkeys(d for (_, d, _), s in summaries.items() if "ari" in s))
+    runs = {key: RunSummary(s) for key, s in summaries.items()}
+    datasets = list(dict.fromkeys(d for (_, d, _), s in runs.items() if s.has_ari))
     tables: dict[str, dict[str, Any]] = {}
     for dataset in datasets:
-        mine = {(m, seed): s for (m, d, seed), s in summaries.items() if d == dataset and "ari" in s}
+        mine = {(m, seed): s.ari for (m, d, seed), s in runs.items() if d == dataset and s.has_ari}
         levels: Sequence[Sequence[str]] = next(
-            (s["planted_levels"] for s in mine.values() if s.get("planted_levels")), []
+            (s.planted_levels for (_, d, _), s in runs.items() if d == dataset and s.has_ari and s.planted_levels),
+            [],
         )
-        scored = [s["ari"] for s in mine.values() if s["ari"] is not None]
+        scored = [a for a in mine.values() if a is not None]
         layers = max((len(a) for a in scored), default=0)
         depths = max([len(levels), *(len(row) for a in scored for row in a)])
         table: dict[str, Any] = {
@@ -347,16 +352,16 @@ def ari_tables(summaries: Mapping[RunKey, Mapping[str, Any]], methods: Sequence[
             "runs": [],
         }
         for method in methods:
-            runs = sorted((seed, s["ari"]) for (m, seed), s in mine.items() if m == method)
-            if not runs:
+            by_seed = sorted((seed, ari) for (m, seed), ari in mine.items() if m == method)
+            if not by_seed:
                 continue
-            table["runs"] += [{"method": method, "seed": seed, "ari": ari} for seed, ari in runs]
-            values = [ari for _, ari in runs if ari is not None]
+            table["runs"] += [{"method": method, "seed": seed, "ari": ari} for seed, ari in by_seed]
+            values = [ari for _, ari in by_seed if ari is not None]
             if not values:
                 table["skipped"].append(method)
                 continue
             table["methods"].append(method)
-            seeds = [seed for seed, ari in runs if ari is not None]
+            seeds = [seed for seed, ari in by_seed if ari is not None]
             table["rows"][method] = {"seeds": seeds, **_ari_cells(values, layers, depths)}
         tables[dataset] = table
     return tables
