@@ -28,9 +28,9 @@ from typing import Any
 
 from bench_scoring import CONVENTIONS, cell
 
-from fedtreelora.compare import run_compare, run_folder
+from fedtreelora.compare import run_compare
 from fedtreelora.compare.stats import majority_rate, mean_std
-from fedtreelora.runfolder import RunFolder
+from fedtreelora.runfolder import ComparisonFolder, Convention, RunSummary
 from fedtreelora.suites import Suite, load_suite
 
 ROW = re.compile(r"^share-(first|last)-(\d+)$")
@@ -38,6 +38,12 @@ ROW = re.compile(r"^share-(first|last)-(\d+)$")
 
 ROUNDS = {"best": "best_mean", "final": "final_mean"}
 """Which round of a run is scored: the best (as the paper reports) or the last."""
+
+TITLES = {
+    Convention.RECEIVED: f"{Convention.RECEIVED.subject} (headline)",
+    Convention.TRAINED: Convention.TRAINED.scored,
+}
+"""A convention -> the heading of its tables in ``depth.md``."""
 
 NUDGE = 0.12
 """How far right of d = k a last-k point is drawn."""
@@ -54,26 +60,30 @@ def row_depth(row: str) -> tuple[str, int] | None:
 
 def read_summaries(
     out: Path, levels: Sequence[str], rows: Sequence[str], seeds: Sequence[int]
-) -> dict[tuple[str, str, int], dict[str, Any]]:
+) -> dict[tuple[str, str, int], RunSummary]:
     """(level, row, seed) -> the run's ``summary.json``, for every requested run that has finished."""
-    found: dict[tuple[str, str, int], dict[str, Any]] = {}
+    found: dict[tuple[str, str, int], RunSummary] = {}
+    comparison = ComparisonFolder(out)
     for level in levels:
         for row in rows:
             for seed in seeds:
-                summary = RunFolder(run_folder(out, level, row, seed)).read_summary()
+                summary = comparison.run(level, row, seed).read_run_summary()
                 if summary is not None:
                     found[(level, row, seed)] = summary
     return found
 
 
-def gather(summaries: Mapping[tuple[str, str, int], Mapping[str, Any]], convention: str, key: str) -> Scores:
+def gather(
+    summaries: Mapping[tuple[str, str, int], Mapping[str, Any]], convention: Convention | str, key: str
+) -> Scores:
     """level -> row -> the runs' ``by_convention[convention][key]`` (seeds in ascending order; runs that
     did not record the convention are left out)."""
     scores: Scores = {}
     for (level, row, _seed), summary in sorted(summaries.items()):
-        value = summary.get("by_convention", {}).get(convention, {}).get(key)
+        headline = RunSummary(summary).by_convention(Convention(convention))
+        value = None if headline is None else headline.score(key)
         if value is not None:
-            scores.setdefault(level, {}).setdefault(row, []).append(float(value))
+            scores.setdefault(level, {}).setdefault(row, []).append(value)
     return scores
 
 
@@ -83,10 +93,11 @@ def majority_rates(
     """level -> one majority rate per seed, from the first row whose run folder has a ``partition.json``
     (every row of a (level, seed) sees the same partition; :func:`fedtreelora.compare.stats.majority_rate`)."""
     rates: dict[str, list[float]] = {}
+    comparison = ComparisonFolder(out)
     for level in levels:
         for seed in seeds:
             for row in rows:
-                partition = RunFolder(run_folder(out, level, row, seed)).read_partition()
+                partition = comparison.run(level, row, seed).read_partition()
                 if partition is not None:
                     rates.setdefault(level, []).append(majority_rate(partition))
                     break
@@ -248,14 +259,15 @@ def write_outputs(
         for name, key in ROUNDS.items():
             scores = gather(summaries, convention, key)
             table = depth_table(scores, levels, rows, labels, majority, num_layers)
-            title = "the model each client receives (headline)" if convention == "received" else "after local training"
-            sections.append(f"## {convention}, {name} round: {title}\n\n{table}\n")
+            sections.append(f"## {convention}, {name} round: {TITLES[convention]}\n\n{table}\n")
     out.mkdir(parents=True, exist_ok=True)
     md = out / "depth.md"
     md.write_text("\n".join(sections))
     panels = {
-        "received (headline), best round": curves(gather(summaries, "received", "best_mean"), levels, rows),
-        "trained (after local training), best round": curves(gather(summaries, "trained", "best_mean"), levels, rows),
+        f"{c} ({'headline' if c is Convention.RECEIVED else c.scored}), best round": curves(
+            gather(summaries, c, "best_mean"), levels, rows
+        )
+        for c in CONVENTIONS
     }
     png = plot_depth(panels, out / "depth.png", labels, num_layers)
     return md, png

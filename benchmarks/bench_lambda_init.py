@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from fedtreelora.compare.stats import mean_std
 from fedtreelora.config import load_config
 from fedtreelora.engines import SimulationEngine
 from fedtreelora.engines.checkpoint import load_checkpoint
@@ -95,9 +96,9 @@ def main() -> None:
     print("|---|" + "---|" * (len(seeds) + 1))
     for name in names:
         values = [r[name] for r in results]
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        mean, std = mean_std(values)
         per_seed = " | ".join(f"{100 * v:.2f}" for v in values)
-        print(f"| {name} | {per_seed} | {100 * statistics.mean(values):.2f} ± {100 * std:.2f} |")
+        print(f"| {name} | {per_seed} | {100 * mean:.2f} ± {100 * std:.2f} |")
 
 
 if __name__ == "__main__":

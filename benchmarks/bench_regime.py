@@ -36,7 +36,7 @@ from fedtreelora.compare.stats import majority_rate
 from fedtreelora.core.distances import layer_distances
 from fedtreelora.core.plan import plan_sharing
 from fedtreelora.core.tree import build_tree, cut_exact
-from fedtreelora.runfolder import RunFolder
+from fedtreelora.runfolder import ComparisonFolder, RunFolder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_weight_signal import LAYER  # noqa: E402  (one pattern for a key's layer index)
@@ -110,17 +110,19 @@ def weight_signal(b: np.ndarray, groups: np.ndarray, window: int = 2) -> Signal:
 def learned(run: Path) -> dict[str, float]:
     """Accuracy, majority rate and training losses of a finished run."""
     folder = RunFolder(run)
-    summary = folder.require_summary()
+    summary = folder.require_run_summary()
     partition = folder.read_partition()
     if partition is None:
         raise SystemExit(f"{run}: no partition.json")
+    if summary.final_mean is None:
+        raise SystemExit(f"{run}: summary.json has no final mean")
     majority = majority_rate(partition)
-    rows = [r for r in folder.read_metrics() if "client" in r and "train_loss" in r]
-    last = max(r["round"] for r in rows)
-    first_loss = statistics.mean(r["train_loss"] for r in rows if r["round"] == 0)
-    last_losses = [r["train_loss"] for r in rows if r["round"] == last]
+    losses = [(r.round, r.train_loss) for r in folder.read_client_records() if r.train_loss is not None]
+    last = max(rnd for rnd, _ in losses)
+    first_loss = statistics.mean(loss for rnd, loss in losses if rnd == 0)
+    last_losses = [loss for rnd, loss in losses if rnd == last]
     return {
-        "accuracy": float(summary["final_mean"]),
+        "accuracy": summary.final_mean,
         "majority": majority,
         "loss_first": first_loss,
         "loss_last": statistics.mean(last_losses),
@@ -131,7 +133,7 @@ def learned(run: Path) -> dict[str, float]:
 
 def analyse(run: Path) -> tuple[dict[str, float], Signal]:
     folder = RunFolder(run)
-    levels = folder.require_summary().get("planted_levels")
+    levels = folder.require_run_summary().planted_levels
     if not levels:
         raise SystemExit(f"{run}: summary.json has no planted_levels (a run without data.groups)")
     files = folder.client_state_files()  # client order: the names are zero-padded
@@ -167,12 +169,10 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
     args = parser.parse_args()
     results = {}
-    for summary in sorted((args.out / "runs").glob("*/*/seed*/summary.json")):
-        run = summary.parent
-        folder = RunFolder(run)
-        if not folder.clients_dir.is_dir() or not folder.require_summary().get("planted_levels"):
+    for dataset, method, seed, folder in ComparisonFolder(args.out).runs():
+        if not folder.clients_dir.is_dir() or not folder.require_run_summary().planted_levels:
             continue
-        results[f"{run.parts[-3]} {run.parts[-2]} {run.parts[-1]}"] = analyse(run)
+        results[f"{dataset} {method} seed{seed}"] = analyse(folder.root)
     text = render(results)
     print(text)
     if args.markdown:

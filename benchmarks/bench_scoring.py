@@ -17,9 +17,10 @@ import sys
 from pathlib import Path
 
 from fedtreelora.compare.stats import majority_rate, mean_std
-from fedtreelora.runfolder import RunFolder
+from fedtreelora.runfolder import ComparisonFolder, Convention, Headline, RunSummary
 
-CONVENTIONS = ("received", "trained")
+CONVENTIONS = tuple(Convention)
+"""Both conventions, the headline one (``received``) first."""
 
 
 def cell(values: list[float]) -> str:
@@ -30,12 +31,11 @@ def cell(values: list[float]) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
-def collect(out: Path) -> dict[tuple[str, str], list[dict]]:
+def collect(out: Path) -> dict[tuple[str, str], list[RunSummary]]:
     """(dataset, method) -> the summaries of its finished seeds."""
-    found: dict[tuple[str, str], list[dict]] = {}
-    for path in sorted((out / "runs").glob("*/*/seed*/summary.json")):
-        dataset, method = path.parts[-4], path.parts[-3]
-        found.setdefault((dataset, method), []).append(RunFolder(path.parent).require_summary())
+    found: dict[tuple[str, str], list[RunSummary]] = {}
+    for dataset, method, _seed, run in ComparisonFolder(out).runs():
+        found.setdefault((dataset, method), []).append(run.require_run_summary())
     return found
 
 
@@ -44,14 +44,14 @@ def majority_rates(out: Path) -> dict[str, list[float]]:
     client's validation split (what predicting each client's majority class scores:
     :func:`fedtreelora.compare.stats.majority_rate`)."""
     rates: dict[str, list[float]] = {}
-    for path in sorted((out / "runs").glob("*/local/seed*/partition.json")):
-        partition = RunFolder(path.parent).read_partition()
-        assert partition is not None  # the glob found its file
-        rates.setdefault(path.parts[-4], []).append(majority_rate(partition))
+    for dataset, method, _seed, run in ComparisonFolder(out).runs():
+        partition = run.read_partition() if method == "local" else None
+        if partition is not None:
+            rates.setdefault(dataset, []).append(majority_rate(partition))
     return rates
 
 
-def table(found: dict[tuple[str, str], list[dict]], methods: list[str]) -> str:
+def table(found: dict[tuple[str, str], list[RunSummary]], methods: list[str]) -> str:
     head = ["dataset", "method", "seeds"]
     head += [f"{c} {k}" for c in CONVENTIONS for k in ("best", "final")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -62,10 +62,19 @@ def table(found: dict[tuple[str, str], list[dict]], methods: list[str]) -> str:
                 continue
             cells = [dataset, method, str(len(runs))]
             for c in CONVENTIONS:
+                headlines = [_by_convention(r, c) for r in runs]
                 for k in ("best_mean", "final_mean"):
-                    cells.append(cell([r["by_convention"][c][k] for r in runs if r["by_convention"][c][k] is not None]))
+                    cells.append(cell([v for h in headlines if (v := h.score(k)) is not None]))
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _by_convention(summary: RunSummary, convention: Convention) -> Headline:
+    """The run's headline numbers under ``convention`` (every run this benchmark reads records both)."""
+    headline = summary.by_convention(convention)
+    if headline is None:
+        raise KeyError(f"a {summary.method} run without by_convention[{convention}]")
+    return headline
 
 
 def main() -> None:

@@ -21,7 +21,6 @@ suite's convention says) and at the best round:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtreelora.compare.stats import difference_cell, mean_std
+from fedtreelora.runfolder import ComparisonFolder, Headline
 
 ROUNDS = {"final": "final_mean", "best": "best_mean"}
 DEFAULT_FIXED = {"tau-0.0": 0.0, "tau-0.1": 0.1, "tau-0.2": 0.2, "fedtreelora": 0.3}
@@ -36,10 +36,14 @@ DEFAULT_FIXED = {"tau-0.0": 0.0, "tau-0.1": 0.1, "tau-0.2": 0.2, "fedtreelora": 
 
 
 def scores(runs: Sequence[Mapping[str, Any]], key: str) -> dict[str, dict[str, dict[int, float]]]:
-    """dataset -> method -> seed -> score in points, from compare.json's ``runs``."""
+    """dataset -> method -> seed -> score in points, from compare.json's ``runs`` (each with the run's
+    headline numbers: :class:`fedtreelora.runfolder.Headline`)."""
     out: dict[str, dict[str, dict[int, float]]] = {}
     for run in runs:
-        out.setdefault(run["dataset"], {}).setdefault(run["method"], {})[int(run["seed"])] = 100.0 * run[key]
+        value = Headline.from_mapping(run).score(key)
+        if value is None:
+            raise SystemExit(f"{run['dataset']} {run['method']} seed {run['seed']}: compare.json has no {key}")
+        out.setdefault(run["dataset"], {}).setdefault(run["method"], {})[int(run["seed"])] = 100.0 * value
     return out
 
 
@@ -158,7 +162,7 @@ def main() -> None:
     parser.add_argument("--fixed", help="ROW=TAU,... rows that fix tau (default: the nlu-cpu-tree suite's)")
     parser.add_argument("--auto", default="fedtreelora-auto", help="the tau: auto row (default fedtreelora-auto)")
     args = parser.parse_args()
-    compare = json.loads((args.folder / "compare.json").read_text())
+    compare = ComparisonFolder(args.folder).read_compare()
     text = report(compare, parse_fixed(args.fixed), args.auto)
     (args.folder / "choice.md").write_text(text)
     print(text)

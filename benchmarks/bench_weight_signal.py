@@ -62,8 +62,7 @@ def main() -> None:
     parser.add_argument("run", type=Path, help="a finished run folder with planted groups and clients/")
     args = parser.parse_args()
     folder = RunFolder(args.run)
-    summary = folder.require_summary()
-    levels = summary.get("planted_levels")
+    levels = folder.require_run_summary().planted_levels
     if not levels:
         raise SystemExit(f"{args.run}: summary.json has no planted_levels (a run without data.groups)")
     files = folder.client_state_files()
