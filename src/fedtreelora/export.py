@@ -36,7 +36,7 @@ from peft import LoraConfig, get_peft_model
 
 from fedtreelora.adapters.export import ExportError, averaged_factors, expert_weights, merged_factors
 from fedtreelora.adapters.layer import MIXERS
-from fedtreelora.runfolder import CLIENT_MODELS, ClientModel, RunFolder, trained_record
+from fedtreelora.runfolder import CLIENT_MODELS, ClientModel, RunFolder
 from fedtreelora.strategies import STRATEGIES, get_strategy
 
 __all__ = [
@@ -137,10 +137,10 @@ def client_phase(
         phase["mixer"] = inference
     if model == "received":
         return phase
-    rows = [r for r in run.read_metrics() if int(r["client"]) == client and trained_record(r)]
+    rows = [r for r in run.read_client_records() if r.client == client and r.trained]
     if rows and phase.get("name") != "warmup":
-        last = max(rows, key=lambda r: int(r["round"]))
-        if last.get("phase") == "warmup":
+        last = max(rows, key=lambda r: r.round)
+        if last.phase == "warmup":
             phase.update(name="warmup", mixer="single", residual=[])  # warm-up uses no residual expert
     return phase
 
@@ -302,20 +302,20 @@ def export_client(run_dir: str | Path, client: int, out_dir: str | Path, *, mode
 def trunk_layers(run_dir: str | Path) -> list[int]:
     """Layers (0-based) where every client is in one cluster, from the run summary's labels (a client
     marked -1, never placed in a cluster, is left out)."""
-    summary = RunFolder(Path(run_dir)).require_summary()
-    labels = summary.get("labels")
+    summary = RunFolder(Path(run_dir)).require_run_summary()
+    labels = summary.labels
     if labels is None:
-        raise ExportError(f"the {summary.get('method')} run recorded no per-layer clusters, so it has no trunk")
+        raise ExportError(f"the {summary.method} run recorded no per-layer clusters, so it has no trunk")
     return [layer for layer, row in enumerate(labels) if len({v for v in row if v >= 0}) == 1]
 
 
 def last_round_clients(run_dir: str | Path, num_clients: int) -> list[int]:
     """Clients whose update the server accepted in the run's last round (all when metrics are absent)."""
-    rows = [r for r in RunFolder(Path(run_dir)).read_metrics() if trained_record(r)]
+    rows = [r for r in RunFolder(Path(run_dir)).read_client_records() if r.trained]
     if not rows:
         return list(range(num_clients))
-    last = max(int(r["round"]) for r in rows)
-    return sorted({int(r["client"]) for r in rows if int(r["round"]) == last})
+    last = max(r.round for r in rows)
+    return sorted({r.client for r in rows if r.round == last})
 
 
 def trunk_expert(method: str) -> str:
