@@ -314,3 +314,14 @@ def test_a_comparison_folder_lists_its_finished_runs(tmp_path: Path) -> None:
         comparison.read_compare()
     write_json(comparison.compare_json, {"rows": []})
     assert comparison.read_compare() == {"rows": []}
+
+
+def test_a_convention_may_be_named() -> None:
+    summary = RunSummary({"by_convention": {"trained": {"best_mean": 0.5}}, "evaluate": "received"})
+    assert (
+        summary.by_convention("trained")
+        == summary.by_convention(Convention.TRAINED)
+        == Headline(None, 0.5, None, None, None)
+    )
+    assert ClientRecord({"round": 0, "client": 0, "received_rouge1": 0.25}).score("rouge1", "received") == 0.25
+    assert RoundRecord({"round": 0, "trained_mean_metric": 0.5}).convention_mean("trained") == 0.5

@@ -214,9 +214,9 @@ class ClientRecord(_Record):
         """The mean training loss of the client's local training; None in a score-only record."""
         return _float(self.get("train_loss"))
 
-    def score(self, metric: str, convention: Convention) -> float | None:
-        """The client's ``metric`` under ``convention``; None where it was not scored."""
-        return _float(self.get(convention.score_key(metric)))
+    def score(self, metric: str, convention: Convention | str) -> float | None:
+        """The client's ``metric`` under ``convention`` (or its name); None where it was not scored."""
+        return _float(self.get(Convention(convention).score_key(metric)))
 
 
 class RoundRecord(_Record):
@@ -247,9 +247,10 @@ class RoundRecord(_Record):
         written before it existed hold ``mean_accuracy``)."""
         return _float(self.get("mean_metric", self.get("mean_accuracy")))
 
-    def convention_mean(self, convention: Convention) -> float | None:
-        """The round's mean client metric under ``convention``; None where it was not recorded."""
-        return _float(self.get(convention.mean_key))
+    def convention_mean(self, convention: Convention | str) -> float | None:
+        """The round's mean client metric under ``convention`` (or its name); None where it was not
+        recorded."""
+        return _float(self.get(Convention(convention).mean_key))
 
     @property
     def mean_train_loss(self) -> float | None:
@@ -343,9 +344,10 @@ class RunSummary(_Record):
         """The headline numbers under :attr:`evaluate` (the summary's top level)."""
         return Headline.from_mapping(self)
 
-    def by_convention(self, convention: Convention) -> Headline | None:
-        """The headline numbers under ``convention``; None for a run written before both were recorded."""
-        values = (self.get("by_convention") or {}).get(convention.value)
+    def by_convention(self, convention: Convention | str) -> Headline | None:
+        """The headline numbers under ``convention`` (or its name); None for a run written before both
+        were recorded."""
+        values = (self.get("by_convention") or {}).get(Convention(convention).value)
         return None if not values else Headline.from_mapping(values)
 
     @property

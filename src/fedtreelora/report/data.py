@@ -153,15 +153,15 @@ class RunData:
         written before the setting existed)."""
         return self.summary.evaluate
 
-    def accuracy_matrix(self, evaluate: Convention | None = None) -> np.ndarray:
+    def accuracy_matrix(self, evaluate: Convention | str | None = None) -> np.ndarray:
         """(clients, rounds) each client's metric (:attr:`metric`: accuracy, or ROUGE-1 for generation)
         after each round under ``evaluate`` (default: the run's headline convention); NaN where it was
         not scored (``trained``: rounds it did not train in; ``received``: every client is scored every
         round, but runs written before that scored only the clients that trained)."""
         out = np.full((self.num_clients, self.num_rounds), np.nan)
-        evaluate = evaluate or self.evaluate
+        convention = self.evaluate if evaluate is None else Convention(evaluate)
         for row in self.metrics:
-            r, k, value = row.round, row.client, row.score(self.metric, evaluate)
+            r, k, value = row.round, row.client, row.score(self.metric, convention)
             if r < out.shape[1] and k < out.shape[0] and value is not None:
                 out[k, r] = value
         return out
