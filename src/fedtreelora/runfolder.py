@@ -27,6 +27,13 @@ A run folder (what ``fedtreelora run --out DIR`` writes) holds::
 
 Everything else reads and writes these through :class:`RunFolder`. JSON files are written atomically
 (temporary file, then rename), so a crash never leaves half a file.
+
+What is read comes back typed: :class:`RunSummary` (``summary.json``, its headline numbers under each
+convention as :class:`Headline`), :class:`RoundRecord` (one round of its history), :class:`ClientRecord`
+(one line of ``metrics.jsonl``) and :class:`Convention` (``received`` or ``trained``: what a score is of,
+how outputs say it, the other one, and the default of runs written before the setting). Each keeps every
+key as written and reads the keys runs written before it lack with the defaults of their time, here and
+nowhere else. A comparison folder (``fedtreelora compare --out DIR``) is a :class:`ComparisonFolder`.
 """
 
 from __future__ import annotations
