@@ -224,9 +224,9 @@ def execute_run(spec: RunSpec) -> RunResult:
         status = "rerun"
     from fedtreelora.engines import SimulationEngine  # heavy imports only when something runs
 
-    summary = SimulationEngine(spec.config, spec.folder, quiet=True, resume=matches).run()
+    written = SimulationEngine(spec.config, spec.folder, quiet=True, resume=matches).run()
     gc.collect()
-    return RunResult(spec, RunSummary(summary), status, time.perf_counter() - start)
+    return RunResult(spec, RunSummary(written), status, time.perf_counter() - start)
 
 
 def read_partitions(results: Sequence[RunResult]) -> dict[RunKey, str]:

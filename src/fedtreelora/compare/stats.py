@@ -208,7 +208,7 @@ def difference_cell(by_seed: Mapping[int, float]) -> dict[str, Any]:
 
 
 def _row_differences(
-    by_key: Mapping[RunKey, dict[str, Any]],
+    by_key: Mapping[RunKey, Mapping[str, Any]],
     method: str,
     reference: str,
     columns: Sequence[Column],
