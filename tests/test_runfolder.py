@@ -325,3 +325,9 @@ def test_a_convention_may_be_named() -> None:
     )
     assert ClientRecord({"round": 0, "client": 0, "received_rouge1": 0.25}).score("rouge1", "received") == 0.25
     assert RoundRecord({"round": 0, "trained_mean_metric": 0.5}).convention_mean("trained") == 0.5
+
+
+def test_privacy_is_read_where_it_was_recorded() -> None:
+    assert RunSummary({"method": "fedit"}).privacy is None
+    assert RunSummary({"privacy": {"epsilon": 4.0}}).privacy == {"epsilon": 4.0}
+    assert RoundRecord({"round": 0}).epsilon is None and RoundRecord({"round": 0, "epsilon": 1.5}).epsilon == 1.5

@@ -265,6 +265,11 @@ class RoundRecord(_Record):
         return _float(self.get("mean_train_loss"))
 
     @property
+    def epsilon(self) -> float | None:
+        """With ``privacy`` on, the run's epsilon after this round (None when off, or unbounded)."""
+        return _float(self.get("epsilon"))
+
+    @property
     def uplink_mb(self) -> float:
         """Megabytes each participating client sent, on average (0.0 when unrecorded)."""
         return float(self.get("uplink_mb_per_client") or 0.0)
@@ -492,6 +497,14 @@ class RunSummary(_Record):
     def trainable_percent(self) -> float | None:
         """Those as a percentage of the backbone's parameters."""
         return _float(self.get("trainable_percent"))
+
+    @property
+    def privacy(self) -> dict[str, Any] | None:
+        """With ``privacy`` on, the run's privacy record (the resolved settings, ``upload_rounds``, the
+        final ``epsilon`` and ``epsilon_server``, ``per_client_epsilon_server``); None when off, and in
+        runs written before it existed."""
+        privacy = self.get("privacy")
+        return dict(privacy) if isinstance(privacy, Mapping) else None
 
     @property
     def wall_seconds(self) -> float | None:
