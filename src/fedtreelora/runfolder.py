@@ -270,6 +270,17 @@ class RoundRecord(_Record):
         return _float(self.get("epsilon"))
 
     @property
+    def epsilon_server(self) -> float | None:
+        """With ``privacy`` on, the epsilon against the server after this round: the largest over clients
+        (None when off, or unbounded)."""
+        return _float(self.get("epsilon_server"))
+
+    @property
+    def has_privacy(self) -> bool:
+        """Whether the run had ``privacy`` on (the record carries ``epsilon``, None while unbounded)."""
+        return "epsilon" in self
+
+    @property
     def uplink_mb(self) -> float:
         """Megabytes each participating client sent, on average (0.0 when unrecorded)."""
         return float(self.get("uplink_mb_per_client") or 0.0)

@@ -6,7 +6,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from fedtreelora.runfolder import RunFolder
+from fedtreelora.runfolder import Convention, RoundRecord, RunFolder
 
 
 class ScalarLogger:
@@ -54,15 +54,15 @@ class ScalarLogger:
         """One round's record (as in the run summary's history) and each client's metric."""
         step = record["round"] + 1
         metric = record.get("metric", "accuracy")
+        round_record = RoundRecord(record)
         scalars = {
-            f"{metric}/mean": record.get("mean_metric", record.get("mean_accuracy")),
-            f"{metric}/mean_received": record.get("received_mean_metric"),
-            f"{metric}/mean_trained": record.get("trained_mean_metric"),
+            f"{metric}/mean": round_record.mean,
+            **{f"{metric}/mean_{c.value}": round_record.convention_mean(c) for c in Convention},
             "train_loss/mean": record["mean_train_loss"],
             "communication/uplink_mb_per_client": record["uplink_mb_per_client"],
             "communication/downlink_mb_per_client": record["downlink_mb_per_client"],
-            "privacy/epsilon": record.get("epsilon"),
-            "privacy/epsilon_server": record.get("epsilon_server"),
+            "privacy/epsilon": round_record.epsilon,
+            "privacy/epsilon_server": round_record.epsilon_server,
         }
         scalars.update({f"{metric}/client_{k:03d}": value for k, value in enumerate(per_client)})
         scalars = {k: v for k, v in scalars.items() if v is not None}

@@ -12,6 +12,8 @@ from typing import Any
 
 from rich.text import Text
 
+from fedtreelora.runfolder import Convention, RoundRecord
+
 #: (header, width, align) of the fixed columns; "mean" is headed by the metric's short name, "other" by
 #: the evaluation convention that is not the headline ("trained" beside the received model's score).
 COLUMNS: tuple[tuple[str, int, str], ...] = (
@@ -44,13 +46,13 @@ class RoundTable:
         self.total_rounds = total_rounds
         self.num_clients = num_clients
         self.metric = metric
-        self.other = "trained" if evaluate == "received" else "received"
+        self.other = Convention(evaluate).other
         self.best: float | None = None
         self.header_shown = False
 
     def header(self) -> Text:
         short = {"accuracy": "acc"}.get(self.metric, self.metric)
-        names = [short if n == "mean" else ("recvd" if self.other == "received" else self.other) if n == "other" else n
+        names = [short if n == "mean" else ("recvd" if self.other is Convention.RECEIVED else self.other.value) if n == "other" else n
                  for n, _, _ in COLUMNS]  # fmt: skip
         cells = [f"{name[:width]:{align}{width}}" for name, (_, width, align) in zip(names, COLUMNS, strict=True)]
         return Text(" ".join([*cells, "notes"]), style="bold")
@@ -63,12 +65,13 @@ class RoundTable:
         ``seconds`` is the round's wall time. The "other" column is the round's mean under the
         convention that is not the headline; the ``n`` column counts the clients whose update counted.
         """
-        other = record.get(f"{self.other}_mean_metric")
-        mean = record.get("mean_metric", record.get("mean_accuracy"))
+        round_record = RoundRecord(record)
+        other = round_record.convention_mean(self.other)
+        mean = round_record.mean
         improved = mean is not None and (self.best is None or mean > self.best)
         if improved:
             self.best = mean
-        loss = record.get("mean_train_loss")
+        loss = round_record.mean_train_loss
         values = [
             f"{record['round'] + 1}/{self.total_rounds}",
             str(record["phase"]),
@@ -85,8 +88,8 @@ class RoundTable:
         server = record.get("server") or {}
         if "cuts" in server:
             notes.append("cuts " + ",".join(str(c) for c in server["cuts"]))
-        if "epsilon" in record:  # privacy on: epsilon at the configured delta (server's view beside it)
-            eps, server_eps = record["epsilon"], record.get("epsilon_server")
+        if round_record.has_privacy:  # privacy on: epsilon at the configured delta (server's view beside it)
+            eps, server_eps = round_record.epsilon, round_record.epsilon_server
             text_eps = "inf" if eps is None else f"{eps:.2f}"
             if server_eps != eps:
                 text_eps += "/" + ("inf" if server_eps is None else f"{server_eps:.2f}") + " server"

@@ -27,6 +27,7 @@ from fedtreelora.engines.setup import Federation, FederationView, build_federati
 from fedtreelora.engines.validation import RejectedUpdate, check_update
 from fedtreelora.headline import best_federated, headline, last_seen, round_mean
 from fedtreelora.progress import progress_bars
+from fedtreelora.runfolder import Convention
 
 if TYPE_CHECKING:
     from fedtreelora.privacy import PrivacyLedger
@@ -271,7 +272,9 @@ class SimulationEngine:
         runner.settle(chosen, trained)
         received = self._evaluate_received(fed, runner, rnd, trained, run)
         for r in records:
-            r.update({f"received_{key}": value for key, value in received.get(r["client"], {}).items()})
+            r.update(
+                {Convention.RECEIVED.score_key(key): value for key, value in received.get(r["client"], {}).items()}
+            )
         # Clients whose training did not count this round (not sampled, update rejected): only the model
         # they would receive is scored, in a record marked as such.
         sat_out = [
@@ -280,11 +283,11 @@ class SimulationEngine:
                 "client": k,
                 "phase": phase.name,
                 "trained": False,
-                **{f"received_{key}": value for key, value in received[k].items()},
+                **{Convention.RECEIVED.score_key(key): value for key, value in received[k].items()},
             }
             for k in sorted(set(received) - set(trained))
         ]
-        score_key = metric if self.config.federation.evaluate == "trained" else f"received_{metric}"
+        score_key = Convention(self.config.federation.evaluate).score_key(metric)
         scored = sorted([*records, *sat_out], key=lambda r: r["client"])
         if ledger is not None:
             own = ledger.client_epsilons([*run.history, privacy])
@@ -308,8 +311,7 @@ class SimulationEngine:
             "evaluate": self.config.federation.evaluate,
             "mean_metric": mean(score_key),
             f"mean_{metric}": mean(score_key),
-            "trained_mean_metric": mean(metric),
-            "received_mean_metric": mean(f"received_{metric}"),
+            **{c.mean_key: mean(c.score_key(metric)) for c in (Convention.TRAINED, Convention.RECEIVED)},
             "mean_train_loss": mean("train_loss"),
             "uplink_mb_per_client": (mean("uplink_bytes") or 0.0) / 1e6,
             "downlink_mb_per_client": (mean("downlink_bytes") or 0.0) / 1e6,
@@ -422,7 +424,7 @@ class SimulationEngine:
         summary: dict[str, Any] = {
             "method": fed.config.method,
             "dataset": fed.dataset_name,
-            "by_convention": {name: headline(history, f"{name}_mean_metric") for name in ("received", "trained")},
+            "by_convention": {c.value: headline(history, c.mean_key) for c in Convention},
             "metric": run_metric(fed),
             "num_clients": fed.num_clients,
             "rounds": len(history),
