@@ -122,6 +122,32 @@ def test_report_reads_the_same_folder(written: tuple[RunFolder, list[dict[str, t
     assert run.client_files() == folder.client_state_files()
 
 
+def test_report_and_compare_complete_an_old_summary_through_one_reader(tmp_path: Path) -> None:
+    """A summary written before the best federated round was recorded: RunFolder.read_complete_summary
+    fills it in from the history and the per-client records, and the report and compare read that."""
+    history = [{"round": r, "phase": phase, "mean_metric": m, "received_mean_metric": m, "trained_mean_metric": 0.5}
+               for r, (phase, m) in enumerate([("warmup", 0.9), ("federated", 0.6), ("federated", 0.7)])]  # fmt: skip
+    old = {"method": "fedtreelora", "metric": "accuracy", "evaluate": "received", "num_clients": 2,
+           "final_mean": 0.7, "best_mean": 0.9, "best_round": 0, "per_client": [0.6, 0.8], "history": history,
+           "by_convention": {"received": {"final_mean": 0.7, "best_mean": 0.9, "best_round": 0}}}  # fmt: skip
+    folder = RunFolder(tmp_path)
+    folder.write_summary(old)
+    folder.append_metrics([{"round": r, "client": k, "received_accuracy": 0.1 * r + k / 2} for r in range(3)
+                           for k in range(2)])  # fmt: skip
+    done = folder.read_complete_summary()
+    assert done == complete_summary(old, folder.read_metrics())
+    assert (done.best_federated_mean, done.best_federated_round) == (0.7, 2)
+    assert done.headlines == {Convention.RECEIVED: Headline(0.7, 0.9, 0, 0.7, 2)}
+    assert done.per_client_at("best_federated_mean") == pytest.approx([0.2, 0.7])
+    assert folder.require_complete_summary() == done
+    assert load_run(tmp_path).summary == done and _read_summary(tmp_path) == done
+    # A complete summary is read as written; the per-client records are not needed.
+    folder.write_summary(done)
+    folder.metrics.unlink()
+    assert folder.read_complete_summary() == done and folder.read_complete_summary().is_complete
+    assert RunFolder(tmp_path / "none").read_complete_summary() is None
+
+
 def test_truncating_metrics_keeps_earlier_rounds_verbatim(
     written: tuple[RunFolder, list[dict[str, torch.Tensor]]],
 ) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fedtreelora.runfolder import ClientRecord, Convention, RoundRecord, RunSummary
+from fedtreelora.runfolder import ClientRecord, RoundRecord, RunSummary
 
 WARMUP_PHASE = "warmup"
 """The phase name of rounds before anything is shared (local training; FedTreeLoRA, FedLEASE and the
@@ -107,20 +107,30 @@ def complete_summary(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any
     (a run written before they existed): ``best_federated_mean`` and ``best_federated_round``, the same
     under each ``by_convention`` entry, and, when ``rows`` (the run's per-client round records) are
     given, ``per_client_best_federated_round``. A value that cannot be computed (a history without
-    phases, a run that ended in warm-up) is None. A summary that has them is returned as it is (copied)."""
-    out = dict(summary)
-    history = RunSummary(out).history
-    if any(key not in out for key in FEDERATED_KEYS):
+    phases, a run that ended in warm-up) is None. A summary that has them is returned as it is (copied).
+
+    Read run folders through :meth:`fedtreelora.runfolder.RunFolder.read_complete_summary`, which calls
+    this where a summary needs it."""
+    run = RunSummary(summary)
+    out = run.to_dict()
+    history = run.history
+    if any(key not in run for key in FEDERATED_KEYS):
         out["best_federated_mean"], out["best_federated_round"] = best_federated(history)
-    conventions = out.get("by_convention")
-    if isinstance(conventions, Mapping):
-        completed = {}
-        for name, values in conventions.items():
-            values = dict(values)
-            if any(key not in values for key in FEDERATED_KEYS):
-                values.update({k: headline(history, Convention(name).mean_key)[k] for k in FEDERATED_KEYS})
-            completed[name] = values
-        out["by_convention"] = completed
+    headlines = run.headlines
+    if headlines is not None:
+        # An entry without a best federated round is computed again (the same value where the engine
+        # wrote None: the same history, the same rule).
+        out["by_convention"] = {
+            convention.value: {
+                **values.to_dict(),
+                **(
+                    {}
+                    if values.best_federated_round is not None
+                    else {k: headline(history, convention.mean_key)[k] for k in FEDERATED_KEYS}
+                ),
+            }
+            for convention, values in headlines.items()
+        }
     if rows is not None and "per_client_best_federated_round" not in out:
         best = RunSummary(out).best_federated_round
         scores = per_client_scores(out, rows)

@@ -320,6 +320,10 @@ class Headline:
             best_federated_round=_int(values.get("best_federated_round")),
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        """The numbers by their keys (:attr:`KEYS`, in that order), as a summary records them."""
+        return {key: getattr(self, key) for key in self.KEYS}
+
     def score(self, key: str) -> float | None:
         """One of the means by its key (``final_mean``, ``best_mean``, ``best_federated_mean``)."""
         if key not in ("final_mean", "best_mean", "best_federated_mean"):
@@ -374,6 +378,15 @@ class RunSummary(_Record):
         return None if not values else Headline.from_mapping(values)
 
     @property
+    def headlines(self) -> dict[Convention, Headline] | None:
+        """The headline numbers under each convention the summary records in ``by_convention``, in the
+        order written; None for a run written before they were recorded."""
+        entries = self.get("by_convention")
+        if not isinstance(entries, Mapping):
+            return None
+        return {Convention(name): Headline.from_mapping(values) for name, values in entries.items()}
+
+    @property
     def has_headline(self) -> bool:
         """Whether the summary records the headline numbers (a finished run's does)."""
         return "best_mean" in self
@@ -383,6 +396,18 @@ class RunSummary(_Record):
         """Whether the summary records the best federated round (runs written before it do not:
         :func:`fedtreelora.headline.complete_summary` computes it)."""
         return "best_federated_mean" in self
+
+    @property
+    def is_complete(self) -> bool:
+        """Whether the summary records every number this version writes from the round history: the
+        best federated round (:data:`Headline.KEYS`) at the top level and under each convention, and
+        each client's score at it (runs written before it was recorded lack them)."""
+        entries = self.get("by_convention")
+        return (
+            all(key in self for key in Headline.KEYS)
+            and "per_client_best_federated_round" in self
+            and (not isinstance(entries, Mapping) or all(all(k in e for k in Headline.KEYS) for e in entries.values()))
+        )
 
     @property
     def final_mean(self) -> float | None:
@@ -754,6 +779,30 @@ class RunFolder:
     def require_run_summary(self) -> RunSummary:
         """:meth:`require_summary`, typed (raises as it does)."""
         return RunSummary(self.require_summary())
+
+    def read_complete_summary(self, records: Sequence[Mapping[str, Any]] | None = None) -> RunSummary | None:
+        """:meth:`read_run_summary`, with what a summary written before the best federated round was
+        recorded lacks computed from its history and per-client records
+        (:func:`fedtreelora.headline.complete_summary`): what the report and ``compare`` read. None when
+        the run has not finished.
+
+        Args:
+            records: the run's per-client records when the caller has read them already
+                (:meth:`read_metrics`); read here only when the summary lacks something.
+        """
+        summary = self.read_run_summary()
+        return None if summary is None else self._completed(summary, records)
+
+    def require_complete_summary(self, records: Sequence[Mapping[str, Any]] | None = None) -> RunSummary:
+        """:meth:`read_complete_summary` of a finished run (raises as :meth:`require_summary` does)."""
+        return self._completed(self.require_run_summary(), records)
+
+    def _completed(self, summary: RunSummary, records: Sequence[Mapping[str, Any]] | None) -> RunSummary:
+        if summary.is_complete:
+            return summary
+        from fedtreelora.headline import complete_summary  # headline reads the records defined here
+
+        return RunSummary(complete_summary(summary, self.read_metrics() if records is None else records))
 
     def read_client_records(self) -> list[ClientRecord]:
         """:meth:`read_metrics`, typed: every per-client round record in the order written."""

@@ -17,7 +17,6 @@ import yaml
 from fedtreelora.compare.stats import RunKey
 from fedtreelora.config import ConfigError, ExperimentBase, ExperimentConfig
 from fedtreelora.data.groups import configured_dataset_name
-from fedtreelora.headline import complete_summary
 from fedtreelora.runfolder import ComparisonFolder, RunFolder, RunSummary
 from fedtreelora.suites import Suite, check_same_partition
 
@@ -153,12 +152,9 @@ def stored_config_matches(folder: Path, config: ExperimentConfig) -> bool:
 def _read_summary(folder: Path) -> RunSummary | None:
     """The summary of a finished run in ``folder``; None when it has none or it lacks the headline. A
     summary written before the best federated round was recorded gets it from its history and metrics
-    (:func:`fedtreelora.headline.complete_summary`)."""
-    run = RunFolder(folder)
-    summary = run.read_run_summary()
-    if summary is None or not summary.has_headline:
-        return None
-    return RunSummary(complete_summary(summary, None if summary.has_best_federated else run.read_metrics()))
+    (:meth:`fedtreelora.runfolder.RunFolder.read_complete_summary`)."""
+    summary = RunFolder(folder).read_complete_summary()
+    return None if summary is None or not summary.has_headline else summary
 
 
 def _differing_keys(stored: Any, wanted: Any, prefix: str = "") -> list[str]:

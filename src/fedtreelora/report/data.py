@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 
-from fedtreelora.headline import complete_summary
 from fedtreelora.runfolder import ClientRecord, Convention, RunFolder, RunSummary
 
 
@@ -211,14 +210,13 @@ class RunData:
 
 def load_run(run_dir: str | Path) -> RunData:
     """Parse a finished run folder (a summary written before the best federated round was recorded gets
-    it from its history: :func:`fedtreelora.headline.complete_summary`).
+    it from its history: :meth:`fedtreelora.runfolder.RunFolder.require_complete_summary`).
 
     Raises FileNotFoundError when the run summary is missing (the run has not finished).
     """
     folder = RunFolder(Path(run_dir))
     metrics = folder.read_client_records()
-    # A run written before the best federated round was recorded: computed from its history and metrics.
-    summary = RunSummary(complete_summary(folder.require_summary(), metrics))
+    summary = folder.require_complete_summary(metrics)
     return RunData(
         run_dir=folder.root,
         summary=summary,
