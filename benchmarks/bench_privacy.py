@@ -19,15 +19,13 @@ whose folder already holds a finished run, then writes beside the runs:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from fedtreelora.compare.stats import mean_std
 from fedtreelora.config import ExperimentConfig
-from fedtreelora.runfolder import RunSummary
+from fedtreelora.runfolder import RunFolder, RunSummary
 from fedtreelora.suites import load_suite
 
 METHODS = ("fedit", "fedsa", "fedlease", "fedtreelora")
@@ -51,28 +49,28 @@ def privacy_overrides(epsilon: str, clip_norm: float, delta: float, accountant: 
     ]
 
 
-def read_summary(folder: Path) -> dict[str, Any] | None:
-    path = folder / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+def read_summary(folder: Path) -> RunSummary | None:
+    """The summary of the finished run in ``folder``; None when it has not finished."""
+    return RunFolder(folder).read_run_summary()
 
 
-def run_one(config: ExperimentConfig, folder: Path) -> dict[str, Any]:
+def run_one(config: ExperimentConfig, folder: Path) -> RunSummary:
     from fedtreelora.engines import SimulationEngine
 
-    return SimulationEngine(config, folder, quiet=True, report=False).run()
+    return RunSummary(SimulationEngine(config, folder, quiet=True, report=False).run())
 
 
-def cluster_sizes(summary: Mapping[str, Any]) -> list[int] | None:
+def cluster_sizes(summary: RunSummary) -> list[int] | None:
     """Each client's cluster size at the deepest layer (labels' last row); None without labels."""
-    labels = summary.get("labels")
+    labels = summary.labels
     if not labels:
         return None
     last = labels[-1]
     return [sum(1 for other in last if other == mine) if mine >= 0 else 0 for mine in last]
 
 
-def score(summary: Mapping[str, Any]) -> float:
-    value = RunSummary(summary).headline.score("final_mean")
+def score(summary: RunSummary) -> float:
+    value = summary.final_mean
     return math.nan if value is None else 100.0 * value
 
 
@@ -98,7 +96,7 @@ def report(out: Path, dataset: str, methods: Sequence[str], epsilons: Sequence[s
                 cells.append("-")
                 continue
             mean, std = mean_std([score(r) for r in runs])
-            z = runs[0].get("privacy", {}).get("noise_multiplier")
+            z = None if (privacy := runs[0].privacy) is None else privacy.noise_multiplier
             cells.append(f"{mean:.2f} ± {std:.2f}" + ("" if z is None else f" (z {z:.2f})") + f" n={len(runs)}")
             curves.setdefault(m, []).append((e, mean, std))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
@@ -112,8 +110,8 @@ def report(out: Path, dataset: str, methods: Sequence[str], epsilons: Sequence[s
                 noisy, plain = summaries.get((m, e, s)), summaries.get((m, "none", s))
                 if noisy is None or plain is None or (sizes := cluster_sizes(noisy)) is None:
                     continue
-                for k, size in enumerate(sizes):
-                    a, b = noisy["per_client"][k], plain["per_client"][k]
+                finals = zip(noisy.per_client_at("final_mean"), plain.per_client_at("final_mean"), strict=False)
+                for size, (a, b) in zip(sizes, finals, strict=False):
                     if a is None or b is None:
                         continue
                     bucket = "size 1-2" if size <= 2 else "size 3-4" if size <= 4 else "size 5+"
@@ -176,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     extra = [*args.overrides, *privacy_overrides(e, args.clip_norm, args.delta, args.accountant)]
                     config = suite.resolve(m, args.dataset, s, extra)
                     summary = run_one(config, folder)
-                    eps = (summary.get("privacy") or {}).get("epsilon")
+                    eps = None if summary.privacy is None else summary.privacy.epsilon
                     print(f"{m} eps={e} seed={s}: {score(summary):.2f}" + ("" if eps is None else f" (eps {eps:.2f})"))
     print(report(args.out, args.dataset, methods, epsilons, seeds))
 

@@ -357,3 +357,18 @@ def test_privacy_is_read_where_it_was_recorded() -> None:
     assert RunSummary({"method": "fedit"}).privacy is None
     assert RunSummary({"privacy": {"epsilon": 4.0}}).privacy == {"epsilon": 4.0}
     assert RoundRecord({"round": 0}).epsilon is None and RoundRecord({"round": 0, "epsilon": 1.5}).epsilon == 1.5
+
+
+def test_the_privacy_record_and_round_epsilons_are_typed() -> None:
+    privacy = RunSummary({"privacy": {"clip_norm": 0.05, "noise_multiplier": 1, "target_epsilon": None, "delta": 1e-5,
+                                      "accountant": "rdp", "adjacency": "add_remove", "sample_rate": 0.5,
+                                      "upload_rounds": 3, "epsilon": 6.5, "epsilon_server": None,
+                                      "per_client_epsilon_server": [4.7, None]}}).privacy  # fmt: skip
+    assert privacy is not None
+    assert (privacy.clip_norm, privacy.noise_multiplier, privacy.target_epsilon) == (0.05, 1.0, None)
+    assert (privacy.delta, privacy.accountant, privacy.adjacency) == (1e-5, "rdp", "add_remove")
+    assert (privacy.sample_rate, privacy.upload_rounds) == (0.5, 3)
+    assert (privacy.epsilon, privacy.epsilon_server, privacy.per_client_epsilon_server) == (6.5, None, [4.7, None])
+    on = RoundRecord({"round": 0, "epsilon": None, "epsilon_server": 2.5})
+    assert on.has_privacy and on.epsilon is None and on.epsilon_server == 2.5, "None: unbounded"
+    assert not RoundRecord({"round": 0}).has_privacy

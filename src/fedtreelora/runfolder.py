@@ -291,6 +291,79 @@ class RoundRecord(_Record):
         return float(self.get("downlink_mb_per_client") or 0.0)
 
 
+class PrivacyRecord(_Record):
+    """A run's ``privacy`` record (``summary.json``, with ``privacy`` on; see docs/privacy.md): the
+    resolved settings of client-level differential privacy (each client's update clipped to
+    ``clip_norm``, Gaussian noise of std ``noise_multiplier * clip_norm`` added before it leaves the
+    client) and the privacy spent by the end of the run.
+
+    Keys: ``clip_norm``, ``noise_multiplier`` (derived when a target was given), ``target_epsilon``,
+    ``delta``, ``accountant``, ``adjacency``, ``sample_rate``, ``planned_rounds``, ``upload_rounds``,
+    ``epsilon``, ``epsilon_server`` and ``per_client_epsilon_server``. An epsilon is None where it is
+    unbounded (``noise_multiplier: 0``, clipping alone).
+    """
+
+    __slots__ = ()
+
+    @property
+    def clip_norm(self) -> float | None:
+        """S: the L2 bound of one client's update (all uploaded tensors together)."""
+        return _float(self.get("clip_norm"))
+
+    @property
+    def noise_multiplier(self) -> float | None:
+        """z: the noise std on every coordinate is z * S (derived from the target epsilon when one was
+        given)."""
+        return _float(self.get("noise_multiplier"))
+
+    @property
+    def target_epsilon(self) -> float | None:
+        """The epsilon z was derived to reach after the planned rounds; None when z was given."""
+        return _float(self.get("target_epsilon"))
+
+    @property
+    def delta(self) -> float | None:
+        """The delta of the (epsilon, delta) guarantee."""
+        return _float(self.get("delta"))
+
+    @property
+    def accountant(self) -> str | None:
+        """The accountant (``rdp``, ``prv``)."""
+        return None if self.get("accountant") is None else str(self["accountant"])
+
+    @property
+    def adjacency(self) -> str | None:
+        """``add_remove`` (sensitivity S) or ``replace`` (sensitivity 2S)."""
+        return None if self.get("adjacency") is None else str(self["adjacency"])
+
+    @property
+    def sample_rate(self) -> float | None:
+        """The share of clients sampled per round (the accountant's q)."""
+        return _float(self.get("sample_rate"))
+
+    @property
+    def upload_rounds(self) -> int | None:
+        """The rounds with any upload (the releases counted)."""
+        return _int(self.get("upload_rounds"))
+
+    @property
+    def epsilon(self) -> float | None:
+        """The final epsilon at :attr:`delta` against the other clients (amplified by sampling); None when
+        unbounded."""
+        return _float(self.get("epsilon"))
+
+    @property
+    def epsilon_server(self) -> float | None:
+        """The final epsilon against the server (every round a client uploaded in a full release): the
+        largest over clients; None when unbounded."""
+        return _float(self.get("epsilon_server"))
+
+    @property
+    def per_client_epsilon_server(self) -> list[float | None]:
+        """Each client's epsilon against the server ([] when not recorded)."""
+        return [_float(v) for v in self.get("per_client_epsilon_server") or []]
+
+
 @dataclass(frozen=True)
 class Headline:
     """A run's headline numbers under one convention: the final round's mean, the best round's (as the
@@ -535,12 +608,12 @@ class RunSummary(_Record):
         return _float(self.get("trainable_percent"))
 
     @property
-    def privacy(self) -> dict[str, Any] | None:
+    def privacy(self) -> PrivacyRecord | None:
         """With ``privacy`` on, the run's privacy record (the resolved settings, ``upload_rounds``, the
         final ``epsilon`` and ``epsilon_server``, ``per_client_epsilon_server``); None when off, and in
         runs written before it existed."""
         privacy = self.get("privacy")
-        return dict(privacy) if isinstance(privacy, Mapping) else None
+        return PrivacyRecord(privacy) if isinstance(privacy, Mapping) else None
 
     @property
     def wall_seconds(self) -> float | None:
