@@ -342,6 +342,11 @@ class PrivacyRecord(_Record):
         return _float(self.get("sample_rate"))
 
     @property
+    def planned_rounds(self) -> int | None:
+        """The rounds the run was configured for (what a target epsilon is reached after)."""
+        return _int(self.get("planned_rounds"))
+
+    @property
     def upload_rounds(self) -> int | None:
         """The rounds with any upload (the releases counted)."""
         return _int(self.get("upload_rounds"))

@@ -344,6 +344,36 @@ def plot_communication(run: RunData) -> Figure:
     return fig
 
 
+def plot_privacy(run: RunData) -> Figure | None:
+    """With ``privacy`` on, the epsilon spent after each round at the run's delta: against the other
+    clients (amplified by sampling) and against the server (the largest over clients), with the target
+    epsilon where one was given; None when privacy was off or every epsilon is unbounded (no noise)."""
+    privacy = run.summary.privacy
+    history = run.summary.history
+    if privacy is None or not any(h.epsilon is not None or h.epsilon_server is not None for h in history):
+        return None
+    rounds = np.arange(1, len(history) + 1)
+    epsilon = np.asarray([np.nan if h.epsilon is None else h.epsilon for h in history], dtype=np.float64)
+    server = np.asarray([np.nan if h.epsilon_server is None else h.epsilon_server for h in history], dtype=np.float64)
+    fig = Figure(figsize=(7.0, 3.4))
+    ax = fig.add_subplot()
+    _shade_warmup(ax, run.warmup_rounds)
+    ax.plot(rounds, epsilon, color="black", linewidth=2.0, marker="o", markersize=4,
+            label="against the other clients")  # fmt: skip
+    ax.plot(rounds, server, color="#c44e52", linewidth=1.4, linestyle="--", marker=".",
+            label="against the server (largest over clients)")  # fmt: skip
+    if privacy.target_epsilon is not None:
+        ax.axhline(privacy.target_epsilon, color="#555555", linewidth=1.0, linestyle=":", label="target epsilon")
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"epsilon at delta {privacy.delta:g}" if privacy.delta is not None else "epsilon")
+    ax.set_xticks(rounds if rounds.size <= 30 else rounds[:: max(1, rounds.size // 15)])
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title("Privacy spent after each round (client-level differential privacy)", fontsize=10)
+    return fig
+
+
 # --- comparisons ----------------------------------------------------------------------------------------
 def plot_compare(table_rows: Sequence[Mapping[str, Any]], path: str | Path, metric: str = "accuracy") -> Path:
     """Grouped bar chart of methods per dataset, with standard deviations as error bars.

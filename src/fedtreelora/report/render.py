@@ -14,13 +14,15 @@ import numpy as np
 from fedtreelora.core.findings import run_finding, summary_label_prior
 from fedtreelora.report import plots
 from fedtreelora.report.data import RunData, load_run
-from fedtreelora.runfolder import Headline, RunFolder
+from fedtreelora.runfolder import Headline, PrivacyRecord, RunFolder
 
 #: folder next to report.md that holds its PNG figures
 FIGURES_DIR = RunFolder.FIGURES_DIR
 FIGURE_NAMES = ("tree", "sharing", "accuracy", "lambda", "labels", "communication")
 #: figures only a run with planted groups (``data.groups``) has
 STRUCTURE_FIGURE_NAMES = ("ari",)
+#: figures only a run with ``privacy`` on has
+PRIVACY_FIGURE_NAMES = ("privacy",)
 
 _CSS = """
 body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; margin: 2em auto;
@@ -44,6 +46,7 @@ class Section:
         caption: what the figure shows.
         png: the rendered figure, or None when the run has nothing to show here.
         note: said instead of the figure when ``png`` is None.
+        rows: (name, value) facts shown above the figure (or the note), when the section has them.
     """
 
     key: str
@@ -51,6 +54,7 @@ class Section:
     caption: str
     png: bytes | None = None
     note: str = ""
+    rows: list[tuple[str, str]] | None = None
 
 
 def _nanmean(values: np.ndarray) -> float:
@@ -142,7 +146,75 @@ def build_sections(run: RunData) -> list[Section]:
             png=plots.figure_png(plots.plot_communication(run)),
         )
     )
+    if run.summary.privacy is not None:
+        sections.append(_privacy_section(run, run.summary.privacy))
     return sections
+
+
+def _epsilon_text(value: float | None) -> str:
+    return "unbounded (no noise: no guarantee)" if value is None else f"{value:.2f}"
+
+
+def privacy_rows(privacy: PrivacyRecord) -> list[tuple[str, str]]:
+    """(name, value) facts of a run's client-level differential privacy (docs/privacy.md)."""
+    z, target = privacy.noise_multiplier, privacy.target_epsilon
+    if z == 0:
+        mechanism = "clipping only (noise multiplier 0): each client's update clipped, no noise, no guarantee"
+    else:
+        mechanism = (
+            "Gaussian, client-level: each client's update clipped to L2 norm S, then N(0, (z S)^2) noise "
+            "added to every coordinate before it leaves the client"
+        )
+    noise = "-" if z is None else f"{z:.4g}"
+    if target is not None:
+        noise += f" (derived for target epsilon {target:g} after {_fmt(privacy.planned_rounds)} rounds)"
+    adjacency = {
+        "add_remove": "add_remove (a client's whole data present or absent: sensitivity S)",
+        "replace": "replace (a client's whole data swapped for other data: sensitivity 2S)",
+    }.get(privacy.adjacency or "", _fmt(privacy.adjacency))
+    q = "-" if privacy.sample_rate is None else f"{privacy.sample_rate:g}"
+    server = _epsilon_text(privacy.epsilon_server)
+    per_client = [v for v in privacy.per_client_epsilon_server if v is not None]
+    if privacy.epsilon_server is not None:
+        server += " (largest over clients, every round a client uploaded in counted in full"
+        if per_client and min(per_client) != max(per_client):
+            server += f"; per client {min(per_client):.2f}-{max(per_client):.2f}"
+        server += ")"
+    epsilon = _epsilon_text(privacy.epsilon)
+    if privacy.epsilon is not None:
+        epsilon += f" (amplified by sampling at q = {q}: for those who receive aggregates and the models)"
+    return [
+        ("mechanism", mechanism),
+        ("clip norm S", "-" if privacy.clip_norm is None else f"{privacy.clip_norm:g}"),
+        ("noise multiplier z", noise),
+        ("delta", "-" if privacy.delta is None else f"{privacy.delta:g}"),
+        ("adjacency", adjacency),
+        (
+            "accountant",
+            f"{_fmt(privacy.accountant)} (Opacus), sampling rate q = {q}, "
+            f"{_fmt(privacy.upload_rounds)} rounds with uploads",
+        ),
+        ("final epsilon against the other clients", epsilon),
+        ("final epsilon against the server", server),
+    ]
+
+
+def _privacy_section(run: RunData, privacy: PrivacyRecord) -> Section:
+    """Client-level differential privacy (runs with ``privacy`` on): the settings, the final epsilons and
+    epsilon after each round."""
+    figure = plots.plot_privacy(run)
+    delta = "-" if privacy.delta is None else f"{privacy.delta:g}"
+    return Section(
+        "privacy",
+        "Privacy",
+        f"Epsilon at delta {delta} after each round: against the other clients, who receive only aggregates "
+        "of noisy uploads and do not know who was sampled (amplified by sampling), and against the server, "
+        "which samples the clients and sees each noisy upload (each client's own upload rounds, the largest "
+        "over clients shown). The unit of privacy is a client's whole data; see docs/privacy.md.",
+        png=None if figure is None else plots.figure_png(figure),
+        note="Every epsilon is unbounded: with noise multiplier 0, clipping alone gives no guarantee.",
+        rows=privacy_rows(privacy),
+    )
 
 
 def _ari_section(run: RunData) -> Section:
@@ -351,6 +423,8 @@ def render_html(run: RunData, sections: Sequence[Section]) -> str:
     ]
     for section in sections:
         parts.append(f'<h2 id="{esc(section.key)}">{esc(section.title)}</h2>')
+        if section.rows is not None:
+            parts.append(_html_table(None, section.rows, "facts"))
         if section.png is None:
             parts.append(f'<p class="note">{esc(section.note)}</p>')
             continue
@@ -377,6 +451,8 @@ def render_markdown(run: RunData, sections: Sequence[Section]) -> str:
     lines = [f"# {title}", "", _md_table(["", ""], overview_rows(run)), ""]
     for section in sections:
         lines += [f"## {section.title}", ""]
+        if section.rows is not None:
+            lines += [_md_table(["", ""], section.rows), ""]
         if section.png is None:
             lines += [f"*{section.note}*", ""]
             continue
@@ -405,7 +481,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     folder = run.folder.report_figures
     folder.mkdir(exist_ok=True)
     # Drop figures of an earlier report that this one no longer has.
-    for name in (*FIGURE_NAMES, *STRUCTURE_FIGURE_NAMES):
+    for name in (*FIGURE_NAMES, *STRUCTURE_FIGURE_NAMES, *PRIVACY_FIGURE_NAMES):
         (folder / f"{name}.png").unlink(missing_ok=True)
     for section in sections:
         if section.png is not None:
