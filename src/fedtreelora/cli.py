@@ -28,7 +28,7 @@ def _federated_text(values: Headline, with_round: bool) -> str:
 def result_line(summary: Mapping[str, Any], out: Path) -> str:
     """The line ``fedtreelora run`` ends with: the headline convention's final mean, best round (as the
     papers report it, possibly a warm-up round) and best federated round (the best after warm-up), the
-    other convention's three, the cuts, the wall time and the run folder."""
+    other convention's three, the epsilons with privacy on, the cuts, the wall time and the run folder."""
     run = RunSummary(summary)
     ours, other = run.headline, run.evaluate.other
     aside = run.by_convention(other)
@@ -42,18 +42,38 @@ def result_line(summary: Mapping[str, Any], out: Path) -> str:
             if aside is not None
             else ""
         )
+        + _privacy_text(run)
         + f"cuts {run.cuts}, {_number(run.wall_seconds, '.0f')} s -> {out}"
     )
 
 
+def _privacy_text(run: RunSummary) -> str:
+    """``privacy: epsilon 6.48 (9.01 against the server) at delta 1e-05; `` with privacy on (the server's
+    epsilon only where it differs), ``""`` without."""
+    privacy = run.privacy
+    if privacy is None:
+        return ""
+    eps, server = privacy.epsilon, privacy.epsilon_server
+    text = f"privacy: epsilon {_epsilon(eps)}"
+    if server != eps:
+        text += f" ({_epsilon(server)} against the server)"
+    return text + ("" if privacy.delta is None else f" at delta {privacy.delta:g}") + "; "
+
+
+def _epsilon(value: float | None) -> str:
+    """An epsilon as the run's last line shows it; ``unbounded`` for None (no noise: no guarantee)."""
+    return "unbounded" if value is None else f"{value:.2f}"
+
+
 def flower_result_line(summary: Mapping[str, Any], out: Path) -> str:
-    """The line ``fedtreelora flower simulate`` ends with: the final and best round's mean, the cuts and
-    the run folder."""
+    """The line ``fedtreelora flower simulate`` ends with: the final and best round's mean, the epsilons
+    with privacy on, the cuts and the run folder."""
     run = RunSummary(summary)
     return (
         f"{run.method} on {run.dataset} (Flower simulation, {run.num_clients} nodes): "
         f"final mean {run.metric} {_number(run.final_mean)}, best {_number(run.best_mean)}, "
-        f"cuts {run.cuts} -> {out}"
+        + _privacy_text(run)
+        + f"cuts {run.cuts} -> {out}"
     )
 
 
