@@ -563,7 +563,11 @@ def test_compare_smoke_suite_tables_reuse_and_redo(tmp_path: Path) -> None:
     suite = load_suite("nlu-smoke")
     methods = suite.default_methods()  # every registered method
     datasets = list(suite.datasets)
-    assert main(["compare", "--suite", "nlu-smoke", "--out", str(out), "--quiet"]) == 0
+    # The suite on less data and 2 rounds (1 warm-up, 1 federated) in every call: the tables, the reuse
+    # and the reruns checked here do not depend on how much each run trains.
+    smaller = ["data.n_train=16", "data.n_val=8", "federation.rounds=2"]
+    sets = [arg for assignment in smaller for arg in ("--set", assignment)]
+    assert main(["compare", "--suite", "nlu-smoke", *sets, "--out", str(out), "--quiet"]) == 0
 
     runs = _summaries(out)
     assert set(runs) == {(d, m, 1) for d in datasets for m in methods}
@@ -603,7 +607,7 @@ def test_compare_smoke_suite_tables_reuse_and_redo(tmp_path: Path) -> None:
 
     # a second invocation reuses every finished run
     before = _mtimes(out)
-    again = run_compare(suite, out, quiet=True)
+    again = run_compare(suite, out, overrides=smaller, quiet=True)
     assert again.executed == [] and len(again.reused) == len(runs)
     assert _mtimes(out) == before
     assert [r["method"] for r in again.rows] == methods
@@ -611,20 +615,23 @@ def test_compare_smoke_suite_tables_reuse_and_redo(tmp_path: Path) -> None:
 
     # an interrupted run (no summary yet) resumes from its last checkpoint
     (out / "runs" / "sarcasm" / "fedit" / "seed1" / "summary.json").unlink()
-    resumed = run_compare(suite, out, methods=["fedit"], datasets=["sarcasm"], quiet=True)
+    resumed = run_compare(suite, out, methods=["fedit"], datasets=["sarcasm"], overrides=smaller, quiet=True)
     assert [r.status for r in resumed.runs] == ["resumed"]
     assert resumed.runs[0].summary["best_mean"] == runs[("sarcasm", "fedit", 1)]["best_mean"]
 
     # a changed setting meets finished runs of another config: an error naming them, before anything is lost
     before = _mtimes(out)
     with pytest.raises(ConfigError, match=r"(?s)1 finished run.*local/seed1: differs at train\.lr.*--replace"):
-        run_compare(suite, out, methods=["local"], datasets=["sarcasm"], overrides=["train.lr=1e-3"], quiet=True)
+        run_compare(
+            suite, out, methods=["local"], datasets=["sarcasm"], overrides=[*smaller, "train.lr=1e-3"], quiet=True
+        )
     assert _mtimes(out) == before
 
     # with replace=True it is run again; the other runs stay as they were
     redo = run_compare(
-        suite, out, methods=["local"], datasets=["sarcasm"], overrides=["train.lr=1e-3"], quiet=True, replace=True
-    )
+        suite, out, methods=["local"], datasets=["sarcasm"], overrides=[*smaller, "train.lr=1e-3"], quiet=True,
+        replace=True,
+    )  # fmt: skip
     assert [(r.spec.method, r.status) for r in redo.runs] == [("local", "rerun")]
     redone = out / "runs" / "sarcasm" / "local" / "seed1"
     assert "lr: 0.001" in (redone / "config.yaml").read_text()
