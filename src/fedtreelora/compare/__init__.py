@@ -195,9 +195,12 @@ def _run_line(index: int, total: int, result: RunResult) -> str:
         how = f"reused (ran {s.wall_seconds or 0.0:.1f} s)"
     else:
         how = f"{result.seconds:.1f} s" + ("" if result.status == "new" else f" ({result.status})")
+    privacy = s.privacy
+    eps = "" if privacy is None else "  eps " + ("unbounded" if privacy.epsilon is None else f"{privacy.epsilon:.2f}")
     return (
         f"[{index}/{total}] {spec.dataset:<12} {spec.method:<12} seed {spec.seed}: best {best:6.2f} "
-        f"(round {(-1 if s.best_round is None else s.best_round) + 1}), best federated {after}, final {final:6.2f}  {how}"
+        f"(round {(-1 if s.best_round is None else s.best_round) + 1}), best federated {after}, final {final:6.2f}"
+        f"{eps}  {how}"
     )
 
 

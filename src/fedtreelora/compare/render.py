@@ -16,6 +16,7 @@ from fedtreelora.compare.stats import (
     ADDED_PREFIXES,
     AVERAGE,
     METRICS,
+    PRIVACY_COLUMNS,
     REFERENCES,
     difference_key,
     is_marked,
@@ -194,18 +195,38 @@ def render_markdown(rows: list[dict[str, Any]], datasets: Sequence[str], meta: d
         ]
         for r in rows
     ]
+    private = any("epsilon" in r for r in rows)
+    if private:
+        cost_header.append("epsilon (other clients / server)")
+        for cells, r in zip(cost_body, rows, strict=True):
+            cells.append(f"{_epsilon_cell(r.get('epsilon'))} / {_epsilon_cell(r.get('epsilon_server'))}")
     lines += [
         "",
         "## Cost (mean over datasets and seeds; communication averaged over all rounds, warm-up included)",
         "",
         *_markdown_table(cost_header, cost_body),
     ]
+    if private:
+        lines += ["", PRIVACY_NOTE]
     for reference in REFERENCES:
         if any(difference_key(reference, AVERAGE, "best", "mean") in r for r in rows):
             excluded = meta.get("paired_differences", {}).get(reference, {}).get("excluded", [])
             lines += render_paired_section(rows, labels, reference, metric, excluded)
     lines += render_ari_section(meta.get("ari") or {})
     return "\n".join(lines) + "\n"
+
+
+PRIVACY_NOTE = (
+    "epsilon: the final epsilon of client-level differential privacy (`privacy`, docs/privacy.md) at each "
+    "run's delta, mean over the method's runs: against the other clients (amplified by sampling) / against "
+    "the server (the largest over clients); `-` where its runs had privacy off, or no bound (noise "
+    "multiplier 0)."
+)
+"""The line under the cost table of a comparison where some run had privacy on."""
+
+
+def _epsilon_cell(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.2f}"
 
 
 MARK_RULE = (
@@ -311,7 +332,8 @@ def write_outputs(
     files = {"table.md": out / "table.md", "table.csv": out / "table.csv", "compare.json": out / "compare.json"}
     files["table.md"].write_text(render_markdown(rows, labels, {**meta, "datasets": list(datasets)}))
     with files["table.csv"].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=csv_columns(labels, references))
+        private = list(PRIVACY_COLUMNS) if any("epsilon" in r for r in rows) else []
+        writer = csv.DictWriter(f, fieldnames=[*csv_columns(labels, references), *private])
         writer.writeheader()
         writer.writerows(rows)
     record = {
@@ -333,6 +355,11 @@ def write_outputs(
                 "best_federated_mean": r.summary.best_federated_mean,
                 "best_federated_round": r.summary.best_federated_round,
                 "wall_seconds": r.summary.wall_seconds,
+                **(
+                    {}
+                    if (privacy := r.summary.privacy) is None
+                    else {"epsilon": privacy.epsilon, "epsilon_server": privacy.epsilon_server}
+                ),
                 "status": r.status,
             }
             for r in runs

@@ -29,6 +29,10 @@ ADDED_PREFIXES = ("best_federated",)
 the earlier columns keep their places."""
 
 REFERENCES = ("fedit", "local")
+PRIVACY_COLUMNS = ("epsilon", "epsilon_server")
+"""The rows' privacy keys, present only in a comparison where some run had ``privacy`` on: each method's
+final epsilon against the other clients and against the server (mean over its runs with a finite one;
+NaN where none had privacy on, or none has a bound)."""
 """The reference rows of the paired-difference tables, in the order they are shown."""
 
 RunKey = tuple[str, str, int]
@@ -114,10 +118,12 @@ def summarise(
     ``{label}_{prefix}_mean`` and ``{label}_{prefix}_std`` (the metric in %, over seeds);
     ``seeds`` (how many); ``trainable_params_per_client``, ``trainable_percent``,
     ``uplink_mb_per_client_per_round``, ``downlink_mb_per_client_per_round``; ``wall_seconds`` (sum
-    over the method's runs, as recorded by each run).
+    over the method's runs, as recorded by each run); and, only when some run had ``privacy`` on,
+    :data:`PRIVACY_COLUMNS`.
     """
     by_key = {(r.spec.method, r.spec.dataset, r.spec.seed): r.summary for r in runs}
     columns = table_columns(runs, datasets) if columns is None else list(columns)
+    private = any(r.summary.privacy is not None for r in runs)
     rows = []
     for method in methods:
         mine = [r for r in runs if r.spec.method == method]
@@ -154,8 +160,18 @@ def summarise(
             np.mean([_per_round([h.downlink_mb for h in s.history]) for s in summaries])
         )
         row["wall_seconds"] = float(sum(s.wall_seconds or 0.0 for s in summaries))
+        if private:
+            records = [s.privacy for s in summaries if s.privacy is not None]
+            row["epsilon"] = _finite_mean([p.epsilon for p in records])
+            row["epsilon_server"] = _finite_mean([p.epsilon_server for p in records])
         rows.append(row)
     return rows
+
+
+def _finite_mean(values: Sequence[float | None]) -> float:
+    """The mean of the values that are not None (NaN when there are none)."""
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else math.nan
 
 
 def _required(value: int | None) -> int:
