@@ -359,7 +359,7 @@ def test_a_few_local_steps_raise_rouge_on_a_real_task() -> None:
             "model.max_length=96",
             "generation.max_new_tokens=16",
             "train.batch_size=8",
-            "train.local_steps=12",
+            "train.local_steps=8",  # ROUGE-1 +0.48 and loss -1.0 at seed 0 (+0.33, +0.23 at seeds 1, 2)
             "train.lr=3e-3",
         ],
         method="local",
