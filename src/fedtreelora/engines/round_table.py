@@ -73,15 +73,15 @@ class RoundTable:
             self.best = mean
         loss = round_record.mean_train_loss
         values = [
-            f"{record['round'] + 1}/{self.total_rounds}",
-            str(record["phase"]),
+            f"{round_record.round + 1}/{self.total_rounds}",
+            str(round_record.phase),
             "-" if mean is None else f"{mean:.4f}",
             "-" if other is None else f"{other:.4f}",
             f"{min(client_values):.3f}-{max(client_values):.3f}" if client_values else "-",
             "-" if loss is None else f"{loss:.3f}",
             f"{len(record.get('clients', []))}/{self.num_clients}",
-            f"{record.get('uplink_mb_per_client', 0.0):.2f}",
-            f"{record.get('downlink_mb_per_client', 0.0):.2f}",
+            f"{round_record.uplink_mb:.2f}",
+            f"{round_record.downlink_mb:.2f}",
             f"{seconds:.0f}" if seconds >= 100 else f"{seconds:.1f}",
         ]
         notes = []
