@@ -35,7 +35,7 @@ def test_federated_training_learns_sarcasm() -> None:
             "data.n_val=64",
             "train.lr=3e-3",
             "train.local_epochs=2",
-            "federation.rounds=5",
+            "federation.rounds=3",  # train loss falls by 0.21, 0.12, 0.13 at seeds 0, 1, 2 (0.28 at seed 0 in 5)
             "fedtreelora.warmup_rounds=2",
         ]
     )
