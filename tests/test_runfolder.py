@@ -372,3 +372,10 @@ def test_the_privacy_record_and_round_epsilons_are_typed() -> None:
     on = RoundRecord({"round": 0, "epsilon": None, "epsilon_server": 2.5})
     assert on.has_privacy and on.epsilon is None and on.epsilon_server == 2.5, "None: unbounded"
     assert not RoundRecord({"round": 0}).has_privacy
+
+
+def test_a_round_record_reads_who_counted_who_was_rejected_and_what_the_server_said() -> None:
+    record = RoundRecord({"round": 2, "clients": [0, 2], "rejected": [1], "server": {"cuts": [2, 1]}})
+    assert (record.clients, record.rejected, record.server) == ([0, 2], [1], {"cuts": [2, 1]})
+    assert (RoundRecord({"round": 0}).clients, RoundRecord({"round": 0}).rejected) == ([], [])
+    assert RoundRecord({"round": 0, "server": None}).server == {}

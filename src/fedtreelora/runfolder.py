@@ -249,6 +249,22 @@ class RoundRecord(_Record):
         return None if phase is None else str(phase)
 
     @property
+    def clients(self) -> list[int]:
+        """The clients whose training counted this round ([] when unrecorded)."""
+        return [int(k) for k in self.get("clients") or []]
+
+    @property
+    def rejected(self) -> list[int]:
+        """The clients whose update the server rejected this round ([] when none, or unrecorded)."""
+        return [int(k) for k in self.get("rejected") or []]
+
+    @property
+    def server(self) -> dict[str, Any]:
+        """What the method's server recorded this round (``cuts`` where it made its clusters, ...); {}
+        when nothing."""
+        return dict(self.get("server") or {})
+
+    @property
     def mean(self) -> float | None:
         """The round's mean client metric under the run's headline convention (``mean_metric``; records
         written before it existed hold ``mean_accuracy``)."""

@@ -52,15 +52,15 @@ class ScalarLogger:
 
     def log_round(self, record: dict[str, Any], per_client: list[float | None]) -> None:
         """One round's record (as in the run summary's history) and each client's metric."""
-        step = record["round"] + 1
-        metric = record.get("metric", "accuracy")
         round_record = RoundRecord(record)
+        step = round_record.round + 1
+        metric = record.get("metric", "accuracy")
         scalars = {
             f"{metric}/mean": round_record.mean,
             **{f"{metric}/mean_{c.value}": round_record.convention_mean(c) for c in Convention},
-            "train_loss/mean": record["mean_train_loss"],
-            "communication/uplink_mb_per_client": record["uplink_mb_per_client"],
-            "communication/downlink_mb_per_client": record["downlink_mb_per_client"],
+            "train_loss/mean": round_record.mean_train_loss,
+            "communication/uplink_mb_per_client": round_record.uplink_mb,
+            "communication/downlink_mb_per_client": round_record.downlink_mb,
             "privacy/epsilon": round_record.epsilon,
             "privacy/epsilon_server": round_record.epsilon_server,
         }

@@ -79,13 +79,13 @@ class RoundTable:
             "-" if other is None else f"{other:.4f}",
             f"{min(client_values):.3f}-{max(client_values):.3f}" if client_values else "-",
             "-" if loss is None else f"{loss:.3f}",
-            f"{len(record.get('clients', []))}/{self.num_clients}",
+            f"{len(round_record.clients)}/{self.num_clients}",
             f"{round_record.uplink_mb:.2f}",
             f"{round_record.downlink_mb:.2f}",
             f"{seconds:.0f}" if seconds >= 100 else f"{seconds:.1f}",
         ]
         notes = []
-        server = record.get("server") or {}
+        server = round_record.server
         if "cuts" in server:
             notes.append("cuts " + ",".join(str(c) for c in server["cuts"]))
         if round_record.has_privacy:  # privacy on: epsilon at the configured delta (server's view beside it)
@@ -94,8 +94,8 @@ class RoundTable:
             if server_eps != eps:
                 text_eps += "/" + ("inf" if server_eps is None else f"{server_eps:.2f}") + " server"
             notes.append(f"eps {text_eps}")
-        if record.get("rejected"):
-            notes.append(f"rejected {record['rejected']}")
+        if round_record.rejected:
+            notes.append(f"rejected {round_record.rejected}")
         if mean is None:
             notes.append("no client update was accepted")
         text = Text()
@@ -106,5 +106,5 @@ class RoundTable:
         for i, (value, (_, width, align)) in enumerate(zip(values, COLUMNS, strict=True)):
             style = "bold green" if i == 2 and improved else ("yellow" if i == 2 and mean is None else "")
             text.append(f"{value:{align}{width}}" + " ", style=style)
-        text.append(", ".join(notes), style="yellow" if record.get("rejected") or mean is None else "cyan")
+        text.append(", ".join(notes), style="yellow" if round_record.rejected or mean is None else "cyan")
         return text
