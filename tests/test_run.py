@@ -164,8 +164,9 @@ def test_bf16_autocast_trains_with_float32_adapters(tmp_path: Path) -> None:
 def test_server_device_run_matches_the_default_run(tmp_path: Path, method: str) -> None:
     """A whole run with the server aggregating in torch (``federation.server_device=cpu``) gives the
     default (numpy) run's metrics: the config reaches the strategy and nothing else changes."""
-    default = SimulationEngine(load_config(overrides=[*TINY, f"method={method}"]), quiet=True).run()
-    config = load_config(overrides=[*TINY, f"method={method}", "federation.server_device=cpu"])
+    overrides = [*TINY, f"method={method}", "data.n_train=32", "data.n_val=16"]  # 2 steps a round: enough to compare
+    default = SimulationEngine(load_config(overrides=overrides), quiet=True).run()
+    config = load_config(overrides=[*overrides, "federation.server_device=cpu"])
     engine = SimulationEngine(config, tmp_path, quiet=True, report=False)
     contexts = []
     build = engine.build_federation
