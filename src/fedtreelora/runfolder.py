@@ -29,11 +29,14 @@ Everything else reads and writes these through :class:`RunFolder`. JSON files ar
 (temporary file, then rename), so a crash never leaves half a file.
 
 What is read comes back typed: :class:`RunSummary` (``summary.json``, its headline numbers under each
-convention as :class:`Headline`), :class:`RoundRecord` (one round of its history), :class:`ClientRecord`
-(one line of ``metrics.jsonl``) and :class:`Convention` (``received`` or ``trained``: what a score is of,
-how outputs say it, the other one, and the default of runs written before the setting). Each keeps every
-key as written and reads the keys runs written before it lack with the defaults of their time, here and
-nowhere else. A comparison folder (``fedtreelora compare --out DIR``) is a :class:`ComparisonFolder`.
+convention as :class:`Headline`, its privacy as :class:`PrivacyRecord`), :class:`RoundRecord` (one round
+of its history), :class:`ClientRecord` (one line of ``metrics.jsonl``) and :class:`Convention`
+(``received`` or ``trained``: what a score is of, how outputs say it, the other one, and the default of
+runs written before the setting). Each keeps every key as written and reads the keys runs written before
+it lack with the defaults of their time, here and nowhere else; what such a summary lacks that can be
+computed from its history (the best federated round) is filled in by
+:meth:`RunFolder.read_complete_summary`, the one reader of the report and ``compare``. A comparison
+folder (``fedtreelora compare --out DIR``) is a :class:`ComparisonFolder`.
 """
 
 from __future__ import annotations
