@@ -16,6 +16,7 @@ from rich.text import Text
 from fedtreelora.adapters import PhaseSpec
 from fedtreelora.config import ExperimentConfig
 from fedtreelora.core.findings import run_finding, summary_label_prior
+from fedtreelora.core.placement import Membership
 from fedtreelora.core.structure import ari_by_layer, planted_levels
 from fedtreelora.data import planted_groups
 from fedtreelora.engines.checkpoint import RunState, load_checkpoint, save_checkpoint
@@ -70,6 +71,28 @@ def phase_record(phase: PhaseSpec) -> dict[str, Any]:
 def _personal(fed: FederationView) -> bool:
     """The strategy adds a personal expert (``fedtreelora.personal``): one cluster everywhere is then not FedIT."""
     return bool(getattr(getattr(fed.strategy, "options", None), "personal", False))
+
+
+def by_phase(phases: dict[int, PhaseSpec]) -> list[tuple[PhaseSpec, list[int]]]:
+    """Clients grouped by the phase they run in (client -> phase), groups in order of their first
+    client, clients ascending within a group: one group when every client runs the round's phase."""
+    groups: list[tuple[PhaseSpec, list[int]]] = []
+    for k in sorted(phases):
+        for phase, members in groups:
+            if phase == phases[k]:
+                members.append(k)
+                break
+        else:
+            groups.append((phases[k], [k]))
+    return groups
+
+
+def membership_record(membership: Membership, rnd: int, present: list[int]) -> dict[str, Any]:
+    """A round record's membership fields (runs with ``federation.join`` or ``leave``): ``present``, the
+    clients in the federation in round ``rnd``; ``joined`` / ``left``, those who arrived / went at it."""
+    joined = [k for k in present if membership.joins(k) == rnd and rnd > 0]
+    left = sorted(k for k, r in membership.leave.items() if r == rnd)
+    return {"present": present, **({"joined": joined} if joined else {}), **({"left": left} if left else {})}
 
 
 class SimulationEngine:
@@ -198,15 +221,17 @@ class SimulationEngine:
             per_client=[[] for _ in range(fed.num_clients)],
         )
 
-    def participants(self, rnd: int, num_clients: int) -> list[int]:
-        """Clients sampled for round ``rnd``: a ``federation.fraction_train`` share, drawn from
-        ``(seed, round)`` so a resumed run samples the same clients."""
+    def participants(self, rnd: int, num_clients: int, present: list[int] | None = None) -> list[int]:
+        """Clients sampled for round ``rnd``: a ``federation.fraction_train`` share of the clients
+        ``present`` that round (None: all ``num_clients``), drawn from ``(seed, round)`` so a resumed run
+        samples the same clients."""
+        pool = list(range(num_clients)) if present is None else list(present)
         fraction = self.config.federation.fraction_train
         if fraction >= 1.0:
-            return list(range(num_clients))
-        count = max(1, round(fraction * num_clients))
+            return pool
+        count = max(1, round(fraction * len(pool)))
         rng = np.random.default_rng([self.config.seed, rnd, 0x5A4D])
-        return sorted(rng.choice(num_clients, size=count, replace=False).tolist())
+        return sorted(np.asarray(pool)[rng.choice(len(pool), size=count, replace=False)].tolist())
 
     def _round(
         self, fed: FederationView, runner: ClientRunner, rnd: int, run: RunState, tick: Callable[[], None]
@@ -217,10 +242,20 @@ class SimulationEngine:
         phase = strategy.phase(rnd)
         shapes = fed.bank.state_shapes()
         max_norm = self.config.federation.max_update_norm
-        chosen = self.participants(rnd, fed.num_clients)
+        membership = strategy.context.membership
+        present = strategy.context.present(rnd)
+        chosen = self.participants(rnd, fed.num_clients, present if membership.changes else None)
         payloads = {k: strategy.payload(rnd, k) for k in chosen}
         keys = {k: list(strategy.upload_keys(rnd, k)) for k in chosen}
-        results = runner.train(rnd, phase, payloads, keys, run.client_states, tick)
+        phases = {k: strategy.client_phase(rnd, k) for k in chosen}
+        results: dict[int, Any] = {}
+        for group_phase, group in by_phase(phases):
+            results.update(
+                runner.train(
+                    rnd, group_phase, {k: payloads[k] for k in group}, {k: keys[k] for k in group},
+                    run.client_states, tick,
+                )
+            )  # fmt: skip
         uploads: dict[int, dict[str, torch.Tensor]] = {}
         records: list[dict[str, Any]] = []
         rejected: list[int] = []
@@ -240,7 +275,7 @@ class SimulationEngine:
                 {
                     "round": rnd,
                     "client": k,
-                    "phase": phase.name,
+                    "phase": phases[k].name,
                     **result.metrics,
                     "uplink_bytes": tensor_bytes(upload),
                     "downlink_bytes": tensor_bytes(payloads[k]),
@@ -250,7 +285,7 @@ class SimulationEngine:
         metric = run_metric(fed)
         trained = [r["client"] for r in records]
         runner.settle(chosen, trained)
-        received = self._evaluate_received(fed, runner, rnd, trained, run)
+        received = self._evaluate_received(fed, runner, rnd, trained, run, present)
         for r in records:
             r.update({f"received_{key}": value for key, value in received.get(r["client"], {}).items()})
         # Clients whose training did not count this round (not sampled, update rejected): only the model
@@ -259,7 +294,7 @@ class SimulationEngine:
             {
                 "round": rnd,
                 "client": k,
-                "phase": phase.name,
+                "phase": strategy.client_phase(rnd, k).name,
                 "trained": False,
                 **{f"received_{key}": value for key, value in received[k].items()},
             }
@@ -290,26 +325,35 @@ class SimulationEngine:
             "mean_train_loss": mean("train_loss"),
             "uplink_mb_per_client": (mean("uplink_bytes") or 0.0) / 1e6,
             "downlink_mb_per_client": (mean("downlink_bytes") or 0.0) / 1e6,
+            **(membership_record(membership, rnd, present) if membership.changes else {}),
             **({"server": info} if info else {}),
         }
 
     def _evaluate_received(
-        self, fed: FederationView, runner: ClientRunner, rnd: int, trained: list[int], run: RunState
+        self,
+        fed: FederationView,
+        runner: ClientRunner,
+        rnd: int,
+        trained: list[int],
+        run: RunState,
+        present: list[int] | None = None,
     ) -> dict[int, dict[str, Any]]:
-        """After round ``rnd``'s aggregation, the scores of what every client receives, whether it trained
-        this round or not: its kept state plus the server's payload for it for round ``rnd + 1``, in that
-        round's phase (after the last round: the final aggregation). Scored with round ``rnd``'s client
-        seeds, so where nothing is received (warm-up, local training) the score equals the trained one
-        exactly. ``trained``: the clients whose update counted this round (their state changed).
+        """After round ``rnd``'s aggregation, the scores of what every client in the federation that round
+        (``present``; None: every client) receives, whether it trained this round or not: its kept state
+        plus the server's payload for it for round ``rnd + 1``, in its phase of that round (after the last
+        round: the final aggregation). Scored with round ``rnd``'s client seeds, so where nothing is
+        received (warm-up, local training) the score equals the trained one exactly. ``trained``: the
+        clients whose update counted this round (their state changed).
 
         Each scored client's payload and round go into ``run`` (its received model, saved at the end);
         a client of ``trained`` whose score did not come back keeps none, since its state has changed
         since; any other client whose score did not come back keeps the one it was last scored on."""
         strategy = fed.strategy
-        phase = strategy.phase(rnd + 1)
-        clients = range(fed.num_clients)
+        clients = range(fed.num_clients) if present is None else present
         payloads = {k: strategy.payload(rnd + 1, k) for k in clients}
-        scores = runner.evaluate_received(rnd, phase, payloads, run.client_states)
+        scores: dict[int, dict[str, Any]] = {}
+        for phase, group in by_phase({k: strategy.client_phase(rnd + 1, k) for k in clients}):
+            scores.update(runner.evaluate_received(rnd, phase, {k: payloads[k] for k in group}, run.client_states))
         changed = set(trained)
         for k in clients:
             if k in scores:

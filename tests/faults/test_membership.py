@@ -1,0 +1,89 @@
+"""Federations that change, end to end on a tiny real run: clients that join late and leave early
+(``federation.join`` / ``leave``) train, count and are scored only while they are there; a FedTreeLoRA
+late client warms up alone and is placed; a run interrupted after a join and a leave resumes exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedtreelora.config import load_config
+from fedtreelora.engines import SimulationEngine
+from fedtreelora.runfolder import RunFolder
+
+#: four clients over four rounds: client 3 arrives at round 3, client 1 leaves from round 4 on (1-based)
+TINY = [
+    "model.num_layers=1",
+    "data.num_clients=4",
+    "data.n_train=16",
+    "data.n_val=8",
+    "train.batch_size=8",
+    "train.local_epochs=1",
+    "federation.rounds=4",
+    "federation.join={3: 3}",
+    "federation.leave={1: 4}",
+    "fedtreelora.warmup_rounds=1",
+    "fedtreelora.join_warmup_rounds=1",
+    "fedlease.warmup_rounds=1",
+    "logging.tensorboard=false",
+]
+PRESENT = [[0, 1, 2], [0, 1, 2], [0, 1, 2, 3], [0, 2, 3]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["fedtreelora", "fedit", "local", "fedlease", "fedalt"])
+def test_absent_clients_neither_train_nor_count_nor_are_scored(tmp_path: Path, method: str, one_thread: None) -> None:
+    summary = SimulationEngine(
+        load_config(overrides=[*TINY, f"method={method}"]), tmp_path, quiet=True, report=False
+    ).run()
+    rows = RunFolder(tmp_path).read_metrics()
+    for rnd, present in enumerate(PRESENT):
+        h = summary["history"][rnd]
+        assert h["clients"] == present and h["present"] == present
+        mine = {r["client"]: r for r in rows if r["round"] == rnd}
+        assert sorted(mine) == present, "only the clients in the federation are scored"
+        assert h["received_mean_metric"] == pytest.approx(
+            sum(r["received_accuracy"] for r in mine.values()) / len(mine)
+        )
+    assert summary["history"][2]["joined"] == [3] and summary["history"][3]["left"] == [1]
+    assert [summary["history"][r]["clients"] for r in range(4)] == PRESENT
+    per_client = summary["per_client"]
+    assert per_client[3] is not None and per_client[1] is not None, "the last score each client had"
+    if method == "fedtreelora":
+        phases = {(r["round"], r["client"]): r["phase"] for r in rows}
+        assert phases[(2, 3)] == "warmup" and phases[(2, 0)] != "warmup", "the late client warms up alone"
+        assert phases[(3, 3)] == phases[(3, 0)], "and then goes on like the others"
+        (placement,) = summary["placements"]
+        assert placement["client"] == 3 and placement["round"] == 2 and placement["joined"] == 2
+        assert min(summary["labels"][0][k] for k in range(4)) >= 0, "every client has its place in the tree"
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+class StopsAt(SimulationEngine):
+    """Crashes when it reaches round ``stop`` (0-based), after the previous round's checkpoint."""
+
+    stop = 3
+
+    def _round(self, fed: Any, runner: Any, rnd: int, run: Any, tick: Any) -> dict[str, Any]:
+        if rnd == self.stop:
+            raise Interrupted
+        return super()._round(fed, runner, rnd, run, tick)
+
+
+@pytest.mark.slow
+def test_a_run_interrupted_after_a_join_and_a_leave_resumes_to_the_same_metrics(
+    tmp_path: Path, one_thread: None
+) -> None:
+    config = load_config(overrides=[*TINY, "method=fedtreelora", "fedtreelora.tau=-1", "federation.leave={1: 3}"])
+    reference = SimulationEngine(config, tmp_path / "whole", quiet=True, report=False).run()
+    with pytest.raises(Interrupted):
+        StopsAt(config, tmp_path / "cut", quiet=True, report=False).run()
+    resumed = SimulationEngine(config, tmp_path / "cut", quiet=True, report=False, resume=True).run()
+    assert RunFolder(tmp_path / "cut").read_metrics() == RunFolder(tmp_path / "whole").read_metrics()
+    for key in ("per_client", "final_mean", "best_mean", "labels", "plan", "placements"):
+        assert resumed[key] == reference[key], key
