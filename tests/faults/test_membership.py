@@ -87,3 +87,28 @@ def test_a_run_interrupted_after_a_join_and_a_leave_resumes_to_the_same_metrics(
     assert RunFolder(tmp_path / "cut").read_metrics() == RunFolder(tmp_path / "whole").read_metrics()
     for key in ("per_client", "final_mean", "best_mean", "labels", "plan", "placements"):
         assert resumed[key] == reference[key], key
+
+
+@pytest.mark.slow
+def test_the_report_shows_joins_placements_and_plans(tmp_path: Path, one_thread: None) -> None:
+    """Client 3 arrives at round 3 and is placed after its two rounds of warm-up; client 2 arrives at
+    round 5, too late to be placed (it has no cluster at the end); the tree is re-planned every round
+    (over the placed clients: 0 and 1, then 0, 1 and 3)."""
+    overrides = [
+        *TINY,
+        "method=fedtreelora",
+        "federation.rounds=5",
+        "federation.join={3: 3, 2: 5}",
+        "federation.leave={}",
+        "fedtreelora.join_warmup_rounds=2",
+        "fedtreelora.replan_every=1",
+        "fedtreelora.tau=-1",
+    ]
+    summary = SimulationEngine(load_config(overrides=overrides), tmp_path, quiet=True).run()
+    assert [p["client"] for p in summary["placements"]] == [3]
+    assert [p["round"] for p in summary["plans"]] == [0, 1, 2, 3, 4]
+    assert [row[2] for row in summary["labels"]] == [-1], "client 2 was never placed"
+    report = (tmp_path / "report.md").read_text()
+    assert "## Federation changes" in report
+    assert "| 4 | placed (after the round) | 3 |" in report and "| 5 | joined | 2 |" in report
+    assert "re-planned (after the round)" in report

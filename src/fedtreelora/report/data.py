@@ -110,7 +110,8 @@ class RunData:
         leaves = tree.shape[0] + 1
         if leaves == self.num_clients:
             return list(range(leaves))
-        warm = sorted({r.client for r in self.metrics if r.phase == "warmup" and r.trained})
+        warmup = set(self.warmup_rounds)  # the method's warm-up, not a late client's own (federation.join)
+        warm = sorted({r.client for r in self.metrics if r.phase == "warmup" and r.trained and r.round in warmup})
         return warm if len(warm) == leaves else list(range(leaves))
 
     @property
