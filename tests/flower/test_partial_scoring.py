@@ -37,3 +37,30 @@ def test_every_node_is_scored_each_round_as_in_process(tmp_path: Path) -> None:
     assert [h["mean_metric"] for h in summary["history"]] == pytest.approx(
         [h["mean_metric"] for h in reference["history"]], abs=1e-6
     )
+
+
+def test_a_late_and_a_leaving_node_get_the_in_process_metrics(tmp_path: Path) -> None:
+    """Client 3 joins at round 3 (after the tree is built), warms up alone for a round and is placed;
+    client 1 leaves from round 4: over Flower's message path every record equals the in-process one."""
+    config = small_experiment(
+        "fedtreelora",
+        num_clients=4,
+        federation={"rounds": 4, "join": {3: 3}, "leave": {1: 4}},
+        fedtreelora={"warmup_rounds": 1, "join_warmup_rounds": 1, "tau": -1.0},
+    )
+    reference = in_process(config, tmp_path / "in-process")
+    grid = LoopbackGrid(FlowerRunSettings.for_experiment(config), num_nodes=4)
+    summary = FlowerEngine(config, grid, tmp_path / "run", quiet=True, report=False).run()
+    expected, got = metrics_by_client_round(tmp_path / "in-process"), metrics_by_client_round(tmp_path / "run")
+    assert sorted(got) == sorted(expected)
+    assert (2, 3) in got and (1, 3) not in got and (3, 1) not in got
+    assert got[(2, 3)]["phase"] == "warmup" != got[(2, 0)]["phase"]
+    for key, row in expected.items():
+        assert got[key].keys() == row.keys(), key
+        for field, value in row.items():
+            if isinstance(value, float):
+                assert got[key][field] == pytest.approx(value, abs=1e-6), (key, field)
+            else:
+                assert got[key][field] == value, (key, field)
+    assert summary["placements"] == reference["placements"] and summary["labels"] == reference["labels"]
+    assert summary["per_client"] == pytest.approx(reference["per_client"], abs=1e-6)
