@@ -79,14 +79,30 @@ class StopsAt(SimulationEngine):
 def test_a_run_interrupted_after_a_join_and_a_leave_resumes_to_the_same_metrics(
     tmp_path: Path, one_thread: None
 ) -> None:
-    config = load_config(overrides=[*TINY, "method=fedtreelora", "fedtreelora.tau=-1", "federation.leave={1: 3}"])
+    overrides = [*TINY, "method=fedtreelora", "fedtreelora.tau=-1", "federation.leave={1: 3}"]
+    config = load_config(overrides=[*overrides, "fedtreelora.replan_every=1"])
     reference = SimulationEngine(config, tmp_path / "whole", quiet=True, report=False).run()
     with pytest.raises(Interrupted):
         StopsAt(config, tmp_path / "cut", quiet=True, report=False).run()
     resumed = SimulationEngine(config, tmp_path / "cut", quiet=True, report=False, resume=True).run()
     assert RunFolder(tmp_path / "cut").read_metrics() == RunFolder(tmp_path / "whole").read_metrics()
-    for key in ("per_client", "final_mean", "best_mean", "labels", "plan", "placements"):
+    for key in ("per_client", "final_mean", "best_mean", "labels", "plan", "placements", "plans"):
         assert resumed[key] == reference[key], key
+
+
+@pytest.mark.slow
+def test_clients_in_different_phases_train_together_as_alone(tmp_path: Path, one_thread: None) -> None:
+    """A late client's warm-up and the others' federated round run in separate passes of the vectorised
+    runner: the same records as one client at a time, up to float rounding."""
+    overrides = [*TINY, "method=fedtreelora", "fedtreelora.tau=-1", "train.device=cpu"]
+    alone = SimulationEngine(load_config(overrides=[*overrides, "train.clients_per_pass=1"]), quiet=True).run()
+    together = SimulationEngine(load_config(overrides=[*overrides, "train.clients_per_pass=4"]), quiet=True).run()
+    assert together["placements"] == alone["placements"]
+    assert [h["clients"] for h in together["history"]] == PRESENT
+    for a, b in zip(alone["per_client"], together["per_client"], strict=True):
+        assert b == pytest.approx(a, abs=1e-6)
+    for a, b in zip(alone["history"], together["history"], strict=True):
+        assert b["mean_train_loss"] == pytest.approx(a["mean_train_loss"], abs=1e-5)
 
 
 @pytest.mark.slow
