@@ -308,9 +308,13 @@ def federation_change_rows(run: RunData) -> tuple[list[str], list[list[str]]] | 
         for key, what in (("joined", "joined"), ("left", "left")):
             for k in record.get(key) or []:
                 rows.append([str(rnd), what, str(k), ""])
+    planted = run.planted_groups
     for placement in s.get("placements") or []:
+        client = int(placement["client"])
         clusters = " ".join(str(int(v)) for v in placement.get("labels") or [])
-        rows.append([str(int(placement["round"]) + 1), "placed (after the round)", str(placement["client"]), clusters])
+        if planted is not None and client < len(planted):  # a planted federation: say where it belongs
+            clusters += f" (planted group {planted[client]})"
+        rows.append([str(int(placement["round"]) + 1), "placed (after the round)", str(client), clusters])
     plans = s.get("plans") or []
     for plan in plans[1:]:
         cuts = " ".join(str(int(c)) for c in plan.get("cuts") or [])
