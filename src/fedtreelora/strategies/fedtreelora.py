@@ -296,7 +296,9 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
         """(clients,) bool: placed (``labels`` >= 0) and not gone by round ``rnd``, so whose uploads can
         count in averages and shares (a client counts through the last round it takes part in)."""
         membership = self.context.membership
-        return (labels >= 0) & ~np.array([membership.has_left(rnd, c) for c in range(labels.shape[0])], dtype=bool)
+        gone = np.array([membership.has_left(rnd, c) for c in range(labels.shape[0])], dtype=bool)
+        staying: np.ndarray = (labels >= 0) & ~gone
+        return staying
 
     def _plan_from_warmup(self, rnd: int) -> SharingPlan:
         """The plan over every client that uploaded in warm-up (and is still in the federation after
