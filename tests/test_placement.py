@@ -11,6 +11,7 @@ import torch
 from fedtreelora.adapters import Site
 from fedtreelora.config import load_config
 from fedtreelora.core.placement import Membership, nearest_cluster, place_in_tree
+from fedtreelora.core.structure import placement_agreement, planted_levels
 from fedtreelora.errors import ConfigError
 from fedtreelora.strategies import FederationContext, get_strategy
 
@@ -62,6 +63,22 @@ def test_place_in_tree_checks_its_input() -> None:
         place_in_tree(LABELS, np.ones((3, 4)))
     with pytest.raises(ValueError, match="no member"):
         place_in_tree(np.zeros((2, 0), dtype=int), np.zeros((2, 0)))
+
+
+def test_placement_agreement_by_hand() -> None:
+    # groups a/x a/y b/x; clients 0-2 a/x, 3 a/y, 4-5 b/x, newcomers 6 (a/x) and 7 (b/x)
+    planted = planted_levels(["a/x", "a/x", "a/x", "a/y", "b/x", "b/x", "a/x", "b/x"])
+    labels = np.array(
+        [
+            [0, 0, 0, 0, 1, 1, 0, 0],  # layer 0: 7 joins the a-cluster: 6 right, 7 wrong at both depths
+            [0, 0, 0, 1, 2, 2, 0, 2],  # layer 1: both right
+            [0, 0, 0, 1, 2, 2, 1, -1],  # layer 2: 6 joins {3} (a/y): right at depth 1, wrong at depth 2; 7 unplaced
+        ]
+    )
+    got = placement_agreement(labels, planted, [6, 7])
+    np.testing.assert_array_equal(got, [[0.5, 0.5], [1.0, 1.0], [1.0, 0.0]])
+    alone = placement_agreement(np.array([[0, 0, 1]]), [["a", "a", "b"]], [2])
+    assert np.isnan(alone).all(), "a newcomer alone in its cluster has no one to agree with"
 
 
 def test_membership_present_by_round() -> None:

@@ -128,3 +128,25 @@ def test_the_report_shows_joins_placements_and_plans(tmp_path: Path, one_thread:
     assert "## Federation changes" in report
     assert "| 4 | placed (after the round) | 3 |" in report and "| 5 | joined | 2 |" in report
     assert "re-planned (after the round)" in report
+
+
+@pytest.mark.slow
+def test_a_planted_federation_records_where_newcomers_went(tmp_path: Path, one_thread: None) -> None:
+    """On planted groups, the summary scores the late clients' placements against their groups."""
+    import json
+
+    swap = {"not_sarcastic": "sarcastic", "sarcastic": "not_sarcastic"}
+    groups = [{"name": "sarcasm/plain", "clients": 2}, {"name": "sarcasm/flipped", "clients": 3, "label_map": swap}]
+    overrides = [
+        f"data.groups={json.dumps(groups)}",
+        *[o for o in TINY if not o.startswith(("data.num_clients", "federation.leave"))],
+        "method=fedtreelora",
+        "federation.join={4: 3}",
+        "fedtreelora.tau=-1",
+    ]
+    summary = SimulationEngine(load_config(overrides=overrides), tmp_path, quiet=True, report=False).run()
+    assert [p["client"] for p in summary["placements"]] == [4]
+    agreement = summary["placement_agreement"]
+    assert len(agreement) == 1 and len(agreement[0]) == 2, "(layers, depths)"
+    assert agreement[0][0] == 1.0, "at depth 1 everyone is 'sarcasm': any cluster agrees"
+    assert agreement[0][1] in (0.0, 1.0)

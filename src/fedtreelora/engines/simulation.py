@@ -17,7 +17,7 @@ from fedtreelora.adapters import PhaseSpec
 from fedtreelora.config import ExperimentConfig
 from fedtreelora.core.findings import run_finding, summary_label_prior
 from fedtreelora.core.placement import Membership
-from fedtreelora.core.structure import ari_by_layer, planted_levels
+from fedtreelora.core.structure import ari_by_layer, placement_agreement, planted_levels
 from fedtreelora.data import planted_groups
 from fedtreelora.engines.checkpoint import RunState, load_checkpoint, save_checkpoint
 from fedtreelora.engines.loggers import ScalarLogger
@@ -40,19 +40,28 @@ def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * 4 for t in tensors.values())
 
 
-def planted_structure(config: ExperimentConfig, sharing_labels: np.ndarray | None) -> dict[str, Any]:
+def planted_structure(
+    config: ExperimentConfig, sharing_labels: np.ndarray | None, newcomers: list[int] | None = None
+) -> dict[str, Any]:
     """The summary's record of a federation with planted groups (``data.groups``); {} without.
 
     ``planted_groups``: (clients,) each client's group; ``planted_levels``: (depth, clients) each
     client's group prefix at depth 1..max; ``ari``: (layers, depth) adjusted Rand index of each layer's
-    sharing partition against each depth, None when the method records no sharing partition.
+    sharing partition against each depth, None when the method records no sharing partition;
+    ``placement_agreement`` (with late clients placed in the tree, ``newcomers``): (layers, depth) the
+    share of them placed in a cluster mostly of their own planted group
+    (:func:`~fedtreelora.core.structure.placement_agreement`; NaN written as None).
     """
     planted = planted_groups(config.data)
     if planted is None:
         return {}
     levels = planted_levels(planted)
     ari = None if sharing_labels is None else ari_by_layer(sharing_labels, levels).tolist()
-    return {"planted_groups": planted, "planted_levels": levels, "ari": ari}
+    record: dict[str, Any] = {"planted_groups": planted, "planted_levels": levels, "ari": ari}
+    if newcomers and sharing_labels is not None:
+        agreement = placement_agreement(sharing_labels, levels, newcomers)
+        record["placement_agreement"] = [[None if np.isnan(v) else float(v) for v in row] for row in agreement]
+    return record
 
 
 def phase_record(phase: PhaseSpec) -> dict[str, Any]:
@@ -407,6 +416,11 @@ class SimulationEngine:
             ],
         }
 
+    @staticmethod
+    def _newcomers(fed: FederationView) -> list[int]:
+        """The late clients the strategy placed in its tree (``placements`` of its summary)."""
+        return sorted({int(p["client"]) for p in fed.strategy.summary().get("placements") or []})
+
     def _clustering(self, fed: FederationView) -> dict[str, Any]:
         """The summary's fields that say what the clusters are (plan or clusters, labels, label counts,
         planted groups), as they stand now."""
@@ -459,7 +473,7 @@ class SimulationEngine:
             "labels": None if labels is None else labels.tolist(),
             "label_counts": fed.label_counts,
             **({"client_categories": categories} if categories is not None else {}),
-            **planted_structure(fed.config, labels),
+            **planted_structure(fed.config, labels, self._newcomers(fed)),
             "trainable_params_per_client": trainable,
             "backbone_params": backbone,
             "trainable_percent": 100.0 * trainable / backbone,
