@@ -97,7 +97,7 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
         self._payloads: dict[int, Tensors] = {}
         # personal_init="warmup": each client's last warm-up adapter, sent back once as its personal expert
         self._personal_start: dict[int, Tensors] = {}
-        # every client's latest uploaded B (warm-up or federated): what a re-plan compares
+        # with replan_every, every client's latest uploaded B (warm-up or federated): what a re-plan compares
         self._latest_b: dict[int, Tensors] = {}
         # late clients (federation.join) whose own warm-up has had an accepted upload
         self._started: set[int] = set()
@@ -217,7 +217,8 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
         )
 
     def aggregate(self, rnd: int, uploads: Mapping[int, Tensors]) -> dict[str, Any]:
-        remember_b(self._latest_b, uploads)
+        if self.options.replan_every:  # only a re-plan reads them: other runs' checkpoints stay as they were
+            remember_b(self._latest_b, uploads)
         if self.remember_warmup(rnd, uploads):
             return {}
         late = {c: up for c, up in uploads.items() if self.in_late_warmup(rnd, c)}
