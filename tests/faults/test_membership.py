@@ -124,6 +124,10 @@ def test_the_report_shows_joins_placements_and_plans(tmp_path: Path, one_thread:
     assert [p["client"] for p in summary["placements"]] == [3]
     assert [p["round"] for p in summary["plans"]] == [0, 1, 2, 3, 4]
     assert [row[2] for row in summary["labels"]] == [-1], "client 2 was never placed"
+    assert summary["tree_clients"] == [0, 1, 3], "the last plan's tree: the placed clients"
+    from fedtreelora.report.data import load_run
+
+    assert load_run(tmp_path).tree_clients == [0, 1, 3]
     report = (tmp_path / "report.md").read_text()
     assert "## Federation changes" in report
     assert "| 4 | placed (after the round) | 3 |" in report and "| 5 | joined | 2 |" in report

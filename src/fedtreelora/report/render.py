@@ -79,6 +79,11 @@ def build_sections(run: RunData) -> list[Section]:
         "matrices. Each dashed line cuts the tree into exactly as many clusters as the labelled layers "
         "share among: shallow layers cut high (a shared trunk), deep layers lower (branches).",
     )
+    if len(run.summary.get("plans") or []) > 1:
+        tree_section.caption += (
+            " This run re-planned (replan_every): the tree shown is the last plan's; the Federation changes "
+            "table lists every plan's cuts."
+        )
     if tree is not None:
         tree_section.png = plots.figure_png(tree[0])
     elif run.plan is None and method == "fedtreelora":

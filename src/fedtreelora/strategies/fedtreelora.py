@@ -105,6 +105,8 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
         self.placements: list[dict[str, Any]] = []
         #: every plan the run made: {"round", "cuts", "labels"} (more than one with ``replan_every``)
         self.plans: list[dict[str, Any]] = []
+        #: the clients the current plan's tree was built over (its leaves, in order)
+        self.tree_clients: list[int] = []
 
     @property
     def lambda_init(self) -> float:
@@ -306,6 +308,7 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
         round ``rnd``); the others get label -1 until they are placed (:meth:`_place`)."""
         membership = self.context.membership
         members = [c for c in self.warmup_members() if not membership.has_left(rnd + 1, c)] or self.warmup_members()
+        self.tree_clients = members
         return self._expand(self.build_plan({c: self._warmup_b[c] for c in members}), members)
 
     def _expand(self, plan: SharingPlan, members: list[int]) -> SharingPlan:
@@ -331,6 +334,7 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
         if len(members) < 2:
             return False
         self.plan = self._expand(self.build_plan({c: self._latest_b[c] for c in members}), members)
+        self.tree_clients = members
         self._record_plan(rnd)
         return True
 
@@ -421,6 +425,7 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
             "started": sorted(self._started),
             "placements": self.placements,
             "plans": self.plans,
+            "tree_clients": self.tree_clients,
         }
         return tensors, meta
 
@@ -436,6 +441,7 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
         self._started = {int(c) for c in meta.get("started", [])}
         self.placements = [dict(p) for p in meta.get("placements", [])]
         self.plans = [dict(p) for p in meta.get("plans", [])]
+        self.tree_clients = [int(c) for c in meta.get("tree_clients", [])]
         self._personal_start = unflatten_by_owner(
             {k[len("personal/") :]: v for k, v in tensors.items() if k.startswith("personal/")}
         )
@@ -447,12 +453,15 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
         return None if self.plan is None else self.plan.labels
 
     def summary(self) -> dict[str, Any]:
-        """The plan; where and when late clients were placed (``placements``) and, when the tree was
-        re-planned, every plan (``plans``)."""
+        """The plan; where and when late clients were placed (``placements``), when the tree was
+        re-planned every plan (``plans``), and when the tree does not hold every client the clients it
+        does (``tree_clients``, its leaves in order)."""
         if self.plan is None:
             return {}
+        partial = self.tree_clients and len(self.tree_clients) < self.context.num_clients
         return {
             "plan": self.plan.to_dict(),
+            **({"tree_clients": self.tree_clients} if partial else {}),
             **({"placements": self.placements} if self.placements else {}),
             **({"plans": self.plans} if len(self.plans) > 1 else {}),
         }
