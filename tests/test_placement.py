@@ -229,3 +229,17 @@ def test_a_replan_rebuilds_the_tree_from_the_latest_uploads_and_keeps_every_plan
     again = cls(strategy.options, strategy.context)
     again.load_state_dict(tensors, meta)
     assert again.plans == strategy.plans and again.summary() == strategy.summary()
+
+
+def test_participants_are_sampled_among_the_clients_present() -> None:
+    from fedtreelora.engines import SimulationEngine
+
+    config = load_config(overrides=["data.num_clients=6", "federation.fraction_train=0.5"])
+    engine = SimulationEngine(config, quiet=True)
+    everyone = [engine.participants(r, 6) for r in range(8)]
+    assert everyone == [engine.participants(r, 6, list(range(6))) for r in range(8)], "no schedule: as before"
+    present = [0, 2, 3, 5]
+    for r in range(8):
+        chosen = engine.participants(r, 6, present)
+        assert len(chosen) == 2 and set(chosen) <= set(present)
+        assert chosen == engine.participants(r, 6, present), "fixed by the seed and round"
