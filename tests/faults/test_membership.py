@@ -4,6 +4,7 @@ late client warms up alone and is placed; a run interrupted after a join and a l
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,9 @@ def test_the_report_shows_joins_placements_and_plans(tmp_path: Path, one_thread:
     from fedtreelora.report.data import load_run
 
     assert load_run(tmp_path).tree_clients == [0, 1, 3]
+    meta = json.loads((tmp_path / "clients" / "meta.json").read_text())
+    assert meta["received_phase_of_client"]["2"]["name"] == "warmup", "client 2 was scored in its own warm-up"
+    assert "3" not in meta.get("received_phase_of_client", {})
     report = (tmp_path / "report.md").read_text()
     assert "## Federation changes" in report
     assert "| 4 | placed (after the round) | 3 |" in report and "| 5 | joined | 2 |" in report
@@ -137,8 +141,6 @@ def test_the_report_shows_joins_placements_and_plans(tmp_path: Path, one_thread:
 @pytest.mark.slow
 def test_a_planted_federation_records_where_newcomers_went(tmp_path: Path, one_thread: None) -> None:
     """On planted groups, the summary scores the late clients' placements against their groups."""
-    import json
-
     swap = {"not_sarcastic": "sarcastic", "sarcastic": "not_sarcastic"}
     groups = [{"name": "sarcasm/plain", "clients": 2}, {"name": "sarcasm/flipped", "clients": 3, "label_map": swap}]
     overrides = [

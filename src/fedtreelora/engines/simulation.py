@@ -28,6 +28,7 @@ from fedtreelora.engines.setup import Federation, FederationView, build_federati
 from fedtreelora.engines.validation import RejectedUpdate, check_update
 from fedtreelora.headline import best_federated, headline, last_seen, round_mean
 from fedtreelora.progress import progress_bars
+from fedtreelora.train import ClientResult
 
 
 def run_metric(fed: FederationView) -> str:
@@ -257,7 +258,7 @@ class SimulationEngine:
         payloads = {k: strategy.payload(rnd, k) for k in chosen}
         keys = {k: list(strategy.upload_keys(rnd, k)) for k in chosen}
         phases = {k: strategy.client_phase(rnd, k) for k in chosen}
-        results: dict[int, Any] = {}
+        results: dict[int, ClientResult] = {}
         for group_phase, group in by_phase(phases):
             results.update(
                 runner.train(
@@ -389,14 +390,15 @@ class SimulationEngine:
         ``final_phase`` for the trained states (the last round's; a client whose last round was a
         warm-up round was trained in that), ``received_phase`` for the received ones (the phase after
         the last round, the final aggregation's) and ``received_phase_of_client`` for a client whose
-        received model was scored in another phase (its score did not come back in the last rounds)."""
+        received model was scored in another phase (its score did not come back in the last rounds, or
+        it was still in its own warm-up after joining late, ``federation.join``)."""
         cfg = fed.config
         rounds = cfg.federation.rounds
         received_phase = phase_record(fed.strategy.phase(rounds))
         other_phases = {
             str(k): record
             for k, rnd in sorted(run.received_rounds.items())
-            if rnd != rounds and (record := phase_record(fed.strategy.phase(rnd))) != received_phase
+            if (record := phase_record(fed.strategy.client_phase(rnd, k))) != received_phase
         }
         return {
             "method": cfg.method,
