@@ -257,6 +257,15 @@ class FederationConfig(Section):
     """Where the server aggregates and plans: None (default) numpy float64 on the CPU; a torch device
     (``cpu``, ``cuda``, ``cuda:1``) or ``auto`` (CUDA when available) for torch float64 there, which
     pays off with hundreds of clients or LLaMA-sized adapters on a server with a GPU."""
+    join: dict[int, int] = Field(default_factory=dict)
+    """Clients that arrive late: client id -> the round (1-based, as the round table counts) it first
+    takes part in; clients not listed are there from round 1. Before that round a client neither
+    trains, nor counts in any average, nor is scored. A FedTreeLoRA client that arrives after the tree
+    is built trains its own warm-up first and is then placed in the tree (``fedtreelora.join_*``)."""
+    leave: dict[int, int] = Field(default_factory=dict)
+    """Clients that go: client id -> the round (1-based) from which it no longer takes part (it takes
+    part up to the round before). From then on it neither trains, nor counts in any average (its
+    cluster's and the external experts' included), nor is scored."""
     evaluate: Literal["received", "trained"] = "received"
     """Which score a round reports (both are recorded in the run's per-client metrics every round): ``received``
     (the methods' papers' convention): after the server's step, each client's kept state plus what
@@ -313,6 +322,44 @@ class PrivacyConfig(Section):
                 "privacy.target_epsilon; set one (privacy.noise_multiplier=0 clips without noise)"
             )
         return self
+
+
+def _check_schedule(federation: FederationConfig, num_clients: int) -> None:
+    """Raise ValueError naming ``federation.join`` / ``federation.leave`` for a client id outside the
+    federation, a round outside the run, a client that leaves before it joins, or a round nobody takes
+    part in."""
+    rounds = federation.rounds
+    for name, schedule, first in (("join", federation.join, 1), ("leave", federation.leave, 2)):
+        for client, rnd in schedule.items():
+            if not 0 <= client < num_clients:
+                raise ValueError(
+                    f"federation.{name} names client {client}, but the clients are 0..{num_clients - 1} "
+                    "(data.num_clients); remove it or use an id in that range"
+                )
+            if not first <= rnd <= rounds:
+                raise ValueError(
+                    f"federation.{name}[{client}]={rnd} is outside rounds {first}..{rounds} (federation.rounds="
+                    f"{rounds}; rounds count from 1{', and a client must take part at least once' if name == 'leave' else ''})"
+                    f"; pick a round in that range or remove the entry"
+                )
+    for client, leaves in federation.leave.items():
+        joins = federation.join.get(client, 1)
+        if leaves <= joins:
+            raise ValueError(
+                f"federation.leave[{client}]={leaves} is not after federation.join[{client}]={joins}; "
+                "a client leaves at a round later than the one it joins at"
+            )
+    for rnd in range(1, rounds + 1):
+        present = [
+            k
+            for k in range(num_clients)
+            if federation.join.get(k, 1) <= rnd and (k not in federation.leave or rnd < federation.leave[k])
+        ]
+        if not present:
+            raise ValueError(
+                f"no client takes part in round {rnd} under federation.join and federation.leave; "
+                "keep at least one client in every round (or lower federation.rounds)"
+            )
 
 
 class LoggingConfig(Section):
@@ -375,6 +422,8 @@ class ExperimentBase(Section):
                 "a delta that large allows publishing one client's update outright: lower privacy.delta "
                 f"(e.g. {min(1e-5, 0.1 / self.data.num_clients):g})"
             )
+
+        _check_schedule(self.federation, self.data.num_clients)
         warmup = getattr(self.method_options(), "warmup_rounds", 0)
         if warmup >= self.federation.rounds:
             raise ValueError(

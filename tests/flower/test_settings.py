@@ -48,8 +48,9 @@ def test_round_trip_keeps_every_setting():
             overrides=[f"data.groups={GROUPS!r}".replace("'", '"'), "data.num_clients=4", "train.local_steps=3"]
             + ["federation.max_update_norm=5.0", "data.text_pair_column=null", "seed=7"]
         ),
+        load_config(overrides=["data.num_clients=4", "federation.join={3: 4}", "federation.leave={1: 6}"]),
     ],
-    ids=["default", "lists", "groups"],
+    ids=["default", "lists", "groups", "join-leave"],
 )
 def test_flat_run_config_round_trip_is_identity(config):
     flat = experiment_to_run_config(config)

@@ -57,3 +57,37 @@ def ari_by_layer(sharing_labels: np.ndarray, planted: Sequence[Sequence[str]]) -
         for h, level in enumerate(levels):
             out[layer, h] = adjusted_rand_score([level[k] for k in placed], row[placed])
     return out
+
+
+def placement_agreement(
+    sharing_labels: np.ndarray, planted: Sequence[Sequence[str]], newcomers: Sequence[int]
+) -> np.ndarray:
+    """How often late clients were placed among their own kind: per layer and planted depth, the share of
+    ``newcomers`` whose cluster's other members (newcomers left out) are mostly of the newcomer's planted
+    group at that depth (the plurality, ties counting as agreement).
+
+    Args:
+        sharing_labels: (layers, clients) int cluster ids, negative for clients not placed.
+        planted: (levels, clients) each client's label at every depth (:func:`planted_levels`).
+        newcomers: the late clients (each placed in the tree).
+    Returns:
+        (layers, levels) float64 in [0, 1]; NaN where no newcomer's cluster has another member.
+    """
+    labels = np.asarray(sharing_labels)
+    levels = [list(level) for level in planted]
+    late = set(int(k) for k in newcomers)
+    out = np.full((labels.shape[0], len(levels)), np.nan)
+    for layer, row in enumerate(labels):
+        for h, level in enumerate(levels):
+            hits: list[float] = []
+            for k in sorted(late):
+                if row[k] < 0:
+                    continue
+                others = [level[j] for j in np.flatnonzero(row == row[k]) if int(j) not in late]
+                if not others:
+                    continue
+                counts = {name: others.count(name) for name in set(others)}
+                hits.append(float(counts.get(level[k], 0) == max(counts.values())))
+            if hits:
+                out[layer, h] = float(np.mean(hits))
+    return out

@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedtreelora.adapters import AdapterBank
 from fedtreelora.config import ExperimentConfig
+from fedtreelora.core.placement import Membership
 from fedtreelora.data import (
     ClassificationDataset,
     ClientData,
@@ -68,6 +69,17 @@ def resolve_server_device(name: str | None) -> str | None:
             f"federation.server_device={name!r} but this machine has no CUDA device; use cpu, auto or null"
         )
     return str(device)
+
+
+def membership_of(config: ExperimentConfig, num_clients: int) -> Membership:
+    """Who takes part in which round, from ``federation.join`` and ``federation.leave`` (1-based
+    rounds there, 0-based here)."""
+    federation = config.federation
+    return Membership(
+        num_clients,
+        join={int(k): int(r) - 1 for k, r in federation.join.items()},
+        leave={int(k): int(r) - 1 for k, r in federation.leave.items()},
+    )
 
 
 def client_seed(seed: int, rnd: int, client: int) -> int:
@@ -325,6 +337,7 @@ def build_model_side(
         rank=model_cfg.rank,
         state_shapes=bank.state_shapes(),
         server_device=resolve_server_device(config.federation.server_device),
+        membership=membership_of(config, len(num_examples)),
     )
     strategy = strategy_cls(config.method_options(), context)
     generator = torch.Generator().manual_seed(config.seed)

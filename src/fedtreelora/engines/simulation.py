@@ -16,7 +16,8 @@ from rich.text import Text
 from fedtreelora.adapters import PhaseSpec
 from fedtreelora.config import ExperimentConfig
 from fedtreelora.core.findings import run_finding, summary_label_prior
-from fedtreelora.core.structure import ari_by_layer, planted_levels
+from fedtreelora.core.placement import Membership
+from fedtreelora.core.structure import ari_by_layer, placement_agreement, planted_levels
 from fedtreelora.data import planted_groups
 from fedtreelora.engines.checkpoint import RunState, load_checkpoint, save_checkpoint
 from fedtreelora.engines.loggers import ScalarLogger
@@ -28,6 +29,7 @@ from fedtreelora.engines.validation import RejectedUpdate, check_update
 from fedtreelora.headline import best_federated, headline, last_seen, round_mean
 from fedtreelora.progress import progress_bars
 from fedtreelora.runfolder import Convention
+from fedtreelora.train import ClientResult
 
 if TYPE_CHECKING:
     from fedtreelora.privacy import PrivacyLedger
@@ -43,19 +45,28 @@ def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * 4 for t in tensors.values())
 
 
-def planted_structure(config: ExperimentConfig, sharing_labels: np.ndarray | None) -> dict[str, Any]:
+def planted_structure(
+    config: ExperimentConfig, sharing_labels: np.ndarray | None, newcomers: list[int] | None = None
+) -> dict[str, Any]:
     """The summary's record of a federation with planted groups (``data.groups``); {} without.
 
     ``planted_groups``: (clients,) each client's group; ``planted_levels``: (depth, clients) each
     client's group prefix at depth 1..max; ``ari``: (layers, depth) adjusted Rand index of each layer's
-    sharing partition against each depth, None when the method records no sharing partition.
+    sharing partition against each depth, None when the method records no sharing partition;
+    ``placement_agreement`` (with late clients placed in the tree, ``newcomers``): (layers, depth) the
+    share of them placed in a cluster mostly of their own planted group
+    (:func:`~fedtreelora.core.structure.placement_agreement`; NaN written as None).
     """
     planted = planted_groups(config.data)
     if planted is None:
         return {}
     levels = planted_levels(planted)
     ari = None if sharing_labels is None else ari_by_layer(sharing_labels, levels).tolist()
-    return {"planted_groups": planted, "planted_levels": levels, "ari": ari}
+    record: dict[str, Any] = {"planted_groups": planted, "planted_levels": levels, "ari": ari}
+    if newcomers and sharing_labels is not None:
+        agreement = placement_agreement(sharing_labels, levels, newcomers)
+        record["placement_agreement"] = [[None if np.isnan(v) else float(v) for v in row] for row in agreement]
+    return record
 
 
 def phase_record(phase: PhaseSpec) -> dict[str, Any]:
@@ -74,6 +85,28 @@ def phase_record(phase: PhaseSpec) -> dict[str, Any]:
 def _personal(fed: FederationView) -> bool:
     """The strategy adds a personal expert (``fedtreelora.personal``): one cluster everywhere is then not FedIT."""
     return bool(getattr(getattr(fed.strategy, "options", None), "personal", False))
+
+
+def by_phase(phases: dict[int, PhaseSpec]) -> list[tuple[PhaseSpec, list[int]]]:
+    """Clients grouped by the phase they run in (client -> phase), groups in order of their first
+    client, clients ascending within a group: one group when every client runs the round's phase."""
+    groups: list[tuple[PhaseSpec, list[int]]] = []
+    for k in sorted(phases):
+        for phase, members in groups:
+            if phase == phases[k]:
+                members.append(k)
+                break
+        else:
+            groups.append((phases[k], [k]))
+    return groups
+
+
+def membership_record(membership: Membership, rnd: int, present: list[int]) -> dict[str, Any]:
+    """A round record's membership fields (runs with ``federation.join`` or ``leave``): ``present``, the
+    clients in the federation in round ``rnd``; ``joined`` / ``left``, those who arrived / went at it."""
+    joined = [k for k in present if membership.joins(k) == rnd and rnd > 0]
+    left = sorted(k for k, r in membership.leave.items() if r == rnd)
+    return {"present": present, **({"joined": joined} if joined else {}), **({"left": left} if left else {})}
 
 
 class SimulationEngine:
@@ -215,15 +248,17 @@ class SimulationEngine:
             per_client=[[] for _ in range(fed.num_clients)],
         )
 
-    def participants(self, rnd: int, num_clients: int) -> list[int]:
-        """Clients sampled for round ``rnd``: a ``federation.fraction_train`` share, drawn from
-        ``(seed, round)`` so a resumed run samples the same clients."""
+    def participants(self, rnd: int, num_clients: int, present: list[int] | None = None) -> list[int]:
+        """Clients sampled for round ``rnd``: a ``federation.fraction_train`` share of the clients
+        ``present`` that round (None: all ``num_clients``), drawn from ``(seed, round)`` so a resumed run
+        samples the same clients."""
+        pool = list(range(num_clients)) if present is None else list(present)
         fraction = self.config.federation.fraction_train
         if fraction >= 1.0:
-            return list(range(num_clients))
-        count = max(1, round(fraction * num_clients))
+            return pool
+        count = max(1, round(fraction * len(pool)))
         rng = np.random.default_rng([self.config.seed, rnd, 0x5A4D])
-        return sorted(rng.choice(num_clients, size=count, replace=False).tolist())
+        return sorted(np.asarray(pool)[rng.choice(len(pool), size=count, replace=False)].tolist())
 
     def _round(
         self, fed: FederationView, runner: ClientRunner, rnd: int, run: RunState, tick: Callable[[], None]
@@ -234,10 +269,20 @@ class SimulationEngine:
         phase = strategy.phase(rnd)
         shapes = fed.bank.state_shapes()
         max_norm = self.config.federation.max_update_norm
-        chosen = self.participants(rnd, fed.num_clients)
+        membership = strategy.context.membership
+        present = strategy.context.present(rnd)
+        chosen = self.participants(rnd, fed.num_clients, present if membership.changes else None)
         payloads = {k: strategy.payload(rnd, k) for k in chosen}
         keys = {k: list(strategy.upload_keys(rnd, k)) for k in chosen}
-        results = runner.train(rnd, phase, payloads, keys, run.client_states, tick)
+        phases = {k: strategy.client_phase(rnd, k) for k in chosen}
+        results: dict[int, ClientResult] = {}
+        for group_phase, group in by_phase(phases):
+            results.update(
+                runner.train(
+                    rnd, group_phase, {k: payloads[k] for k in group}, {k: keys[k] for k in group},
+                    run.client_states, tick,
+                )
+            )  # fmt: skip
         ledger = self.privacy(fed.num_clients)
         # What the server saw this round (accepted or not), and the privacy spent once it has.
         privacy = {} if ledger is None else ledger.round_fields(run.history, [k for k in results if keys[k]])
@@ -260,7 +305,7 @@ class SimulationEngine:
                 {
                     "round": rnd,
                     "client": k,
-                    "phase": phase.name,
+                    "phase": phases[k].name,
                     **result.metrics,
                     "uplink_bytes": tensor_bytes(upload),
                     "downlink_bytes": tensor_bytes(payloads[k]),
@@ -270,7 +315,7 @@ class SimulationEngine:
         metric = run_metric(fed)
         trained = [r["client"] for r in records]
         runner.settle(chosen, trained)
-        received = self._evaluate_received(fed, runner, rnd, trained, run)
+        received = self._evaluate_received(fed, runner, rnd, trained, run, present)
         for r in records:
             r.update(
                 {Convention.RECEIVED.score_key(key): value for key, value in received.get(r["client"], {}).items()}
@@ -281,7 +326,7 @@ class SimulationEngine:
             {
                 "round": rnd,
                 "client": k,
-                "phase": phase.name,
+                "phase": strategy.client_phase(rnd, k).name,
                 "trained": False,
                 **{Convention.RECEIVED.score_key(key): value for key, value in received[k].items()},
             }
@@ -316,26 +361,35 @@ class SimulationEngine:
             "uplink_mb_per_client": (mean("uplink_bytes") or 0.0) / 1e6,
             "downlink_mb_per_client": (mean("downlink_bytes") or 0.0) / 1e6,
             **privacy,
+            **(membership_record(membership, rnd, present) if membership.changes else {}),
             **({"server": info} if info else {}),
         }
 
     def _evaluate_received(
-        self, fed: FederationView, runner: ClientRunner, rnd: int, trained: list[int], run: RunState
+        self,
+        fed: FederationView,
+        runner: ClientRunner,
+        rnd: int,
+        trained: list[int],
+        run: RunState,
+        present: list[int] | None = None,
     ) -> dict[int, dict[str, Any]]:
-        """After round ``rnd``'s aggregation, the scores of what every client receives, whether it trained
-        this round or not: its kept state plus the server's payload for it for round ``rnd + 1``, in that
-        round's phase (after the last round: the final aggregation). Scored with round ``rnd``'s client
-        seeds, so where nothing is received (warm-up, local training) the score equals the trained one
-        exactly. ``trained``: the clients whose update counted this round (their state changed).
+        """After round ``rnd``'s aggregation, the scores of what every client in the federation that round
+        (``present``; None: every client) receives, whether it trained this round or not: its kept state
+        plus the server's payload for it for round ``rnd + 1``, in its phase of that round (after the last
+        round: the final aggregation). Scored with round ``rnd``'s client seeds, so where nothing is
+        received (warm-up, local training) the score equals the trained one exactly. ``trained``: the
+        clients whose update counted this round (their state changed).
 
         Each scored client's payload and round go into ``run`` (its received model, saved at the end);
         a client of ``trained`` whose score did not come back keeps none, since its state has changed
         since; any other client whose score did not come back keeps the one it was last scored on."""
         strategy = fed.strategy
-        phase = strategy.phase(rnd + 1)
-        clients = range(fed.num_clients)
+        clients = range(fed.num_clients) if present is None else present
         payloads = {k: strategy.payload(rnd + 1, k) for k in clients}
-        scores = runner.evaluate_received(rnd, phase, payloads, run.client_states)
+        scores: dict[int, dict[str, Any]] = {}
+        for phase, group in by_phase({k: strategy.client_phase(rnd + 1, k) for k in clients}):
+            scores.update(runner.evaluate_received(rnd, phase, {k: payloads[k] for k in group}, run.client_states))
         changed = set(trained)
         for k in clients:
             if k in scores:
@@ -362,14 +416,15 @@ class SimulationEngine:
         ``final_phase`` for the trained states (the last round's; a client whose last round was a
         warm-up round was trained in that), ``received_phase`` for the received ones (the phase after
         the last round, the final aggregation's) and ``received_phase_of_client`` for a client whose
-        received model was scored in another phase (its score did not come back in the last rounds)."""
+        received model was scored in another phase (its score did not come back in the last rounds, or
+        it was still in its own warm-up after joining late, ``federation.join``)."""
         cfg = fed.config
         rounds = cfg.federation.rounds
         received_phase = phase_record(fed.strategy.phase(rounds))
         other_phases = {
             str(k): record
             for k, rnd in sorted(run.received_rounds.items())
-            if rnd != rounds and (record := phase_record(fed.strategy.phase(rnd))) != received_phase
+            if (record := phase_record(fed.strategy.client_phase(rnd, k))) != received_phase
         }
         return {
             "method": cfg.method,
@@ -388,6 +443,11 @@ class SimulationEngine:
                 for s in fed.bank.sites
             ],
         }
+
+    @staticmethod
+    def _newcomers(fed: FederationView) -> list[int]:
+        """The late clients the strategy placed in its tree (``placements`` of its summary)."""
+        return sorted({int(p["client"]) for p in fed.strategy.summary().get("placements") or []})
 
     def _clustering(self, fed: FederationView) -> dict[str, Any]:
         """The summary's fields that say what the clusters are (plan or clusters, labels, label counts,
@@ -441,7 +501,7 @@ class SimulationEngine:
             "labels": None if labels is None else labels.tolist(),
             "label_counts": fed.label_counts,
             **({"client_categories": categories} if categories is not None else {}),
-            **planted_structure(fed.config, labels),
+            **planted_structure(fed.config, labels, self._newcomers(fed)),
             "trainable_params_per_client": trainable,
             "backbone_params": backbone,
             "trainable_percent": 100.0 * trainable / backbone,

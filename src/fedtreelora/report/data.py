@@ -99,9 +99,10 @@ class RunData:
     def tree_clients(self) -> list[int] | None:
         """The client of each leaf of :attr:`tree`, in leaf-index order; None without a tree.
 
-        The tree covers every client, or (partial participation) only the clients that uploaded during
-        warm-up, in client order; those are read from the warm-up rows of :attr:`metrics`. When they
-        cannot be matched to the tree's size, leaves are numbered 0..m-1.
+        The tree covers every client, or only some (partial participation, late clients, a re-plan
+        without the clients that left): the summary's ``tree_clients``, or for runs written before it,
+        the clients that uploaded during warm-up, in client order, read from the warm-up rows of
+        :attr:`metrics`. When they cannot be matched to the tree's size, leaves are numbered 0..m-1.
         """
         tree = self.tree
         if tree is None:
@@ -109,7 +110,11 @@ class RunData:
         leaves = tree.shape[0] + 1
         if leaves == self.num_clients:
             return list(range(leaves))
-        warm = sorted({r.client for r in self.metrics if r.phase == "warmup" and r.trained})
+        recorded = self.summary.get("tree_clients")  # written by runs whose tree holds some clients only
+        if isinstance(recorded, list) and len(recorded) == leaves:
+            return [int(c) for c in recorded]
+        warmup = set(self.warmup_rounds)  # the method's warm-up, not a late client's own (federation.join)
+        warm = sorted({r.client for r in self.metrics if r.phase == "warmup" and r.trained and r.round in warmup})
         return warm if len(warm) == leaves else list(range(leaves))
 
     @property

@@ -137,8 +137,16 @@ def plot_tree(run: RunData) -> tuple[Figure, dict[int, float]] | None:
             color="#c44e52",
         )
     title = "Client tree (average linkage on B distances) and each layer's cut"
+    plans = run.summary.get("plans") or []
+    if len(plans) > 1:  # replan_every: the tree shown is the last plan's
+        title += f"\n(the last of {len(plans)} plans, made after round {int(plans[-1]['round']) + 1})"
     if n < run.num_clients:
-        title += f"\n(clients in warm-up only; {run.num_clients - n} joined later)"
+        outside = run.num_clients - n
+        title += (
+            f"\n(the {n} clients it was built over; {outside} placed, left or not yet placed)"
+            if len(plans) > 1 or run.summary.get("placements")
+            else f"\n(clients in warm-up only; {outside} joined later)"
+        )
     if skipped:
         title += f"\n{_layer_span(skipped)} clustered on their own tree: no cut line"
     ax.set_title(title, fontsize=10)
@@ -172,9 +180,16 @@ def plot_sharing_map(run: RunData) -> Figure | None:
             for j in range(n):
                 text = str(grid[i, j]) if grid[i, j] >= 0 else "-"
                 ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black")
-    ax.set_xticks(range(n), [str(k) for k in order], fontsize=8)
+    # a client placed in the tree after it was built (federation.join): "3*r5", placed after round 5
+    placed = {int(p["client"]): int(p["round"]) + 1 for p in run.summary.get("placements") or []}
+    ticks = [f"{k}*r{placed[k]}" if k in placed else str(k) for k in order]
+    ax.set_xticks(range(n), ticks, fontsize=8, rotation=90 if placed else 0)
     ax.set_yticks(range(n_layers), [str(layer + 1) for layer in range(n_layers)], fontsize=8)
-    ax.set_xlabel("client" + (" (tree order)" if run.tree is not None else ""))
+    ax.set_xlabel(
+        "client"
+        + (" (tree order)" if run.tree is not None else "")
+        + ("; k*rR: placed after round R" if placed else "")
+    )
     ax.set_ylabel("layer (1 = input side)")
     cuts = [len({v for v in row.tolist() if v >= 0}) for row in labels]
     ax.set_title(f"Sharing map: cluster of each client per layer (clusters per layer: {cuts})", fontsize=10)

@@ -83,6 +83,11 @@ def build_sections(run: RunData) -> list[Section]:
         "matrices. Each dashed line cuts the tree into exactly as many clusters as the labelled layers "
         "share among: shallow layers cut high (a shared trunk), deep layers lower (branches).",
     )
+    if len(run.summary.get("plans") or []) > 1:
+        tree_section.caption += (
+            " This run re-planned (replan_every): the tree shown is the last plan's; the Federation changes "
+            "table lists every plan's cuts."
+        )
     if tree is not None:
         tree_section.png = plots.figure_png(tree[0])
     elif run.plan is None and method == "fedtreelora":
@@ -363,6 +368,40 @@ def cut_search_rows(run: RunData) -> tuple[list[str], list[list[str]]] | None:
     return header, rows
 
 
+CHANGES_NOTE = (
+    "Who joined and left (federation.join / leave; rounds count from 1), where each client that arrived "
+    "after the tree was built was placed (its cluster at every layer, shallow to deep, after its own "
+    "warm-up), and, with replan_every, every plan the run made."
+)
+
+
+def federation_change_rows(run: RunData) -> tuple[list[str], list[list[str]]] | None:
+    """Header and rows of the federation's changes: joins and leaves by round, each late client's
+    placement, and every plan after the first; None when the federation did not change."""
+    s = run.summary
+    rows: list[list[str]] = []
+    for record in s.get("history") or []:
+        rnd = int(record.get("round", 0)) + 1
+        for key, what in (("joined", "joined"), ("left", "left")):
+            for k in record.get(key) or []:
+                rows.append([str(rnd), what, str(k), ""])
+    planted = run.planted_groups
+    for placement in s.get("placements") or []:
+        client = int(placement["client"])
+        clusters = " ".join(str(int(v)) for v in placement.get("labels") or [])
+        if planted is not None and client < len(planted):  # a planted federation: say where it belongs
+            clusters += f" (planted group {planted[client]})"
+        rows.append([str(int(placement["round"]) + 1), "placed (after the round)", str(client), clusters])
+    plans = s.get("plans") or []
+    for plan in plans[1:]:
+        cuts = " ".join(str(int(c)) for c in plan.get("cuts") or [])
+        rows.append([str(int(plan["round"]) + 1), "re-planned (after the round)", "all", f"cuts {cuts}"])
+    if not rows:
+        return None
+    rows.sort(key=lambda r: int(r[0]))
+    return ["round", "event", "client", "clusters per layer / cuts"], rows
+
+
 def client_rows(run: RunData) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the per-client table."""
     s = run.summary
@@ -441,6 +480,13 @@ def render_html(run: RunData, sections: Sequence[Section]) -> str:
             f'<p class="note">{esc(note)}</p>',
             _html_table(*search),
         ]
+    changes = federation_change_rows(run)
+    if changes is not None:
+        parts += [
+            '<h2 id="changes">Federation changes</h2>',
+            f'<p class="note">{esc(CHANGES_NOTE)}</p>',
+            _html_table(*changes),
+        ]
     parts += ["<h2>Clients</h2>", _html_table(header, rows), "</body></html>"]
     return "\n".join(parts) + "\n"
 
@@ -461,6 +507,9 @@ def render_markdown(run: RunData, sections: Sequence[Section]) -> str:
     if search is not None:
         note = CUT_SEARCH_NOTE + (CUT_SEARCH_AUTO_NOTE if run.plan and run.plan.get("tau") == "auto" else "")
         lines += ["## Cut search per layer", "", note, "", _md_table(*search), ""]
+    changes = federation_change_rows(run)
+    if changes is not None:
+        lines += ["## Federation changes", "", CHANGES_NOTE, "", _md_table(*changes), ""]
     header, rows = client_rows(run)
     lines += ["## Clients", "", _md_table(header, rows), ""]
     return "\n".join(lines)

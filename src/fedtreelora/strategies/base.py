@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from fedtreelora.adapters import PhaseSpec, Site
+from fedtreelora.core.placement import Membership
 from fedtreelora.strategies.options import StrategyOptions
 
 Tensors = dict[str, torch.Tensor]
@@ -42,6 +43,8 @@ class FederationContext:
         state_shapes: every state key's tensor shape.
         server_device: where aggregation runs: None for numpy float64 on the CPU; a torch device
             (``"cpu"``, ``"cuda"``) for torch float64 on it (a server with a GPU and many clients).
+        membership: who takes part in which round (``federation.join`` / ``leave``, 0-based rounds);
+            everyone in every round by default.
     """
 
     num_clients: int
@@ -54,6 +57,11 @@ class FederationContext:
     rank: int = 8
     state_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     server_device: str | None = None
+    membership: Membership = field(default_factory=lambda: Membership(0))
+
+    def present(self, rnd: int) -> list[int]:
+        """The clients in the federation in round ``rnd`` (0-based), ascending."""
+        return [k for k in range(self.num_clients) if self.membership.is_present(rnd, k)]
 
 
 class Strategy(ABC, Generic[OptionsT]):
@@ -103,6 +111,11 @@ class Strategy(ABC, Generic[OptionsT]):
     @abstractmethod
     def phase(self, rnd: int) -> PhaseSpec:
         """How adapters behave in round ``rnd`` (0-based)."""
+
+    def client_phase(self, rnd: int, client: int) -> PhaseSpec:
+        """How ``client``'s adapters behave in round ``rnd``: :meth:`phase` unless the method treats some
+        clients differently that round (FedTreeLoRA: a late client's own warm-up)."""
+        return self.phase(rnd)
 
     @property
     def lambda_init(self) -> float:

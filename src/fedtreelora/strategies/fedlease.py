@@ -213,7 +213,7 @@ class FedLEASE(ClusteredAfterWarmup[FedLEASEOptions]):
         labels = self.labels
         placed_now = [c for c in clients if labels[c] < 0]
         for c in placed_now:
-            self._place(labels, c, uploads[c])
+            self._place(rnd, labels, c, uploads[c])
             info.setdefault("placed", []).append(c)
         if not clients:
             return info
@@ -244,10 +244,12 @@ class FedLEASE(ClusteredAfterWarmup[FedLEASEOptions]):
             for i, cluster in enumerate(labels.tolist()):
                 store.setdefault(cluster, {})[key] = inside[i]
 
-    def _place(self, labels: np.ndarray, client: int, upload: Tensors) -> None:
-        """A client that missed warm-up joins the cluster at the smallest average (layer-mean) B distance
-        (``labels``: :attr:`labels`, updated in place)."""
-        members = [c for c in range(self.context.num_clients) if labels[c] >= 0]
+    def _place(self, rnd: int, labels: np.ndarray, client: int, upload: Tensors) -> None:
+        """A client that missed warm-up (or joined after it, ``federation.join``) joins, at its first upload
+        (after round ``rnd``), the cluster at the smallest average (layer-mean) B distance to the members
+        still in the federation (``labels``: :attr:`labels`, updated in place)."""
+        placed = [c for c in range(self.context.num_clients) if labels[c] >= 0]
+        members = [c for c in placed if not self.context.membership.has_left(rnd + 1, c)] or placed
         d = self.newcomer_distances(client, upload, members)
         labels[client] = nearest_group(labels[members], d.mean(axis=0))
 

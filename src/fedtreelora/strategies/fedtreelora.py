@@ -11,12 +11,14 @@ import torch
 
 from fedtreelora.adapters import ExpertSpec, PhaseSpec
 from fedtreelora.core import SharingPlan, group_means, group_means_for, layer_distances, plan_sharing
+from fedtreelora.core.placement import place_in_tree
 from fedtreelora.strategies.base import FederationContext, Tensors, as_payloads
 from fedtreelora.strategies.common import (
     ClusteredAfterWarmup,
     b_matrices_by_module,
+    distances_to_members,
     flatten_by_owner,
-    nearest_group,
+    remember_b,
     unflatten_by_owner,
 )
 from fedtreelora.strategies.options import FedTreeLoRAOptions
@@ -67,6 +69,15 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
     adapter at the end of warm-up (``"warmup"``: the client's last warm-up upload comes back in its
     payload until its first accepted federated update, usually the first federated round; a client
     that did not upload in the last warm-up round starts from zero).
+
+    Federations that change (``federation.join`` / ``leave``; beyond the paper): a client that arrives
+    after the tree is built trains alone for ``join_warmup_rounds`` rounds (from the initialisation or,
+    with ``join_start="trunk"``, the shared trunk), counted in no average, then is placed shallow to deep
+    in the nearest cluster of each layer inside its cluster of the layer above
+    (:func:`~fedtreelora.core.placement.place_in_tree`, layer-mean B distance to the members' warm-up
+    B), recorded in ``placements``. A client that has left counts in no average or share; a cluster that
+    empties leaves zero experts behind. ``replan_every=R`` rebuilds the tree from the latest uploads every
+    R federated rounds (``plans`` records each).
     """
 
     name = "fedtreelora"  # paper, table rank, options: its entry in strategies/registry.py (read without torch)
@@ -86,6 +97,16 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
         self._payloads: dict[int, Tensors] = {}
         # personal_init="warmup": each client's last warm-up adapter, sent back once as its personal expert
         self._personal_start: dict[int, Tensors] = {}
+        # with replan_every, every client's latest uploaded B (warm-up or federated): what a re-plan compares
+        self._latest_b: dict[int, Tensors] = {}
+        # late clients (federation.join) whose own warm-up has had an accepted upload
+        self._started: set[int] = set()
+        #: where and when each late client was placed: {"client", "round", "joined", "labels"}
+        self.placements: list[dict[str, Any]] = []
+        #: every plan the run made: {"round", "cuts", "labels"} (more than one with ``replan_every``)
+        self.plans: list[dict[str, Any]] = []
+        #: the clients the current plan's tree was built over (its leaves, in order)
+        self.tree_clients: list[int] = []
 
     @property
     def lambda_init(self) -> float:
@@ -117,6 +138,25 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
             experts=experts, mixer=self.options.mixer, train_mixer=True, single_layers=self.shared_by_all()
         )
 
+    @property
+    def join_warmup_rounds(self) -> int:
+        """Rounds a late client trains alone before it is placed (``join_warmup_rounds``, default ``warmup_rounds``)."""
+        return self.options.join_warmup_rounds or self.options.warmup_rounds
+
+    def joins_late(self, client: int) -> bool:
+        """Whether ``client`` arrives after the tree is built (``federation.join`` at or after the first
+        federated round): it then trains its own warm-up before it is placed."""
+        return self.context.membership.joins(client) >= self.options.warmup_rounds
+
+    def in_late_warmup(self, rnd: int, client: int) -> bool:
+        """Whether round ``rnd`` is one of a late client's own warm-up rounds."""
+        joins = self.context.membership.joins(client)
+        return self.joins_late(client) and joins <= rnd < joins + self.join_warmup_rounds
+
+    def client_phase(self, rnd: int, client: int) -> PhaseSpec:
+        """The round's phase, or the warm-up phase during a late client's own warm-up."""
+        return self.phase(0) if self.in_late_warmup(rnd, client) else self.phase(rnd)
+
     def shared_by_all(self) -> frozenset[int]:
         """Layers where every client's cluster is the whole federation (one cluster): there is no external
         expert, so the cluster expert acts alone at weight 1 and no mixer trains (one cluster at every
@@ -128,6 +168,11 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
     def payload(self, rnd: int, client: int) -> Tensors:
         if self.is_warmup(rnd):
             return {}
+        if self.in_late_warmup(rnd, client):
+            # join_start="trunk": the shared trunk rides along until the client has trained with it
+            if self.options.join_start == "trunk" and client not in self._started:
+                return self.trunk(rnd)
+            return {}
         payload = dict(self._payloads.get(client, {}))
         # The personal expert's start rides along until the client has trained with it (aggregate drops it).
         payload.update(self._personal_start.get(client, {}))
@@ -135,6 +180,19 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
 
     def upload_keys(self, rnd: int, client: int) -> Sequence[str]:
         return self.expert_keys("cluster")
+
+    def trunk(self, rnd: int) -> Tensors:
+        """The cluster expert of the trunk layers (one cluster: everyone shares it), as the clients in the
+        federation in round ``rnd`` receive it; empty before the plan exists or without a trunk layer."""
+        trunk = self.shared_by_all()
+        holders = [c for c in self.context.present(rnd) if c in self._payloads and not self.in_late_warmup(rnd, c)]
+        if not trunk or not holders:
+            return {}
+        return {
+            k: v.clone()
+            for k, v in self._payloads[holders[0]].items()
+            if ".cluster." in k and self.site_of(k).layer in trunk
+        }
 
     def build_plan(self, uploads: Mapping[int, Tensors]) -> SharingPlan:
         """Distances from the clients' B matrices, then the clusters of every layer (``cut_mode``)."""
@@ -161,12 +219,21 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
         )
 
     def aggregate(self, rnd: int, uploads: Mapping[int, Tensors]) -> dict[str, Any]:
+        if self.options.replan_every:  # only a re-plan reads them: other runs' checkpoints stay as they were
+            remember_b(self._latest_b, uploads)
         if self.remember_warmup(rnd, uploads):
             return {}
+        late = {c: up for c, up in uploads.items() if self.in_late_warmup(rnd, c)}
+        uploads = {c: up for c, up in uploads.items() if c not in late}  # a late warm-up is shared with no one
+        remember_b(self._warmup_b, late)
+        self._started.update(late)
         info: dict[str, Any] = {"aggregated": len(uploads)}
+        if late:
+            info["late_warmup"] = sorted(late)
         if self.plan is None:
-            self.plan = self._plan_from_warmup()
+            self.plan = self._plan_from_warmup(rnd)
             info["cuts"] = self.plan.cuts.tolist()
+            self._record_plan(rnd)
             if self.options.personal and self.options.personal_init == "warmup":
                 self._personal_start = {
                     c: {k.replace(".cluster.", ".personal."): v.clone() for k, v in up.items()}
@@ -175,16 +242,33 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
         else:  # federated rounds: these clients trained from their personal start, it is theirs now
             for c in uploads:
                 self._personal_start.pop(c, None)
+            every = self.options.replan_every
+            if every and (rnd - self.options.warmup_rounds + 1) % every == 0 and self._replan(rnd):
+                info["replanned"] = self.plan.cuts.tolist()
         clients = sorted(uploads)
         labels = self.plan.labels
+        # late clients whose own warm-up ends with this round, placed by their latest warm-up B
+        ending = [
+            c
+            for c in range(self.context.num_clients)
+            if labels[0, c] < 0
+            and c in self._warmup_b
+            and self.joins_late(c)
+            and rnd == self.context.membership.joins(c) + self.join_warmup_rounds - 1
+        ]
         placed_now = [c for c in clients if labels[0, c] < 0]
+        for c in ending:
+            self._place(rnd, labels, c, self._warmup_b[c])
+            if self.options.personal and self.options.personal_init == "warmup" and c in late:
+                self._personal_start[c] = {k.replace(".cluster.", ".personal."): v.clone() for k, v in late[c].items()}
         for c in placed_now:
-            self._place(labels, c, uploads[c])
-        if placed_now:
-            info["placed"] = placed_now
+            self._place(rnd, labels, c, uploads[c])
+        if placed_now or ending:
+            info["placed"] = sorted([*placed_now, *ending])
         if not clients:
             return info
         targets = [c for c in range(self.context.num_clients) if labels[0, c] >= 0]
+        staying = self.staying(rnd, labels[0])
         weights = self.weights(clients, self.options.weighting)
         payloads: dict[int, Tensors] = {c: dict(self._payloads.get(c, {})) for c in targets}
         for key in uploads[clients[0]]:
@@ -199,20 +283,36 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
             for i, c in enumerate(targets):
                 if has_inside[i]:  # else no cluster member took part: the client keeps its own cluster expert
                     payloads[c][key] = inside_rows[i]
-                # No one outside the client's cluster took part: it keeps the external expert it holds.
+                # No one outside the client's cluster took part: it keeps the external expert it holds,
+                # unless everyone outside has left (then there is no external expert: zero).
                 if self.options.external == "mean" and has_outside[i]:
                     payloads[c][external_key] = outside_rows[i]
+                elif external_key in payloads[c] and not (staying & (labels[layer] != labels[layer, c])).any():
+                    payloads[c][external_key] = torch.zeros_like(payloads[c][external_key])
             if self.options.external == "per_cluster":
                 own = as_payloads(group_means(values, labels[layer][clients], weights)[0])
-                self._add_other_clusters(labels, payloads, key, clients, own, targets)
+                self._add_other_clusters(rnd, labels, payloads, key, clients, own, targets)
         self._payloads.update(payloads)
         return info
 
-    def _plan_from_warmup(self) -> SharingPlan:
-        """The plan over every client that uploaded in warm-up; the others get label -1 until their
-        first upload places them (:meth:`_place`)."""
-        members = self.warmup_members()
-        plan = self.build_plan({c: self._warmup_b[c] for c in members})
+    def staying(self, rnd: int, labels: np.ndarray) -> np.ndarray:
+        """(clients,) bool: placed (``labels`` >= 0) and not gone by round ``rnd``, so whose uploads can
+        count in averages and shares (a client counts through the last round it takes part in)."""
+        membership = self.context.membership
+        gone = np.array([membership.has_left(rnd, c) for c in range(labels.shape[0])], dtype=bool)
+        staying: np.ndarray = (labels >= 0) & ~gone
+        return staying
+
+    def _plan_from_warmup(self, rnd: int) -> SharingPlan:
+        """The plan over every client that uploaded in warm-up (and is still in the federation after
+        round ``rnd``); the others get label -1 until they are placed (:meth:`_place`)."""
+        membership = self.context.membership
+        members = [c for c in self.warmup_members() if not membership.has_left(rnd + 1, c)] or self.warmup_members()
+        self.tree_clients = members
+        return self._expand(self.build_plan({c: self._warmup_b[c] for c in members}), members)
+
+    def _expand(self, plan: SharingPlan, members: list[int]) -> SharingPlan:
+        """``plan`` (over ``members``) with labels for the whole federation: -1 for the others."""
         n = self.context.num_clients
         if len(members) == n:
             return plan
@@ -220,24 +320,60 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
         labels[:, members] = plan.labels
         return replace(plan, labels=labels)
 
-    def _place(self, labels: np.ndarray, client: int, upload: Tensors) -> None:
-        """Put a client that missed warm-up into the plan by its first upload: it joins the deepest
-        layer's cluster at the smallest average distance (layer-mean distance of B), and the coarser
-        layers' clusters containing that one, so partitions stay nested. Under ``cut_mode="independent"``
-        each layer picks its nearest cluster on its own distances. ``labels``: the plan's, updated in place."""
-        members = [c for c in range(self.context.num_clients) if labels[0, c] >= 0]
-        d = self.newcomer_distances(client, upload, members)
-        if self.options.cut_mode == "independent":
-            for layer in range(labels.shape[0]):
-                labels[layer, client] = nearest_group(labels[layer, members], d[layer])
-        else:
-            deepest = labels.shape[0] - 1
-            group = nearest_group(labels[deepest, members], d.mean(axis=0))
-            anchor = members[int(np.flatnonzero(labels[deepest, members] == group)[0])]
-            labels[:, client] = labels[:, anchor]
+    def _replan(self, rnd: int) -> bool:
+        """``replan_every``: rebuild the tree and the cuts from the latest B of every placed client still in
+        the federation after round ``rnd`` (personal states stay with the clients; payloads follow the new
+        clusters from this round's averages on). False when fewer than two clients could be compared."""
+        assert self.plan is not None
+        membership = self.context.membership
+        members = [
+            c
+            for c in range(self.context.num_clients)
+            if self.plan.labels[0, c] >= 0 and c in self._latest_b and not membership.has_left(rnd + 1, c)
+        ]
+        if len(members) < 2:
+            return False
+        self.plan = self._expand(self.build_plan({c: self._latest_b[c] for c in members}), members)
+        self.tree_clients = members
+        self._record_plan(rnd)
+        return True
+
+    def _record_plan(self, rnd: int) -> None:
+        """Keep the plan made after round ``rnd`` in :attr:`plans`."""
+        assert self.plan is not None
+        self.plans.append({"round": rnd, "cuts": self.plan.cuts.tolist(), "labels": self.plan.labels.tolist()})
+
+    def _place(self, rnd: int, labels: np.ndarray, client: int, upload: Tensors) -> None:
+        """Put a client that missed warm-up (or arrived late) into the plan after round ``rnd`` by its B
+        (``upload``): shallow to deep, the nearest cluster of each layer by average distance to the
+        members' warm-up B, among the clusters inside its cluster of the layer above
+        (:func:`~fedtreelora.core.placement.place_in_tree`). The distance is the one the tree is built
+        on, the layer mean; under ``cut_mode="independent"`` each layer uses its own distances and
+        ignores nesting. Members: placed clients still in the federation (all placed ones if none is).
+        ``labels``: the plan's, updated in place; the placement is recorded in :attr:`placements`."""
+        membership = self.context.membership
+        placed = [c for c in range(self.context.num_clients) if labels[0, c] >= 0 and c in self._warmup_b]
+        members = [c for c in placed if not membership.has_left(rnd + 1, c)] or placed
+        d = distances_to_members(
+            self._warmup_b, members, upload, self.context, self.trained_expert, self.options.distance
+        )  # (layers, members)
+        remember_b(self._warmup_b, {client: upload})
+        independent = self.options.cut_mode == "independent"
+        if not independent:
+            d = np.broadcast_to(d.mean(axis=0), d.shape)
+        labels[:, client] = place_in_tree(labels[:, members], d, nested=not independent)
+        self.placements.append(
+            {
+                "client": client,
+                "round": rnd,
+                "joined": membership.joins(client),
+                "labels": labels[:, client].tolist(),
+            }
+        )
 
     def _add_other_clusters(
         self,
+        rnd: int,
         plan_labels: np.ndarray,
         payloads: dict[int, Tensors],
         key: str,
@@ -249,6 +385,7 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
         ``other_1, other_2, ...`` (other clusters of the layer in id order) of each client's payload.
 
         Args:
+            rnd: the round whose uploads these are (clients gone by then count in no share).
             plan_labels: (layers, clients) the plan's labels.
             inside: per participant, its own-cluster mean of ``key`` (a CPU float32 tensor).
         """
@@ -260,7 +397,8 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
         first: dict[int, int] = {}  # cluster id -> row in `inside` of one participating member
         for i, c in enumerate(clients):
             first.setdefault(int(labels[c]), i)
-        placed = labels >= 0
+        # a client that has gone no longer counts in the other clusters' shares; a cluster it empties has no slot
+        placed = self.staying(rnd, labels)
         for c in targets:
             others = [int(j) for j in np.unique(labels[placed]) if j != labels[c]]
             outside_total = share[placed & (labels != labels[c])].sum()
@@ -271,14 +409,23 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
                 if scale_b:
                     value = value * (share[placed & (labels == cluster)].sum() / outside_total)
                 payloads[c][key.replace(".cluster.", f".other_{slot}.")] = value.clone()
+            for slot in range(len(others) + 1, self.options.max_clusters):  # slots of emptied clusters: zero
+                stale = key.replace(".cluster.", f".other_{slot}.")
+                if stale in payloads[c]:
+                    payloads[c][stale] = torch.zeros_like(payloads[c][stale])
 
     def state_dict(self) -> tuple[Tensors, dict[str, Any]]:
         tensors = flatten_by_owner(self._payloads)
         tensors.update({f"warmup/{k}": v for k, v in flatten_by_owner(self._warmup_b).items()})
         tensors.update({f"personal/{k}": v for k, v in flatten_by_owner(self._personal_start).items()})
+        tensors.update({f"latest/{k}": v for k, v in flatten_by_owner(self._latest_b).items()})
         meta = {
             "plan": None if self.plan is None else self.plan.to_dict(),
             "distances": None if self.distances is None else self.distances.tolist(),
+            "started": sorted(self._started),
+            "placements": self.placements,
+            "plans": self.plans,
+            "tree_clients": self.tree_clients,
         }
         return tensors, meta
 
@@ -286,8 +433,15 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
         self.plan = None if meta.get("plan") is None else SharingPlan.from_dict(meta["plan"])
         self.distances = None if meta.get("distances") is None else np.asarray(meta["distances"])
         self._payloads = unflatten_by_owner(
-            {k: v for k, v in tensors.items() if not k.startswith(("warmup/", "personal/"))}
+            {k: v for k, v in tensors.items() if not k.startswith(("warmup/", "personal/", "latest/"))}
         )
+        self._latest_b = unflatten_by_owner(
+            {k[len("latest/") :]: v for k, v in tensors.items() if k.startswith("latest/")}
+        )
+        self._started = {int(c) for c in meta.get("started", [])}
+        self.placements = [dict(p) for p in meta.get("placements", [])]
+        self.plans = [dict(p) for p in meta.get("plans", [])]
+        self.tree_clients = [int(c) for c in meta.get("tree_clients", [])]
         self._personal_start = unflatten_by_owner(
             {k[len("personal/") :]: v for k, v in tensors.items() if k.startswith("personal/")}
         )
@@ -299,4 +453,15 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
         return None if self.plan is None else self.plan.labels
 
     def summary(self) -> dict[str, Any]:
-        return {} if self.plan is None else {"plan": self.plan.to_dict()}
+        """The plan; where and when late clients were placed (``placements``), when the tree was
+        re-planned every plan (``plans``), and when the tree does not hold every client the clients it
+        does (``tree_clients``, its leaves in order)."""
+        if self.plan is None:
+            return {}
+        partial = self.tree_clients and len(self.tree_clients) < self.context.num_clients
+        return {
+            "plan": self.plan.to_dict(),
+            **({"tree_clients": self.tree_clients} if partial else {}),
+            **({"placements": self.placements} if self.placements else {}),
+            **({"plans": self.plans} if len(self.plans) > 1 else {}),
+        }

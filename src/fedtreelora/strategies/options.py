@@ -248,6 +248,18 @@ class FedTreeLoRAOptions(StrategyOptions):
     at first). ``warmup``: the client's own adapter at the end of warm-up (its last warm-up upload, sent
     back with its payloads until it has trained with it, so also to a client first sampled later), so
     the client starts from what local training gave it and the tree's experts add to that."""
+    join_warmup_rounds: int | None = Field(None, ge=1)
+    """A client that joins after the tree is built (``federation.join``) first trains its own LoRA alone
+    for this many rounds, then is placed in the tree; None: ``warmup_rounds`` (its B then compares with
+    the others' warm-up B on equal terms)."""
+    join_start: Literal["initial", "trunk"] = "initial"
+    """Where a late client's own warm-up starts. ``initial``: the shared initialisation, as the others'
+    warm-up did (what its B is compared with). ``trunk``: the cluster expert the others share in the
+    trunk layers (one cluster) when it joins; the initialisation elsewhere."""
+    replan_every: int | None = Field(None, ge=1)
+    """Beyond the paper (which builds the tree once): every R federated rounds, rebuild the tree and every
+    layer's cut from the clients' latest uploads (each client's personal state is kept); every plan is
+    recorded (``plans`` in the summary). None: never."""
 
     @field_validator("tau", mode="before")
     @classmethod

@@ -89,7 +89,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     scores = evaluate_received(
         fed.bank,
         fed.classifier.tokenizer,
-        phase=node_phase(fed.strategy, rnd + 1, cfg),
+        phase=node_phase(fed.strategy, rnd + 1, cfg, node.client),
         state=_state(context, fed),
         payload=from_array_record(msg.content.array_records.get("payload")),
         train_data=fed.train_data[node.index],
@@ -111,7 +111,7 @@ def train(msg: Message, context: Context) -> Message:
     rnd = int(cfg["round"])
     _settle(context, bool(cfg["accepted"]))
     fed = node.fed
-    phase = node_phase(fed.strategy, rnd, cfg)
+    phase = node_phase(fed.strategy, rnd, cfg, node.client)
     state = _state(context, fed)
     result = run_client_round(
         fed.bank,

@@ -16,9 +16,10 @@ def phase_config(phase: PhaseSpec) -> dict[str, str]:
     return {"phase": phase.name, "single-layers": ",".join(str(layer) for layer in sorted(phase.single_layers))}
 
 
-def node_phase(strategy: Any, rnd: int, cfg: Mapping[str, Any]) -> PhaseSpec:
-    """The node's phase of round ``rnd`` (0-based), completed by what the server sent."""
-    phase = strategy.phase(rnd)
+def node_phase(strategy: Any, rnd: int, cfg: Mapping[str, Any], client: int) -> PhaseSpec:
+    """Client ``client``'s phase of round ``rnd`` (0-based) as its node computes it (the round's phase,
+    or a late client's own warm-up: ``Strategy.client_phase``), completed by what the server sent."""
+    phase = strategy.client_phase(rnd, client)
     if phase.name != str(cfg["phase"]):
         raise ValueError(
             f"round {rnd + 1}: the server is in phase {cfg['phase']!r} but this node computes {phase.name!r}; "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,14 @@ from fedtreelora.data import configured_dataset_name, planted_groups
 from fedtreelora.engines.flower.phases import phase_config
 from fedtreelora.engines.flower.records import from_array_record, to_array_record
 from fedtreelora.engines.runners import ClientRunner, Tensors
-from fedtreelora.engines.setup import FederationView, ModelSide, RunTask, build_model_side, group_records
+from fedtreelora.engines.setup import (
+    FederationView,
+    ModelSide,
+    RunTask,
+    build_model_side,
+    group_records,
+    membership_of,
+)
 from fedtreelora.engines.simulation import SimulationEngine
 from fedtreelora.train import ClientResult
 
@@ -95,7 +102,7 @@ class ServerFederation(ModelSide, RunTask):
                 {
                     "client": i["client"],
                     **({} if planted is None else {"group": planted[i["client"]]}),
-                    "node": self.nodes[i["client"]],
+                    "node": self.nodes.get(i["client"]),
                     "train_label_counts": self._counts(i, "train-label-counts"),
                     "val_label_counts": self._counts(i, "val-label-counts"),
                 }
@@ -146,6 +153,79 @@ class FlowerEngine(SimulationEngine):
         self.collect_states = collect_states
 
     # --- setup: who is out there ---------------------------------------------------------------------
+    def _gather(
+        self, needed: Sequence[int], known: Mapping[int, int], what: str
+    ) -> dict[int, tuple[int, dict[str, Any]]]:
+        """Wait (``node_wait_timeout``) until the nodes of every client in ``needed`` have connected;
+        ask every node not in ``known`` (client -> node) for its client and counts.
+
+        Returns:
+            client -> (node id, its info), for every newly seen node (``needed`` ones and any other).
+        Raises:
+            TimeoutError naming the missing clients and ``what`` they were awaited for; ValueError when
+            two nodes claim one client.
+        """
+        deadline = time.monotonic() + self.node_wait_timeout
+        seen_nodes = set(known.values())
+        found: dict[int, tuple[int, dict[str, Any]]] = {}
+        while True:
+            new = sorted(set(self.grid.get_node_ids()) - seen_nodes)
+            if new:
+                for reply in _query(self.grid, new, {"action": "info"}, self.node_wait_timeout):
+                    node = reply.metadata.src_node_id
+                    if reply.has_error():
+                        raise RuntimeError(f"node {node} failed to start: {reply.error.reason}")
+                    info: dict[str, Any] = dict(reply.content["info"])
+                    client = int(info["client"])
+                    other = known.get(client, found.get(client, (None, None))[0])
+                    if other is not None:
+                        raise ValueError(
+                            f"nodes {other} and {node} both claim client {client}; "
+                            "give every SuperNode its own --node-config client-id"
+                        )
+                    found[client] = node, info
+                    seen_nodes.add(node)
+            missing = sorted(set(needed) - set(known) - set(found))
+            if not missing:
+                return found
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"no node connected for clients {missing} within {self.node_wait_timeout:.0f} s ({what}); "
+                    "start their SuperNodes, or change federation.join / data.num_clients"
+                )
+            time.sleep(0.5)
+
+    def _round(self, fed: Any, runner: Any, rnd: int, run: Any, tick: Callable[[], None]) -> dict[str, Any]:
+        """Take in the nodes of clients that join this round (``federation.join``), then run the round."""
+        if isinstance(fed, ServerFederation):
+            self._admit(fed, rnd)
+        return super()._round(fed, runner, rnd, run, tick)
+
+    def _admit(self, fed: ServerFederation, rnd: int) -> None:
+        """Wait for the node of every client in the federation in round ``rnd`` whose node has not
+        connected yet (a client that joins late), and record its counts: the partition, ``nodes.json``
+        and the strategy's example counts are brought up to date."""
+        present = fed.strategy.context.present(rnd)
+        waiting = [k for k in present if k not in fed.nodes]
+        if not waiting:
+            return
+        found = self._gather(waiting, fed.nodes, f"joining at round {rnd + 1}")
+        for client, (node, info) in sorted(found.items()):
+            if not 0 <= client < fed.num_clients:
+                raise ValueError(f"node {node} runs client {client}, outside data.num_clients={fed.num_clients}")
+            unknown = sorted(set(info["label-names"]) - set(fed.label_names))
+            if unknown:
+                raise ValueError(
+                    f"client {client} joins at round {rnd + 1} with labels {unknown} that no client had at the "
+                    f"start (the head has {fed.label_names}); a late site must hold labels the federation knows"
+                )
+            fed.infos[client], fed.nodes[client] = info, node
+        context = fed.strategy.context
+        fed.strategy.context = replace(context, num_examples=tuple(int(i["num-train"]) for i in fed.infos))
+        if self.recorder.folder is not None:
+            self.recorder.folder.write_nodes(fed.nodes)
+        self.recorder.write_partition(fed.partition_record())
+
     def _wait_for_nodes(self, count: int) -> list[int]:
         deadline = time.monotonic() + self.node_wait_timeout
         while True:
@@ -177,28 +257,38 @@ class FlowerEngine(SimulationEngine):
         """Wait for every client's node, ask each for its counts, and build the model side."""
         cfg = self.config
         count = cfg.data.num_clients
-        node_ids = self._wait_for_nodes(count)
-        replies = _query(self.grid, node_ids, {"action": "info"}, self.node_wait_timeout)
+        membership = membership_of(cfg, count)
         infos: dict[int, dict[str, Any]] = {}
         nodes: dict[int, int] = {}
-        for reply in replies:
-            if reply.has_error():
-                raise RuntimeError(f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
-            info: dict[str, Any] = dict(reply.content["info"])
-            client = int(info["client"])
-            if client in nodes:
-                raise ValueError(
-                    f"nodes {nodes[client]} and {reply.metadata.src_node_id} both claim client {client}; "
-                    "give every SuperNode its own --node-config client-id"
-                )
-            infos[client], nodes[client] = info, reply.metadata.src_node_id
-        missing = sorted(set(range(count)) - set(infos))
+        if membership.changes:
+            # A client that joins late (federation.join) may connect later: its node is awaited before its round.
+            found = self._gather(membership.present(0), {}, "at the start")
+            nodes = {k: node for k, (node, _) in found.items()}
+            infos = {k: info for k, (_, info) in found.items()}
+        else:
+            node_ids = self._wait_for_nodes(count)
+            replies = _query(self.grid, node_ids, {"action": "info"}, self.node_wait_timeout)
+            for reply in replies:
+                if reply.has_error():
+                    raise RuntimeError(f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
+                info: dict[str, Any] = dict(reply.content["info"])
+                client = int(info["client"])
+                if client in nodes:
+                    raise ValueError(
+                        f"nodes {nodes[client]} and {reply.metadata.src_node_id} both claim client {client}; "
+                        "give every SuperNode its own --node-config client-id"
+                    )
+                infos[client], nodes[client] = info, reply.metadata.src_node_id
+        missing = sorted(set(range(count)) - set(infos) - {k for k in range(count) if membership.joins(k) > 0})
         if missing:
             raise ValueError(f"no node answered for clients {missing} (data.num_clients={count})")
-        ordered = [infos[c] for c in range(count)]
-        vocabularies = {tuple(i["label-names"]) for i in ordered}
+        vocabularies = {tuple(i["label-names"]) for i in infos.values()}
         # Sites holding different subsets of the labels agree on their sorted union.
         labels = list(vocabularies.pop()) if len(vocabularies) == 1 else sorted(set().union(*vocabularies))
+        # A late client's counts are not known before its node connects: none until then.
+        absent = {"label-names": labels, "num-train": 0, "train-label-counts": [0] * len(labels)}
+        absent["val-label-counts"] = [0] * len(labels)
+        ordered = [infos.get(c, {**absent, "client": c}) for c in range(count)]
         side = build_model_side(
             cfg,
             num_labels=len(labels),
