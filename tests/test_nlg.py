@@ -384,7 +384,7 @@ def test_nlg_smoke_compare_writes_a_per_category_table_with_every_method(tmp_pat
     out = tmp_path / "cmp"
     # The suite as it is, on fewer and shorter examples: SmolLM2's 49k-word output layer over every
     # position is most of a run's time, and the table's plumbing does not depend on how many there are.
-    smaller = ["data.n_train=4", "data.n_val=2", "model.max_length=40", "generation.max_new_tokens=4"]
+    smaller = ["data.n_train=2", "data.n_val=1", "model.max_length=40", "generation.max_new_tokens=4"]
     sets = [arg for assignment in smaller for arg in ("--set", assignment)]
     assert main(["compare", "--suite", "nlg-smoke", *sets, "--out", str(out), "--quiet"]) == 0
     suite = load_suite("nlg-smoke")
