@@ -29,11 +29,11 @@ ADDED_PREFIXES = ("best_federated",)
 the earlier columns keep their places."""
 
 REFERENCES = ("fedit", "local")
+"""The reference rows of the paired-difference tables, in the order they are shown."""
 PRIVACY_COLUMNS = ("epsilon", "epsilon_server")
 """The rows' privacy keys, present only in a comparison where some run had ``privacy`` on: each method's
 final epsilon against the other clients and against the server (mean over its runs with a finite one;
 NaN where none had privacy on, or none has a bound)."""
-"""The reference rows of the paired-difference tables, in the order they are shown."""
 
 RunKey = tuple[str, str, int]
 """``(method or variant, dataset, seed)``: one run of a comparison."""
