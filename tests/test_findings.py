@@ -25,6 +25,7 @@ from fedtreelora.core.findings import (
 from fedtreelora.core.plan import SharingPlan
 from fedtreelora.report.data import load_run
 from fedtreelora.report.render import finding_rows
+from fedtreelora.runfolder import RunSummary
 
 TREE = np.zeros((7, 4))  # the line never reads the tree
 AUTO = {"level": 0.95, "permutations": 999, "seed": 0}
@@ -143,16 +144,20 @@ def test_run_finding_adds_the_planted_ari_and_the_label_prior(tmp_path: Path) ->
     labels = np.array([[0] * 6, [0, 0, 0, 1, 1, 1]])
     summary = {"plan": {**plan.to_dict(), "labels": labels.tolist()}, "labels": labels.tolist()}
     summary["label_counts"] = COUNTS.tolist()
-    assert run_finding(summary) == (
+    assert RunSummary(summary).clustering_finding() == (
         "tree: layer 2 of 2 splits into 2 clusters; silhouette 0.40 against tau 0.1; "
         "the clusters follow the clients' majority class (label prior), ARI 1.00"
     )
     summary["ari"] = [[0.0, 0.0], [1.0, 0.4]]
-    assert run_finding(summary) == (
+    assert RunSummary(summary).clustering_finding() == (
         "tree: layer 2 of 2 splits into 2 clusters; silhouette 0.40 against tau 0.1; "
         "ARI 1.00 against the planted groups (depth 1 of 2)"
     )
-    assert run_finding({"labels": labels.tolist()}) is None  # a method that makes no clusters
+    assert RunSummary({"labels": labels.tolist()}).clustering_finding() is None  # a method that makes no clusters
+    # FedLEASE's one clustering, read from its summary fields
+    lease = RunSummary({"clusters": 2, "silhouette": {"2": 0.4, "3": 0.1}, "ari": [[1.0]]})
+    assert lease.clustering_finding() == run_finding(clusters=2, silhouette={2: 0.4, 3: 0.1}, ari=[[1.0]])
+    assert lease.clustering_finding().endswith("; ARI 1.00 against the planted groups")
     # the report shows the recorded line, and the label-prior number where it is no finding
     (tmp_path / "summary.json").write_text(json.dumps({**summary, "finding": "tree: as printed"}))
     rows = dict(finding_rows(load_run(tmp_path)))

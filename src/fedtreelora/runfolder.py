@@ -58,6 +58,8 @@ from fedtreelora.config import ExperimentConfig, dump_config, load_config
 if TYPE_CHECKING:  # torch only for annotations: reading a run's numbers must not need it
     import torch
 
+    from fedtreelora.core.findings import LabelPrior
+
 
 ClientModel = Literal["received", "trained"]
 """Which of a client's final models: ``trained`` (its state after its last local training) or
@@ -609,6 +611,43 @@ class RunSummary(_Record):
         """The line the run printed where it made its clusters, when it recorded one."""
         finding = self.get("finding")
         return str(finding) if finding else None
+
+    @property
+    def clusters(self) -> int | None:
+        """FedLEASE's one clustering: its cluster count, or None for other methods."""
+        return _int(self.get("clusters"))
+
+    @property
+    def silhouette(self) -> dict[int, float] | None:
+        """FedLEASE's candidate cluster count -> silhouette, or None for other methods."""
+        scores = self.get("silhouette")
+        return {int(k): float(v) for k, v in scores.items()} if isinstance(scores, Mapping) else None
+
+    def clustering_finding(self, personal: bool = False) -> str | None:
+        """The line of :func:`fedtreelora.core.findings.run_finding` from this summary's fields (the
+        recorded :attr:`finding` of a finished run, recomputed for runs written before it was recorded).
+
+        Args:
+            personal: the run added a personal expert (``fedtreelora.personal``).
+        """
+        from fedtreelora.core.findings import run_finding  # core (scipy, torch) only when a line is asked for
+
+        return run_finding(
+            plan=self.plan,
+            clusters=self.clusters,
+            silhouette=self.silhouette,
+            ari=self.ari,
+            labels=self.labels,
+            label_counts=self.label_counts,
+            personal=personal,
+        )
+
+    def label_prior(self) -> LabelPrior | None:
+        """How closely the deepest layer's clusters follow the clients' majority class, from the
+        summary's ``labels``, ``label_counts`` and ``ari``; None without a sharing partition or counts."""
+        from fedtreelora.core.findings import recorded_label_prior
+
+        return recorded_label_prior(self.labels, self.label_counts, self.ari)
 
     @property
     def trainable_params_per_client(self) -> int | None:

@@ -261,52 +261,67 @@ def label_prior(
     return LabelPrior([float(v) for v in ari], deepest, planted, follows)
 
 
-def run_finding(summary: Mapping[str, Any], *, personal: bool = False) -> str | None:
-    """The line a run prints where it makes its clusters, from the summary's fields: the plan's finding
-    (``plan``: FedTreeLoRA) or the one clustering's (``clusters`` and ``silhouette``: FedLEASE), then the
-    deepest layer's ARI against the planted groups (``ari``, when the run has them) and, when the clusters
-    follow the clients' majority class (``labels``, ``label_counts``), that finding. None for a run
-    that makes no clusters (or has not yet).
+def run_finding(
+    *,
+    plan: Mapping[str, Any] | None = None,
+    clusters: int | None = None,
+    silhouette: Mapping[int, float] | None = None,
+    ari: Sequence[Sequence[float | None]] | None = None,
+    labels: Sequence[Sequence[int]] | None = None,
+    label_counts: Sequence[Sequence[int]] | None = None,
+    personal: bool = False,
+) -> str | None:
+    """The line a run prints where it makes its clusters: the plan's finding (``plan``: FedTreeLoRA) or
+    the one clustering's (``clusters`` and ``silhouette``: FedLEASE), then the deepest layer's ARI against
+    the planted groups (``ari``, when the run has them) and, when the clusters follow the clients'
+    majority class (``labels``, ``label_counts``), that finding. None for a run that makes no clusters (or
+    has not yet). The run summary's fields are read by :class:`fedtreelora.runfolder.RunSummary`.
 
     Args:
-        summary: the run summary's fields (or the same built mid-run).
+        plan: the plan as :meth:`SharingPlan.to_dict` writes it, or None.
+        clusters: FedLEASE's cluster count, or None.
+        silhouette: FedLEASE's candidate count -> silhouette.
+        ari: (layers, depths) ARI of each layer's partition against the planted groups (None: undefined).
+        labels: (layers, clients) sharing partition.
+        label_counts: (clients, classes) each client's validation label counts.
         personal: the run adds a personal expert (``fedtreelora.personal``).
     """
-    plan = summary.get("plan")
-    if isinstance(plan, Mapping):
+    if plan is not None:
         line = tree_finding(SharingPlan.from_dict(dict(plan)), personal=personal)
-    elif summary.get("clusters") is not None and isinstance(summary.get("silhouette"), Mapping):
-        scores = {int(k): float(v) for k, v in summary["silhouette"].items()}
-        line = clusters_finding(int(summary["clusters"]), scores)
+    elif clusters is not None and silhouette is not None:
+        line = clusters_finding(int(clusters), {int(k): float(v) for k, v in silhouette.items()})
     else:
         return None
-    ari = _planted_ari(summary)
-    if ari is not None and np.isfinite(ari[-1]).any():
-        row = ari[-1]
+    planted = _planted_ari(ari)
+    if planted is not None and np.isfinite(planted[-1]).any():
+        row = planted[-1]
         depth = int(np.nanargmax(row))
         at = f" (depth {depth + 1} of {len(row)})" if len(row) > 1 else ""
         line += f"; ARI {_num(float(row[depth]))} against the planted groups{at}"
-    prior = summary_label_prior(summary)
+    prior = recorded_label_prior(labels, label_counts, ari)
     if prior is not None and prior.follows:
         line += f"; {prior.text}"
     return line
 
 
-def _planted_ari(summary: Mapping[str, Any]) -> np.ndarray | None:
-    ari = summary.get("ari")
+def _planted_ari(ari: Sequence[Sequence[float | None]] | None) -> np.ndarray | None:
     if not ari:
         return None
     return np.asarray([[np.nan if v is None else float(v) for v in row] for row in ari], dtype=np.float64)
 
 
-def summary_label_prior(summary: Mapping[str, Any]) -> LabelPrior | None:
-    """:func:`label_prior` from the summary's ``labels``, ``label_counts`` and ``ari``; None when the run
-    recorded no sharing partition or no label counts."""
-    labels, counts = summary.get("labels"), summary.get("label_counts")
-    if not labels or not counts:
+def recorded_label_prior(
+    labels: Sequence[Sequence[int]] | None,
+    label_counts: Sequence[Sequence[int]] | None,
+    ari: Sequence[Sequence[float | None]] | None = None,
+) -> LabelPrior | None:
+    """:func:`label_prior` from recorded lists: ``labels`` (layers, clients), ``label_counts`` (clients,
+    classes) and ``ari`` (layers, depths); None when the run recorded no sharing partition or no label
+    counts, or they do not fit together."""
+    if not labels or not label_counts:
         return None
     sharing = np.asarray(labels, dtype=np.int64).reshape(len(labels), -1)
-    label_counts = np.asarray(counts, dtype=np.int64)
-    if label_counts.ndim != 2 or label_counts.shape[0] != sharing.shape[1]:
+    counts = np.asarray(label_counts, dtype=np.int64)
+    if counts.ndim != 2 or counts.shape[0] != sharing.shape[1]:
         return None
-    return label_prior(sharing, label_counts, _planted_ari(summary))
+    return label_prior(sharing, counts, _planted_ari(ari))

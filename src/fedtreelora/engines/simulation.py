@@ -15,7 +15,6 @@ from rich.text import Text
 
 from fedtreelora.adapters import PhaseSpec
 from fedtreelora.config import ExperimentConfig
-from fedtreelora.core.findings import run_finding, summary_label_prior
 from fedtreelora.core.placement import Membership
 from fedtreelora.core.structure import ari_by_layer, placement_agreement, planted_levels
 from fedtreelora.data import planted_groups
@@ -28,7 +27,7 @@ from fedtreelora.engines.setup import Federation, FederationView, build_federati
 from fedtreelora.engines.validation import RejectedUpdate, check_update
 from fedtreelora.headline import best_federated, headline, last_seen, round_mean
 from fedtreelora.progress import progress_bars
-from fedtreelora.runfolder import Convention
+from fedtreelora.runfolder import Convention, RunSummary
 from fedtreelora.train import ClientResult
 
 if TYPE_CHECKING:
@@ -197,7 +196,7 @@ class SimulationEngine:
                     # Through the same console as the rows: --quiet silences it with them (the line is in
                     # the run summary and the report, and `run --quiet` prints it at the end), so that a quiet
                     # run (as every run of `compare`) adds nothing to its caller's output.
-                    finding = run_finding(self._clustering(fed), personal=_personal(fed))
+                    finding = RunSummary(self._clustering(fed)).clustering_finding(_personal(fed))
                     if finding is not None:
                         progress.console.print(Text(finding, style="bold cyan"), soft_wrap=True)
                 if scalars is not None:
@@ -512,10 +511,10 @@ class SimulationEngine:
         ledger = self.privacy(fed.num_clients)
         if ledger is not None:
             summary["privacy"] = ledger.summary(history)
-        finding = run_finding(summary, personal=_personal(fed))
+        finding = RunSummary(summary).clustering_finding(_personal(fed))
         if finding is not None:
             summary["finding"] = finding
-        prior = summary_label_prior(summary)
+        prior = RunSummary(summary).label_prior()
         if prior is not None:
             summary["label_prior"] = prior.to_dict()
         return summary

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 
-from fedtreelora.core.findings import run_finding, summary_label_prior
 from fedtreelora.report import plots
 from fedtreelora.report.data import RunData, load_run
 from fedtreelora.runfolder import Headline, PrivacyRecord, RunFolder
@@ -301,9 +300,9 @@ def finding_rows(run: RunData) -> list[tuple[str, str]]:
     when they do, else the number; nothing for a run without clusters."""
     s = run.summary
     personal = bool((run.config.get("fedtreelora") or {}).get("personal", False))
-    finding = s.finding or run_finding(s, personal=personal)
+    finding = s.finding or s.clustering_finding(personal)
     rows = [] if finding is None else [("what the clustering found", str(finding))]
-    prior = summary_label_prior(s)
+    prior = s.label_prior()
     labels = run.labels
     if prior is not None and labels is not None:
         placed = labels[-1][labels[-1] >= 0]
