@@ -240,7 +240,8 @@ def test_runfolder_imports_neither_torch_nor_engines() -> None:
 
 # --- typed records -------------------------------------------------------------------------------------
 
-RUNS = Path(__file__).resolve().parents[1] / "runs"
+QUICKSTART_RUN = Path(__file__).resolve().parent / "data" / "quickstart_run"
+"""summary.json and the first twelve lines of metrics.jsonl (rounds 1 and 2) of `fedtreelora run` (the quickstart, seed 0, 2026-12-04)."""
 
 
 def test_each_convention_knows_the_other_and_says_what_it_scores() -> None:
@@ -280,9 +281,7 @@ def test_an_old_summary_reads_with_the_defaults_of_its_time() -> None:
 
 
 def test_a_real_summary_reads_as_written() -> None:
-    path = RUNS / "default" / "summary.json"
-    if not path.is_file():
-        pytest.skip("no runs/default in this checkout")
+    path = QUICKSTART_RUN / "summary.json"
     raw = json.loads(path.read_text())
     summary = RunFolder(path.parent).require_run_summary()
     assert summary == raw and summary.to_dict() == raw, "every key kept, unchanged"
@@ -295,11 +294,7 @@ def test_a_real_summary_reads_as_written() -> None:
 
 
 def test_a_client_record_round_trips_from_a_real_metrics_line(tmp_path: Path) -> None:
-    source = RUNS / "default" / "metrics.jsonl"
-    line = source.read_text().splitlines()[0] if source.is_file() else json.dumps(
-        {"round": 0, "client": 0, "phase": "warmup", "train_loss": 0.69, "steps": 16, "accuracy": 0.640625,
-         "eval_loss": 0.67, "num_train": 128, "num_val": 64, "uplink_bytes": 294912, "downlink_bytes": 0,
-         "received_accuracy": 0.625, "received_eval_loss": 0.68})  # fmt: skip
+    line = (QUICKSTART_RUN / "metrics.jsonl").read_text().splitlines()[0]
     raw = json.loads(line)
     folder = RunFolder(tmp_path)
     folder.append_metrics([ClientRecord(raw), ClientRecord({"round": 1, "client": 2, "trained": False,
