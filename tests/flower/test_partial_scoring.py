@@ -17,6 +17,17 @@ from fedtreelora.runfolder import trained_record
 pytestmark = pytest.mark.slow
 
 
+def assert_same_records(got: dict, expected: dict) -> None:
+    """Every (round, client) record has the same fields and values (floats within 1e-6) as expected."""
+    for key, row in expected.items():
+        assert got[key].keys() == row.keys(), key
+        for field, value in row.items():
+            if isinstance(value, float):
+                assert got[key][field] == pytest.approx(value, abs=1e-6), (key, field)
+            else:
+                assert got[key][field] == value, (key, field)
+
+
 def test_every_node_is_scored_each_round_as_in_process(tmp_path: Path) -> None:
     config = small_experiment("fedtreelora", num_clients=4, federation={"rounds": 3, "fraction_train": 0.5})
     reference = in_process(config, tmp_path / "in-process")
@@ -25,13 +36,7 @@ def test_every_node_is_scored_each_round_as_in_process(tmp_path: Path) -> None:
     expected, got = metrics_by_client_round(tmp_path / "in-process"), metrics_by_client_round(tmp_path / "run")
     assert sorted(got) == sorted(expected) == [(r, k) for r in range(3) for k in range(4)]
     assert sum(not trained_record(row) for row in got.values()) == 3 * 2, "half the clients sit each round out"
-    for key, row in expected.items():
-        assert got[key].keys() == row.keys(), key
-        for field, value in row.items():
-            if isinstance(value, float):
-                assert got[key][field] == pytest.approx(value, abs=1e-6), (key, field)
-            else:
-                assert got[key][field] == value, (key, field)
+    assert_same_records(got, expected)
     assert [m.metadata.message_type for m in grid.sent].count("evaluate") == 3 * 4, "every node, every round"
     assert [m.metadata.message_type for m in grid.sent].count("train") == 3 * 2
     assert summary["per_client"] == pytest.approx(reference["per_client"], abs=1e-6)
@@ -56,13 +61,7 @@ def test_a_late_and_a_leaving_node_get_the_in_process_metrics(tmp_path: Path) ->
     assert sorted(got) == sorted(expected)
     assert (2, 3) in got and (1, 3) not in got and (3, 1) not in got
     assert got[(2, 3)]["phase"] == "warmup" != got[(2, 0)]["phase"]
-    for key, row in expected.items():
-        assert got[key].keys() == row.keys(), key
-        for field, value in row.items():
-            if isinstance(value, float):
-                assert got[key][field] == pytest.approx(value, abs=1e-6), (key, field)
-            else:
-                assert got[key][field] == value, (key, field)
+    assert_same_records(got, expected)
     assert summary["placements"] == reference["placements"] and summary["labels"] == reference["labels"]
     assert summary["per_client"] == pytest.approx(reference["per_client"], abs=1e-6)
 
