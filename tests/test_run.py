@@ -1,4 +1,5 @@
-"""End to end on real data and a real model: MiniLM cut to 2 layers on sarcasm headlines."""
+"""End to end on real data and a real model: MiniLM (cut to 2 layers where only the plumbing is tested)
+on sarcasm headlines and tweets."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from fedtreelora.cli import main
-from fedtreelora.config import load_config
+from fedtreelora.compare.stats import majority_rate
+from fedtreelora.config import QUICKSTART, load_config
 from fedtreelora.engines import SimulationEngine
 
 TINY = [
@@ -25,25 +27,33 @@ TINY = [
 
 
 @pytest.mark.slow
-def test_federated_training_learns_sarcasm() -> None:
-    """Loss falls and personalized accuracy rises well above chance (balanced binary task)."""
+def test_federated_training_learns_beyond_each_clients_majority_class(tmp_path: Path) -> None:
+    """Loss falls and personalized accuracy ends well above what each client's majority class scores.
+
+    The quickstart's federation (tweets, plain and label-swapped groups, balanced labels) cut to 4
+    clients: at lr 3e-3 the full 6-layer MiniLM learns the task in two warm-up rounds (seed 0: 0.755
+    against a majority rate of 0.583). A 2-layer MiniLM with its frozen random head does not: its loss
+    stays at chance and any accuracy above 0.5 comes from the clients' label skew alone."""
     config = load_config(
+        QUICKSTART,
         overrides=[
-            "model.num_layers=2",
+            "data.groups=[{name: plain, dataset: tweets, clients: 2, label_map: {negative: negative, "
+            "positive: positive, neutral: null}}, {name: swapped, dataset: tweets, clients: 2, "
+            "label_map: {negative: positive, positive: negative, neutral: null}}]",
             "data.num_clients=4",
-            "data.n_train=128",
-            "data.n_val=64",
+            "data.n_train=96",
+            "data.n_val=48",
             "train.lr=3e-3",
-            "train.local_epochs=2",
-            "federation.rounds=3",  # train loss falls by 0.21, 0.12, 0.13 at seeds 0, 1, 2 (0.28 at seed 0 in 5)
+            "federation.rounds=3",
             "fedtreelora.warmup_rounds=2",
-        ]
+        ],
     )
-    summary = SimulationEngine(config, quiet=True).run()
+    summary = SimulationEngine(config, tmp_path, quiet=True, report=False).run()
     history = summary["history"]
     assert history[-1]["mean_train_loss"] < history[0]["mean_train_loss"] - 0.05
-    assert summary["best_mean"] > 0.62
-    assert summary["cuts"] is not None and len(summary["cuts"]) == 2
+    majority = majority_rate(json.loads((tmp_path / "partition.json").read_text()))
+    assert summary["best_mean"] > majority + 0.08, (summary["best_mean"], majority)
+    assert summary["cuts"] is not None and len(summary["cuts"]) == 6
 
 
 @pytest.mark.slow
@@ -192,7 +202,7 @@ def test_an_override_below_a_value_names_the_setting_and_the_value() -> None:
 
 
 def test_run_without_config_is_the_quickstart_and_with_config_the_builtin_defaults(tmp_path: Path) -> None:
-    from fedtreelora.config import QUICKSTART, load_run_config
+    from fedtreelora.config import load_run_config
 
     quick = load_run_config()
     assert quick == load_config(QUICKSTART) and quick.data.groups, "the default experiment plants groups"
