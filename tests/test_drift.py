@@ -16,6 +16,8 @@ from fedtreelora.data import planted_groups
 from fedtreelora.engines import SimulationEngine
 from fedtreelora.engines.setup import build_federation, load_partitioned_data
 from fedtreelora.errors import ConfigError
+from fedtreelora.report import load_run
+from fedtreelora.report.render import federation_change_rows
 from fedtreelora.runfolder import RunFolder
 
 SWAP = {"not_sarcastic": "sarcastic", "sarcastic": "not_sarcastic"}
@@ -190,6 +192,14 @@ def test_a_drifting_run_equals_the_run_without_drift_before_its_round_and_resume
     partition = json.loads((tmp_path / "drift" / "partition.json").read_text())
     assert [c["group"] for c in partition["clients"]] == ["plain", "plain", "flipped", "flipped"]
     assert partition["groups"][0]["drift"] == {"round": 3, "label_map": SWAP, "name": "flipped"}
+    changes = federation_change_rows(load_run(tmp_path / "drift"))
+    assert changes is not None
+    assert [
+        "3",
+        "labels drifted",
+        "0-1",
+        "group plain -> flipped (not_sarcastic -> sarcastic, sarcastic -> not_sarcastic)",
+    ] in changes[1]
 
     with pytest.raises(Interrupted):
         StopsAt(drifting, tmp_path / "cut", quiet=True, report=False).run()
