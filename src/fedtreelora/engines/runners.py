@@ -72,7 +72,9 @@ class ClientRunner(Protocol):
 
 class InProcessRunner:
     """Clients in this process, one at a time: each client's state is written into the model's adapter
-    slot 0, trained or scored, and read back (:func:`~fedtreelora.train.run_client_round`)."""
+    slot 0, trained or scored, and read back (:func:`~fedtreelora.train.run_client_round`). A round's
+    clients train and are scored on their data of that round (:meth:`Federation.client_data`, which
+    follows a group's ``drift``)."""
 
     def __init__(self, fed: Federation) -> None:
         self.fed = fed
