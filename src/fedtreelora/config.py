@@ -54,6 +54,39 @@ GROUP_NAME_PART = re.compile(r"[A-Za-z0-9_.-]+")
 """One ``/``-separated part of a group name: letters, digits, ``_``, ``.`` and ``-``."""
 
 
+def _label_names_as_text(value: Any) -> Any:
+    """YAML reads ``0: 1`` as integers; label names are strings (integer labels are named ``"0"``...)."""
+    if not isinstance(value, dict):
+        return value
+    return {
+        (str(k) if isinstance(k, int) else k): (str(v) if isinstance(v, int) and not isinstance(v, bool) else v)
+        for k, v in value.items()
+    }
+
+
+class DriftConfig(Section):
+    """A change of a group's labels at a known round (``data.groups[i].drift``): from that round on its
+    clients train and are scored on the same examples under new label names."""
+
+    round: int
+    """The first round (1-based, as the round table counts; 2..``federation.rounds``) in which the group's
+    clients train and are validated on the new labels; the rounds before use ``label_map``."""
+    label_map: dict[str, str | None]
+    """Source label name -> the name the group uses from ``round`` on (e.g. swap two names); labels not
+    listed keep the name the group's ``label_map`` gives them. The examples stay the same, so a label the
+    group keeps cannot be mapped to null, a label it drops cannot be brought back, and every name must
+    be one of the federation's labels (the classification head is built at the start)."""
+    name: str | None = None
+    """The group's name from ``round`` on, as the planted groups record it (what the sharing partition's
+    ARI is scored against at the end of the run): name another group to say its clients now have that
+    group's task (a swap onto its labels), or a new name for a task of their own; None: the name stays."""
+
+    @field_validator("label_map", mode="before")
+    @classmethod
+    def _label_names_as_text(cls, value: Any) -> Any:
+        return _label_names_as_text(value)
+
+
 class GroupConfig(Section):
     """One group of clients of a structured federation (an entry of ``data.groups``).
 
@@ -84,17 +117,37 @@ class GroupConfig(Section):
     """Training examples per client of the group; None: ``data.n_train``."""
     n_val: int | None = Field(default=None, ge=1)
     """Validation examples per client of the group; None: ``data.n_val``."""
+    drift: DriftConfig | None = None
+    """The group's labels change at a known round (``{round, label_map, name}``): from then on its
+    clients train and are scored on their examples relabelled (a concept drift); None: they never change.
+    In-process engine and Flower simulation only (a deployed site holds its own data)."""
 
     @field_validator("label_map", mode="before")
     @classmethod
     def _label_names_as_text(cls, value: Any) -> Any:
-        """YAML reads ``0: 1`` as integers; label names are strings (integer labels are named ``"0"``...)."""
-        if not isinstance(value, dict):
-            return value
-        return {
-            (str(k) if isinstance(k, int) else k): (str(v) if isinstance(v, int) and not isinstance(v, bool) else v)
-            for k, v in value.items()
-        }
+        return _label_names_as_text(value)
+
+
+def _check_name_parts(name: str, field: str) -> None:
+    """Raise ValueError naming ``field`` when a ``/``-separated part of ``name`` is empty or malformed."""
+    bad = [p for p in name.split("/") if not GROUP_NAME_PART.fullmatch(p)]
+    if bad:
+        raise ValueError(
+            f"{field}={name!r} has an empty or invalid part {bad[0]!r}; parts are separated "
+            "by '/' and hold letters, digits, '_', '.' or '-'"
+        )
+
+
+def _check_leaves(named: dict[str, str]) -> None:
+    """Raise ValueError when one group name (a key of ``named``: name -> the field that gives it) is a
+    prefix of another: a group's clients must sit at a leaf of the hierarchy."""
+    for name, field in named.items():
+        for other, other_field in named.items():
+            if other.startswith(name + "/"):
+                raise ValueError(
+                    f"{field}={name!r} is a group and also a prefix of {other_field}={other!r}; a group's "
+                    f"clients must sit at a leaf of the hierarchy: rename it (e.g. {name + '/plain'!r})"
+                )
 
 
 def _check_group_names(names: list[str]) -> None:
@@ -102,26 +155,30 @@ def _check_group_names(names: list[str]) -> None:
     or a name that is both a group and a prefix of another group."""
     seen: dict[str, int] = {}
     for i, name in enumerate(names):
-        parts = name.split("/")
-        bad = [p for p in parts if not GROUP_NAME_PART.fullmatch(p)]
-        if bad:
-            raise ValueError(
-                f"data.groups[{i}].name={name!r} has an empty or invalid part {bad[0]!r}; parts are separated "
-                "by '/' and hold letters, digits, '_', '.' or '-'"
-            )
+        _check_name_parts(name, f"data.groups[{i}].name")
         if name in seen:
             raise ValueError(
                 f"data.groups[{i}].name={name!r} repeats data.groups[{seen[name]}].name; names must be unique"
             )
         seen[name] = i
-    for name, i in seen.items():
-        for other, j in seen.items():
-            if other.startswith(name + "/"):
-                raise ValueError(
-                    f"data.groups[{i}].name={name!r} is a group and also a prefix of data.groups[{j}].name="
-                    f"{other!r}; a group's clients must sit at a leaf of the hierarchy: rename it (e.g. "
-                    f"{name + '/plain'!r})"
-                )
+    _check_leaves({name: f"data.groups[{i}].name" for name, i in seen.items()})
+
+
+def _check_drift_names(groups: list[GroupConfig]) -> None:
+    """Raise ValueError naming ``data.groups[i].drift.name`` for a malformed name, or one that breaks
+    the hierarchy the groups form from some drift's round on (a name that is a prefix of another
+    group's name in the same round)."""
+    for i, group in enumerate(groups):
+        if group.drift is not None and group.drift.name is not None:
+            _check_name_parts(group.drift.name, f"data.groups[{i}].drift.name")
+    for rnd in sorted({g.drift.round for g in groups if g.drift is not None}):
+        named: dict[str, str] = {}
+        for i, group in enumerate(groups):
+            if group.drift is not None and group.drift.name is not None and group.drift.round <= rnd:
+                named.setdefault(group.drift.name, f"data.groups[{i}].drift.name")
+            else:
+                named.setdefault(group.name, f"data.groups[{i}].name")
+        _check_leaves(named)
 
 
 class DataConfig(Section):
@@ -178,6 +235,7 @@ class DataConfig(Section):
         if not self.groups:
             raise ValueError("data.groups is empty; list at least one group or leave data.groups unset")
         _check_group_names([g.name for g in self.groups])
+        _check_drift_names(self.groups)
         for i, group in enumerate(self.groups):
             source = group.dataset or self.dataset
             if self.task == "generation" or (self.task == "auto" and source in BUILTIN_INSTRUCTION_SOURCES):
@@ -362,6 +420,17 @@ def _check_schedule(federation: FederationConfig, num_clients: int) -> None:
             )
 
 
+def _check_drift_rounds(data: DataConfig, rounds: int) -> None:
+    """Raise ValueError naming ``data.groups[i].drift.round`` for a round outside 2..``rounds``."""
+    for i, group in enumerate(data.groups or ()):
+        if group.drift is not None and not 2 <= group.drift.round <= rounds:
+            raise ValueError(
+                f"data.groups[{i}].drift.round={group.drift.round} is outside rounds 2..{rounds} (federation.rounds="
+                f"{rounds}; rounds count from 1, and labels that hold from round 1 belong in data.groups[{i}]."
+                "label_map); pick a round in that range or remove the drift"
+            )
+
+
 class LoggingConfig(Section):
     tensorboard: bool = True
     """Write per-round scalars (mean and per-client accuracy, loss, communication) to ``OUT/tensorboard``."""
@@ -424,6 +493,7 @@ class ExperimentBase(Section):
             )
 
         _check_schedule(self.federation, self.data.num_clients)
+        _check_drift_rounds(self.data, self.federation.rounds)
         warmup = getattr(self.method_options(), "warmup_rounds", 0)
         if warmup >= self.federation.rounds:
             raise ValueError(
@@ -579,14 +649,26 @@ def _list_entry_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _optional_section(annotation: Any) -> type[BaseModel] | None:
+    """The section type X of an ``X | None`` option, else None."""
+    for arg in get_args(annotation):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
 def _entry_rows(prefix: str, entry: type[BaseModel]) -> list[str]:
-    """Reference rows of the keys of one list entry (``data.groups[].name`` ...)."""
+    """Reference rows of the keys of one list entry (``data.groups[].name`` ...), and of the keys of a
+    section inside it (``data.groups[].drift.round`` ...)."""
     rows = []
     for key, sub in entry.model_fields.items():
         default = "required" if sub.is_required() else f"`{sub.get_default(call_default_factory=True)!r}`"
         doc = (sub.description or "").replace("\n", " ").replace("|", "\\|")
         kind = _type_name(sub.annotation).replace("|", "\\|")
         rows.append(f"| `{prefix}.{key}` | {kind} | {default} | {doc} |")
+        inner = _optional_section(sub.annotation)
+        if inner is not None:
+            rows += _entry_rows(f"{prefix}.{key}", inner)
     return rows
 
 

@@ -105,3 +105,29 @@ def test_a_node_that_connects_in_the_middle_of_the_run_is_taken_in_at_its_round(
     assert summary["label_counts"] == reference["label_counts"], "the late node's counts are recorded"
     partition = json.loads((tmp_path / "run" / "partition.json").read_text())
     assert partition["clients"][3]["node"] == 1003 and sum(partition["clients"][3]["train_label_counts"]) > 0
+
+
+def test_a_drifting_group_over_flower_gets_the_in_process_metrics(tmp_path: Path) -> None:
+    """The first group's labels swap at round 3 (``data.groups[0].drift``): each simulated node reads its
+    relabelled share from that round on, so every record equals the in-process one (a node that kept its
+    first labels would train and score differently from round 3)."""
+    swap = {"not_sarcastic": "sarcastic", "sarcastic": "not_sarcastic"}
+    groups = [
+        {"name": "plain", "dataset": "sarcasm", "clients": 2, "drift": {"round": 3, "label_map": swap}},
+        {"name": "flipped", "dataset": "sarcasm", "clients": 2, "label_map": swap},
+    ]
+    config = small_experiment(
+        "fedtreelora",
+        num_clients=4,
+        data={"groups": groups, "n_train": 16, "n_val": 16},
+        federation={"rounds": 4},
+        fedtreelora={"warmup_rounds": 1, "replan_every": 1, "tau": -1.0},
+    )
+    reference = in_process(config, tmp_path / "in-process")
+    grid = LoopbackGrid(FlowerRunSettings.for_experiment(config), num_nodes=4)
+    summary = FlowerEngine(config, grid, tmp_path / "run", quiet=True, report=False).run()
+    expected, got = metrics_by_client_round(tmp_path / "in-process"), metrics_by_client_round(tmp_path / "run")
+    assert sorted(got) == sorted(expected)
+    assert_same_records(got, expected)
+    assert summary["plans"] == reference["plans"]
+    assert summary["planted_groups"] == ["plain"] * 2 + ["flipped"] * 2, "drift.name unset: the name stays"

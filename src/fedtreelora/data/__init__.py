@@ -2,9 +2,12 @@
 federations with planted groups."""
 
 from fedtreelora.data.groups import (
+    DriftSpec,
     GroupSpec,
     SourceSpec,
     configured_dataset_name,
+    drift_field,
+    drift_labels,
     group_specs,
     load_group_sources,
     partition_groups,
@@ -19,7 +22,7 @@ from fedtreelora.data.instructions import (
     InstructionSet,
     load_instructions,
 )
-from fedtreelora.data.partition import ClientData, dirichlet_partition, task_partition
+from fedtreelora.data.partition import ClientData, LabelDrift, dirichlet_partition, task_partition
 from fedtreelora.data.sources import BUILTIN_SOURCES, load_classification
 from fedtreelora.data.types import ClassificationDataset, LabeledTexts
 
@@ -30,14 +33,18 @@ __all__ = [
     "EVALS_TASKS",
     "ClassificationDataset",
     "ClientData",
+    "DriftSpec",
     "GroupSpec",
     "InstructionColumns",
     "InstructionDataset",
     "InstructionSet",
+    "LabelDrift",
     "LabeledTexts",
     "SourceSpec",
     "configured_dataset_name",
     "dirichlet_partition",
+    "drift_field",
+    "drift_labels",
     "group_specs",
     "load_group_sources",
     "load_classification",

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedtreelora.data.partition import ClientData, dirichlet_partition
+from fedtreelora.data.partition import ClientData, LabelDrift, dirichlet_partition
 from fedtreelora.data.sources import load_classification
 from fedtreelora.data.types import ClassificationDataset, LabeledTexts
 from fedtreelora.errors import ConfigError
@@ -35,6 +35,18 @@ class SourceSpec:
     label_column: str
 
 
+@dataclass(frozen=True)
+class DriftSpec:
+    """A group's ``drift``: new label names from a known round on."""
+
+    round: int
+    """The first round (1-based, as configured) with the new labels."""
+    label_map: Mapping[str, str | None]
+    """Source label name -> its name from ``round`` on; labels not listed keep the group's label map's name."""
+    name: str
+    """The group's name from ``round`` on (its own name when ``drift.name`` is unset)."""
+
+
 @dataclass(frozen=True, eq=False)
 class GroupSpec:
     """One entry of ``data.groups`` with every unset option taken from the data section."""
@@ -48,6 +60,7 @@ class GroupSpec:
     n_train: int
     n_val: int
     alpha: float
+    drift: DriftSpec | None = None
 
     @property
     def field(self) -> str:
@@ -76,17 +89,37 @@ def group_specs(data: DataConfig) -> list[GroupSpec]:
                 n_train=g.n_train if g.n_train is not None else data.n_train,
                 n_val=g.n_val if g.n_val is not None else data.n_val,
                 alpha=g.dirichlet_alpha if g.dirichlet_alpha is not None else data.dirichlet_alpha,
+                drift=None
+                if g.drift is None
+                else DriftSpec(g.drift.round, dict(g.drift.label_map), g.drift.name or g.name),
             )
         )
     return specs
 
 
-def planted_groups(data: DataConfig) -> list[str] | None:
-    """Each client's group name, clients numbered group by group in ``data.groups`` order; None when
-    the federation has no groups. Read from the configuration alone (no data is loaded)."""
+def planted_groups(data: DataConfig, rnd: int = 0) -> list[str] | None:
+    """Each client's group name in round ``rnd`` (0-based; default the first), clients numbered group
+    by group in ``data.groups`` order; None when the federation has no groups. The clients of a group
+    whose ``drift`` has begun by ``rnd`` carry its ``drift.name``. Read from the configuration alone (no
+    data is loaded)."""
     if data.groups is None:
         return None
-    return [g.name for g in data.groups for _ in range(g.clients)]
+    names: list[str] = []
+    for g in data.groups:
+        name = g.name
+        if g.drift is not None and g.drift.name is not None and rnd >= g.drift.round - 1:
+            name = g.drift.name
+        names += [name] * g.clients
+    return names
+
+
+def drift_field(data: DataConfig) -> str | None:
+    """The option path of the first group that drifts (``data.groups[i].drift``), for error messages;
+    None when no group's labels change during the run."""
+    for i, g in enumerate(data.groups or ()):
+        if g.drift is not None:
+            return f"data.groups[{i}].drift"
+    return None
 
 
 def configured_dataset_name(data: DataConfig) -> str:
@@ -145,6 +178,58 @@ def group_labels(spec: GroupSpec, source_names: Sequence[str]) -> tuple[list[str
         raise ConfigError(f"{spec.field}.label_map ({spec.name}) maps every label to null; keep at least one")
     position = {name: i for i, name in enumerate(names)}
     return names, np.asarray([-1 if t is None else position[t] for t in targets], dtype=np.int64)
+
+
+def drift_labels(spec: GroupSpec, source_names: Sequence[str], label_names: Sequence[str]) -> np.ndarray:
+    """Where each source label goes from a group's drift round on, in the federation's label space.
+
+    Args:
+        spec: a group with ``drift`` set.
+        source_names: the labels of the group's source.
+        label_names: the federation's labels (the sorted union of the groups' names before any drift).
+
+    Returns:
+        (source labels,) int64 federation label id of each source label from the drift round on, -1
+        for a label the group drops (``label_map`` to null).
+
+    Raises:
+        ConfigError: the drift's map names a label the source does not have, maps a label the group
+            keeps to null, gives a name to a label the group drops, or a name outside ``label_names``.
+    """
+    assert spec.drift is not None
+    where = f"{spec.field}.drift.label_map ({spec.name})"
+    before = dict(spec.label_map or {})
+    after = dict(spec.drift.label_map)
+    unknown = sorted(set(after) - set(source_names))
+    if unknown:
+        raise ConfigError(
+            f"{where} names {unknown}, which {spec.source.dataset!r} does not have; its labels are "
+            f"{list(source_names)}: remove them or use those names"
+        )
+    position = {name: i for i, name in enumerate(label_names)}
+    out = np.full(len(source_names), -1, dtype=np.int64)
+    for i, source in enumerate(source_names):
+        old = before.get(source, source)
+        new = after.get(source, old)
+        if old is None and new is not None:
+            raise ConfigError(
+                f"{where} maps {source!r} to {new!r}, but {spec.field}.label_map drops {source!r} (maps it to "
+                f"null), so the group holds no example of it; leave {source!r} out of the drift's label_map"
+            )
+        if old is not None and new is None:
+            raise ConfigError(
+                f"{where} maps {source!r} to null, but the group's clients hold examples of it: a drift "
+                f"relabels the same examples and cannot drop them; map {source!r} to one of {list(label_names)}"
+            )
+        if new is None:
+            continue
+        if new not in position:
+            raise ConfigError(
+                f"{where} maps {source!r} to {new!r}, which is not a label of the federation "
+                f"{list(label_names)} (the classification head is built before the drift); use one of those"
+            )
+        out[i] = position[new]
+    return out
 
 
 def _check_pairs(specs: Sequence[GroupSpec], sources: Mapping[SourceSpec, ClassificationDataset]) -> None:
@@ -222,7 +307,9 @@ def partition_groups(
     Each group's clients come from :func:`~fedtreelora.data.partition.dirichlet_partition` over the
     still-unused examples of its source (those of classes its label map keeps), with the group's sizes,
     ``alpha`` and seed (:func:`group_seed`); the drawn examples are appended to the combined pools with
-    the group's mapped labels. Client k of the result is the k-th client counting group by group.
+    the group's mapped labels. Client k of the result is the k-th client counting group by group. A
+    group with ``drift`` gives each of its clients a :class:`~fedtreelora.data.partition.LabelDrift`:
+    the same examples' labels under the drift's map (:func:`drift_labels`); the draws do not depend on it.
 
     Args:
         specs: the groups, in ``data.groups`` order.
@@ -237,7 +324,8 @@ def partition_groups(
 
     Raises:
         ConfigError: sentence pairs mixed with single sentences, a label map naming unknown labels,
-            label sets that differ under a frozen head, or a source too small for its groups.
+            label sets that differ under a frozen head, a source too small for its groups, or a drift
+            map that does not fit (:func:`drift_labels`).
     """
     if not specs:
         raise ValueError("partition_groups needs at least one group")
@@ -257,6 +345,7 @@ def partition_groups(
     clients: list[ClientData] = []
     for spec, (names, to_group) in zip(specs, resolved, strict=True):
         source = sources[spec.source]
+        drifted = None if spec.drift is None else drift_labels(spec, source.label_names, label_names)
         train_used, val_used = used[spec.source]
         shared = bool(train_used.any())
         train_idx = _available(train_used, source.train.labels, to_group)
@@ -296,6 +385,13 @@ def partition_groups(
                     proportions=proportions,
                     train_label_counts=train_counts,
                     val_label_counts=val_counts,
+                    drift=None
+                    if drifted is None or spec.drift is None
+                    else LabelDrift(
+                        round=spec.drift.round - 1,
+                        train_labels=drifted[source.train.labels[src_train]],
+                        val_labels=drifted[source.validation.labels[src_val]],
+                    ),
                 )
             )
     name = "+".join(dict.fromkeys(sources[s.source].name for s in specs))

@@ -11,6 +11,20 @@ from fedtreelora.errors import ConfigError
 
 
 @dataclass(frozen=True)
+class LabelDrift:
+    """A client's labels from a known round on (``data.groups[i].drift``): the same examples, relabelled."""
+
+    round: int
+    """The first round (0-based) in which the client trains and is validated on these labels."""
+    train_labels: np.ndarray
+    """(n_train,) int64 label ids of the client's training examples from ``round`` on, in the order of
+    :attr:`ClientData.train_indices`."""
+    val_labels: np.ndarray
+    """(n_val,) int64 label ids of its validation examples from ``round`` on, in the order of
+    :attr:`ClientData.val_indices`."""
+
+
+@dataclass(frozen=True)
 class ClientData:
     """One client's share of the data.
 
@@ -29,6 +43,9 @@ class ClientData:
     """(num_labels,) int64 examples per class actually drawn for training."""
     val_label_counts: np.ndarray
     """(num_labels,) int64 examples per class actually drawn for validation."""
+    drift: LabelDrift | None = None
+    """The client's labels from a later round on (a group with ``drift``); None: the pool's labels
+    hold for the whole run. The counts above are those before the drift."""
 
 
 class _ClassPools:

@@ -72,7 +72,9 @@ class ClientRunner(Protocol):
 
 class InProcessRunner:
     """Clients in this process, one at a time: each client's state is written into the model's adapter
-    slot 0, trained or scored, and read back (:func:`~fedtreelora.train.run_client_round`)."""
+    slot 0, trained or scored, and read back (:func:`~fedtreelora.train.run_client_round`). A round's
+    clients train and are scored on their data of that round (:meth:`Federation.client_data`, which
+    follows a group's ``drift``)."""
 
     def __init__(self, fed: Federation) -> None:
         self.fed = fed
@@ -94,12 +96,13 @@ class InProcessRunner:
         results: dict[int, ClientResult] = {}
         for group in self.passes(list(payloads), phase):
             seeds = [client_seed(fed.config.seed, rnd, k) for k in group]
+            data = [fed.client_data(rnd, k) for k in group]
             if len(group) == 1:
                 (k,) = group
                 out = [
                     run_client_round(
                         fed.bank, fed.classifier.tokenizer, state=states[k], payload=payloads[k],
-                        upload_keys=upload_keys[k], train_data=fed.train_data[k], val_data=fed.val_data[k],
+                        upload_keys=upload_keys[k], train_data=data[0][0], val_data=data[0][1],
                         seed=seeds[0], phase=phase, settings=fed.settings, device=fed.device, client=k, rnd=rnd,
                         upload_transforms=fed.upload_transforms,
                     )
@@ -108,7 +111,7 @@ class InProcessRunner:
                 out = run_clients_round(
                     fed.bank, fed.classifier.tokenizer, states=[states[k] for k in group],
                     payloads=[payloads[k] for k in group], upload_keys=[upload_keys[k] for k in group],
-                    train_data=[fed.train_data[k] for k in group], val_data=[fed.val_data[k] for k in group],
+                    train_data=[t for t, _ in data], val_data=[v for _, v in data],
                     seeds=seeds, phase=phase, settings=fed.settings, device=fed.device, clients=group, rnd=rnd,
                     upload_transforms=fed.upload_transforms,
                 )  # fmt: skip
@@ -125,16 +128,17 @@ class InProcessRunner:
         scores: dict[int, dict[str, Any]] = {}
         for group in self.passes(list(payloads), phase):
             seeds = [client_seed(fed.config.seed, rnd, k) for k in group]
+            data = [fed.client_data(rnd, k) for k in group]
             if len(group) == 1:
                 (k,) = group
                 scores[k] = evaluate_received(
-                    fed.bank, tokenizer, state=states[k], payload=payloads[k], train_data=fed.train_data[k],
-                    val_data=fed.val_data[k], seed=seeds[0], phase=phase, settings=fed.settings, device=fed.device,
+                    fed.bank, tokenizer, state=states[k], payload=payloads[k], train_data=data[0][0],
+                    val_data=data[0][1], seed=seeds[0], phase=phase, settings=fed.settings, device=fed.device,
                 )  # fmt: skip
                 continue
             out = evaluate_received_together(
                 fed.bank, tokenizer, states=[states[k] for k in group], payloads=[payloads[k] for k in group],
-                val_data=[fed.val_data[k] for k in group], seeds=seeds, phase=phase, settings=fed.settings,
+                val_data=[v for _, v in data], seeds=seeds, phase=phase, settings=fed.settings,
                 device=fed.device,
             )  # fmt: skip
             scores.update(zip(group, out, strict=True))

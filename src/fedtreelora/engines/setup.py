@@ -5,7 +5,7 @@ Shared by every engine, so a run sees the same clients and the same initialisati
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -205,6 +205,20 @@ class Federation(RunTask):
     per pass, several, a Flower node; :func:`fedtreelora.train.client_upload`). Empty: the upload is the
     strategy's keys of the trained state, unchanged. The ``privacy`` section puts the Gaussian mechanism
     here (:func:`upload_chain`); code that needs another link (a test) replaces this field."""
+    drifted: dict[int, DriftedData] = field(default_factory=dict)
+    """Row of ``train_data`` / ``val_data`` -> the same examples relabelled and the round they take
+    effect (clients of a group with ``data.groups[i].drift``); read through :meth:`client_data`."""
+
+    def client_data(
+        self, rnd: int, index: int
+    ) -> tuple[EncodedExamples | EncodedInstructions, EncodedExamples | EncodedInstructions]:
+        """The (training, validation) examples row ``index`` trains and is scored on in round ``rnd``
+        (0-based): its relabelled ones from its drift's round on, else ``train_data[index]`` and
+        ``val_data[index]``. A function of the round alone, so a resumed run reads the same data."""
+        drifted = self.drifted.get(index)
+        if drifted is not None and rnd >= drifted.round:
+            return drifted.train, drifted.val
+        return self.train_data[index], self.val_data[index]
 
     def client_categories(self) -> list[str] | None:
         """Each client's category (generation: its task's category, e.g. ``Sentiment``); None for
@@ -264,8 +278,40 @@ class Federation(RunTask):
         }
 
 
+@dataclass(frozen=True)
+class DriftedData:
+    """One client's examples relabelled by its group's drift (``data.groups[i].drift``)."""
+
+    round: int
+    """The first round (0-based) they are trained and scored on."""
+    train: EncodedExamples
+    """Its training examples (the same token ids), labels (n_train,) after the drift."""
+    val: EncodedExamples
+    """Its validation examples, labels (n_val,) after the drift."""
+
+
+def drifted_data(
+    clients: list[ClientData],
+    train_data: list[EncodedExamples | EncodedInstructions],
+    val_data: list[EncodedExamples | EncodedInstructions],
+) -> dict[int, DriftedData]:
+    """Each drifting client's encoded examples with its drift's labels (row -> data; rows as in
+    ``clients``); the token ids are shared with ``train_data`` / ``val_data``, not copied."""
+    out: dict[int, DriftedData] = {}
+    for row, c in enumerate(clients):
+        if c.drift is None:
+            continue
+        train, val = train_data[row], val_data[row]
+        assert isinstance(train, EncodedExamples) and isinstance(val, EncodedExamples), "drift is classification"
+        out[row] = DriftedData(
+            c.drift.round, replace(train, labels=c.drift.train_labels), replace(val, labels=c.drift.val_labels)
+        )
+    return out
+
+
 def group_records(config: ExperimentConfig) -> list[dict[str, Any]]:
-    """Each group of ``data.groups`` with its options resolved (JSON-ready; empty without groups)."""
+    """Each group of ``data.groups`` with its options resolved (JSON-ready; empty without groups); a
+    drifting group's ``drift`` with its round 1-based, as configured."""
     return [
         {
             "name": g.name,
@@ -275,6 +321,11 @@ def group_records(config: ExperimentConfig) -> list[dict[str, Any]]:
             "dirichlet_alpha": g.alpha,
             "n_train": g.n_train,
             "n_val": g.n_val,
+            **(
+                {}
+                if g.drift is None
+                else {"drift": {"round": g.drift.round, "label_map": dict(g.drift.label_map), "name": g.drift.name}}
+            ),
         }
         for g in group_specs(config.data)
     ]
@@ -501,4 +552,5 @@ def build_federation(config: ExperimentConfig, *, num_slots: int | None = None) 
         side.settings,
         side.device,
         upload_chain(config, side.initial_state),
+        drifted_data(clients, train_data, val_data),
     )

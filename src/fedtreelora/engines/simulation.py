@@ -45,9 +45,13 @@ def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
 
 
 def planted_structure(
-    config: ExperimentConfig, sharing_labels: np.ndarray | None, newcomers: list[int] | None = None
+    config: ExperimentConfig,
+    sharing_labels: np.ndarray | None,
+    newcomers: list[int] | None = None,
+    rnd: int | None = None,
 ) -> dict[str, Any]:
-    """The summary's record of a federation with planted groups (``data.groups``); {} without.
+    """The summary's record of a federation with planted groups (``data.groups``) as they are in round
+    ``rnd`` (0-based; None: the last round, so after every ``drift``); {} without groups.
 
     ``planted_groups``: (clients,) each client's group; ``planted_levels``: (depth, clients) each
     client's group prefix at depth 1..max; ``ari``: (layers, depth) adjusted Rand index of each layer's
@@ -56,7 +60,7 @@ def planted_structure(
     share of them placed in a cluster mostly of their own planted group
     (:func:`~fedtreelora.core.structure.placement_agreement`; NaN written as None).
     """
-    planted = planted_groups(config.data)
+    planted = planted_groups(config.data, config.federation.rounds - 1 if rnd is None else rnd)
     if planted is None:
         return {}
     levels = planted_levels(planted)
@@ -196,7 +200,7 @@ class SimulationEngine:
                     # Through the same console as the rows: --quiet silences it with them (the line is in
                     # the run summary and the report, and `run --quiet` prints it at the end), so that a quiet
                     # run (as every run of `compare`) adds nothing to its caller's output.
-                    finding = RunSummary(self._clustering(fed)).clustering_finding(_personal(fed))
+                    finding = RunSummary(self._clustering(fed, rnd)).clustering_finding(_personal(fed))
                     if finding is not None:
                         progress.console.print(Text(finding, style="bold cyan"), soft_wrap=True)
                 if scalars is not None:
@@ -448,15 +452,15 @@ class SimulationEngine:
         """The late clients the strategy placed in its tree (``placements`` of its summary)."""
         return sorted({int(p["client"]) for p in fed.strategy.summary().get("placements") or []})
 
-    def _clustering(self, fed: FederationView) -> dict[str, Any]:
+    def _clustering(self, fed: FederationView, rnd: int) -> dict[str, Any]:
         """The summary's fields that say what the clusters are (plan or clusters, labels, label counts,
-        planted groups), as they stand now."""
+        planted groups), as they stand after round ``rnd``."""
         labels = fed.strategy.sharing_labels()
         return {
             **fed.strategy.summary(),
             "labels": None if labels is None else labels.tolist(),
             "label_counts": fed.label_counts,
-            **planted_structure(fed.config, labels),
+            **planted_structure(fed.config, labels, rnd=rnd),
         }
 
     def _summary(self, fed: FederationView, run: RunState, wall: float) -> dict[str, Any]:

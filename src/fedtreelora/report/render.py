@@ -232,7 +232,8 @@ def _ari_section(run: RunData) -> Section:
         "depth 2 by the first two, ...). 1 means the layer's clusters are exactly the planted groups at that "
         "depth; 0 is what chance scores, and also what one cluster for everyone or every client alone "
         "scores against several groups; below 0 is worse than chance. A method that finds a hierarchy "
-        "scores high at depth 1 in shallow layers and at deeper depths in deeper layers.",
+        "scores high at depth 1 in shallow layers and at deeper depths in deeper layers. Where a group's "
+        "labels drift during the run (data.groups[].drift), the groups are those of the last round.",
         png=None if ari is None else plots.figure_png(ari),
         note=f"The {run.method} run recorded no per-layer sharing partition, so it cannot be scored against "
         "the planted groups.",
@@ -370,7 +371,8 @@ def cut_search_rows(run: RunData) -> tuple[list[str], list[list[str]]] | None:
 CHANGES_NOTE = (
     "Who joined and left (federation.join / leave; rounds count from 1), where each client that arrived "
     "after the tree was built was placed (its cluster at every layer, shallow to deep, after its own "
-    "warm-up), and, with replan_every, every plan the run made."
+    "warm-up), with replan_every every plan the run made, and the planted groups whose labels drifted "
+    "(data.groups[].drift: from that round on their clients train and are scored on the new labels)."
 )
 
 
@@ -391,6 +393,7 @@ def federation_change_rows(run: RunData) -> tuple[list[str], list[list[str]]] | 
         if planted is not None and client < len(planted):  # a planted federation: say where it belongs
             clusters += f" (planted group {planted[client]})"
         rows.append([str(int(placement["round"]) + 1), "placed (after the round)", str(client), clusters])
+    rows += drift_rows(run.config)
     plans = s.get("plans") or []
     for plan in plans[1:]:
         cuts = " ".join(str(int(c)) for c in plan.get("cuts") or [])
@@ -399,6 +402,29 @@ def federation_change_rows(run: RunData) -> tuple[list[str], list[list[str]]] | 
         return None
     rows.sort(key=lambda r: int(r[0]))
     return ["round", "event", "client", "clusters per layer / cuts"], rows
+
+
+def drift_rows(config: dict[str, Any]) -> list[list[str]]:
+    """One federation-change row per planted group whose labels drift (``data.groups[i].drift`` of a
+    run's ``config``): its round (1-based), its clients, its name before and after and its new labels."""
+    rows: list[list[str]] = []
+    first = 0
+    for group in (config.get("data") or {}).get("groups") or []:
+        clients = int(group["clients"])
+        drift = group.get("drift")
+        if drift:
+            name = drift.get("name") or group["name"]
+            labels = ", ".join(f"{k} -> {v}" for k, v in (drift.get("label_map") or {}).items())
+            rows.append(
+                [
+                    str(int(drift["round"])),
+                    "labels drifted",
+                    f"{first}-{first + clients - 1}" if clients > 1 else str(first),
+                    f"group {group['name']} -> {name} ({labels})",
+                ]
+            )
+        first += clients
+    return rows
 
 
 def client_rows(run: RunData) -> tuple[list[str], list[list[str]]]:

@@ -86,14 +86,15 @@ def evaluate(msg: Message, context: Context) -> Message:
     rnd = int(cfg["round"])  # the round whose aggregation is scored
     _settle(context, bool(cfg["accepted"]))
     fed = node.fed
+    train_data, val_data = fed.client_data(rnd, node.index)
     scores = evaluate_received(
         fed.bank,
         fed.classifier.tokenizer,
         phase=node_phase(fed.strategy, rnd + 1, cfg, node.client),
         state=_state(context, fed),
         payload=from_array_record(msg.content.array_records.get("payload")),
-        train_data=fed.train_data[node.index],
-        val_data=fed.val_data[node.index],
+        train_data=train_data,
+        val_data=val_data,
         settings=fed.settings,
         seed=client_seed(settings.experiment.seed, rnd, node.client),
         device=fed.device,
@@ -113,14 +114,15 @@ def train(msg: Message, context: Context) -> Message:
     fed = node.fed
     phase = node_phase(fed.strategy, rnd, cfg, node.client)
     state = _state(context, fed)
+    train_data, val_data = fed.client_data(rnd, node.index)
     result = run_client_round(
         fed.bank,
         fed.classifier.tokenizer,
         state=state,
         payload=from_array_record(msg.content.array_records.get("payload")),
         upload_keys=list(cfg["upload-keys"]),
-        train_data=fed.train_data[node.index],
-        val_data=fed.val_data[node.index],
+        train_data=train_data,
+        val_data=val_data,
         seed=client_seed(settings.experiment.seed, rnd, node.client),
         phase=phase,
         settings=fed.settings,

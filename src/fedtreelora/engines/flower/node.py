@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from fedtreelora.config import ExperimentConfig
-from fedtreelora.data import ClassificationDataset, ClientData, InstructionDataset, LabeledTexts
+from fedtreelora.data import ClassificationDataset, ClientData, InstructionDataset, LabeledTexts, drift_field
 from fedtreelora.engines.setup import (
     Federation,
     build_federation,
@@ -23,6 +23,7 @@ from fedtreelora.engines.setup import (
     load_configured_instructions,
     upload_chain,
 )
+from fedtreelora.errors import ConfigError
 
 _FEDERATIONS: dict[tuple[str, ...], Federation] = {}
 _SITE_DATA: dict[tuple[str, ...], ClassificationDataset | InstructionDataset] = {}
@@ -56,6 +57,22 @@ def _relabel(split: LabeledTexts, names: Sequence[str]) -> LabeledTexts:
 
 #: the column a site's instruction files name their task in when ``data.task_column`` is unset
 SITE_TASK_COLUMN = "task"
+
+
+def check_sites_without_drift(config: ExperimentConfig) -> None:
+    """A deployed site reads its own data folder, which holds one set of labels: it cannot follow a
+    drift schedule (``data.groups[i].drift``).
+
+    Raises:
+        ConfigError: some group of the config drifts.
+    """
+    where = drift_field(config.data)
+    if where is not None:
+        raise ConfigError(
+            f"{where} is set, but a deployed site reads its own data folder, which holds one set of labels and "
+            "cannot follow a drift schedule; remove the drift, or run the federation in the in-process engine "
+            "or in a Flower simulation (which read the partition and follow it)"
+        )
 
 
 def site_dataset(
@@ -172,6 +189,7 @@ def node_info(config: ExperimentConfig, node_config: Mapping[str, Any]) -> dict[
     per-example labels."""
     client = client_id(config, node_config)
     if "client-id" in node_config:
+        check_sites_without_drift(config)
         counts = site_counts(site_dataset(config, str(node_config.get("data", "") or config.data.dataset)))
         names, train_counts, val_counts, categories = counts.names, counts.train, counts.validation, counts.categories
     else:
@@ -200,6 +218,7 @@ def node_client(
     client = client_id(config, node_config)
     config_json = config.model_dump_json()
     if "client-id" in node_config:
+        check_sites_without_drift(config)
         data = str(node_config.get("data", "") or config.data.dataset)
         key = (config_json, "site", data, str(client), *(label_names or ()))
         if key not in _FEDERATIONS:

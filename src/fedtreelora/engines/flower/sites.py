@@ -17,7 +17,7 @@ import numpy as np
 
 from fedtreelora.config import ExperimentConfig
 from fedtreelora.data import InstructionSet, LabeledTexts
-from fedtreelora.engines.flower.node import SITE_TASK_COLUMN
+from fedtreelora.engines.flower.node import SITE_TASK_COLUMN, check_sites_without_drift
 from fedtreelora.engines.setup import load_partitioned_data
 
 
@@ -27,7 +27,11 @@ def write_sites(config: ExperimentConfig, out_dir: str | Path) -> list[Path]:
     The column names written are the config's ``data.*_column`` options, so the same config reads
     them back; labels are written by name, and each instruction example's task under
     ``data.task_column`` (or ``task``, which sites read when that option is unset).
+
+    Raises:
+        ConfigError: a group drifts (``data.groups[i].drift``): a site's folder holds one set of labels.
     """
+    check_sites_without_drift(config)
     dataset, clients = load_partitioned_data(config)
     folders = []
     for c in clients:
