@@ -392,9 +392,8 @@ def _check_secure_aggregation(config: ExperimentBase) -> None:
         why = {
             "local": "it uploads nothing",
             "fedalt": "its server builds each client's rest-of-world LoRA from the others' individual uploads",
-            "feddpa": "it is not implemented for its per-client parts",
             "fedlease": "its server clusters and routes from individual uploads after warm-up",
-        }.get(config.method, "its server needs more than one sum per cluster")
+        }.get(config.method, "not implemented for it")
         raise ValueError(
             f"privacy.secure_aggregation does not support method {config.method!r} ({why}){fix}"
             f"use one of {list(SECURE_AGGREGATION_METHODS)}"

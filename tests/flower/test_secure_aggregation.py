@@ -27,7 +27,7 @@ SECURE = "privacy.secure_aggregation=true"
     [
         (["method=fedalt"], r"does not support method 'fedalt' \(its server builds each client's rest-of-world"),
         (["method=fedlease"], r"does not support method 'fedlease'.*use one of \['fedit', 'fedtreelora'\]"),
-        (["method=feddpa"], r"set privacy.secure_aggregation=false or use one of"),
+        (["method=feddpa"], r"'feddpa' \(not implemented for it\); set privacy.secure_aggregation=false or use one of"),
         (["federation.max_update_norm=2"], r"federation.max_update_norm=2 checks each client's upload.*unset"),
         (["federation.join={3: 2}"], r"federation.join places late clients .* remove federation.join"),
         (["fedtreelora.replan_every=2"], r"fedtreelora.replan_every rebuilds the tree .* unset"),

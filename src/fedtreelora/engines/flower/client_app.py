@@ -152,15 +152,20 @@ def _train(context: Context, cfg: Mapping[str, Any], payload: Tensors) -> tuple[
     return result, node.client
 
 
+def _train_secure(msg: Message, context: Context) -> Message:
+    """SecAgg+'s stage that collects the masked vectors: train, then reply with the upload inside its
+    cluster's slots (``secaggplus_mod`` masks it) and the values SecAgg+ will clip counted."""
+    cfg, payload = read_instructions(msg)
+    result, client = _train(context, cfg, payload)
+    arrays, clipped = slot_vector(result.upload, Slots.from_json(cfg["slots"]))
+    metrics = {**_numbers(result.metrics), "client": client, "secure_clipped": clipped}
+    return secure_reply(msg, arrays, metrics)
+
+
 @app.train(mods=[secure_train_mod])
 def train(msg: Message, context: Context) -> Message:
     if is_secure(msg):
-        # SecAgg+'s stage that collects the masked vectors: the upload leaves only inside its slots.
-        cfg, payload = read_instructions(msg)
-        result, client = _train(context, cfg, payload)
-        arrays, clipped = slot_vector(result.upload, Slots.from_json(cfg["slots"]))
-        metrics = {**_numbers(result.metrics), "client": client, "secure_clipped": clipped}
-        return secure_reply(msg, arrays, metrics)
+        return _train_secure(msg, context)
     cfg: Mapping[str, Any] = msg.content.config_records["config"]
     result, client = _train(context, cfg, from_array_record(msg.content.array_records.get("payload")))
     metrics = _numbers(result.metrics)

@@ -85,6 +85,7 @@ class Slots:
         return self.clipping_range / 2
 
     def to_json(self) -> dict[str, Any]:
+        """The slots as JSON-ready data (they travel in the node's instructions)."""
         return {
             "keys": list(self.keys),
             "slot": list(self.slot),
@@ -95,6 +96,7 @@ class Slots:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Slots:
+        """Inverse of :meth:`to_json`."""
         return cls(
             keys=tuple(str(k) for k in data["keys"]),
             slot=tuple(int(v) for v in data["slot"]),
@@ -328,5 +330,5 @@ def secure_sum(
     n = len(shim.results)
     mean = parameters_to_ndarrays(shim.results[0][1].parameters)
     total = [np.asarray(a, dtype=np.float64) * n for a in mean]
-    metrics = {proxy.node_id: dict(res.metrics) for proxy, res in shim.results}  # type: ignore[attr-defined]
+    metrics = {proxy.node_id: dict(res.metrics) for proxy, res in shim.results}
     return SecureSum(total, metrics)

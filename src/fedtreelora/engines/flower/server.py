@@ -417,7 +417,7 @@ class FlowerRunner:
                 f"[yellow]round {rnd + 1}: client {k} has no cluster (it missed warm-up) and, under "
                 "privacy.secure_aggregation, cannot be placed; it sits the round out[/]"
             )
-        chosen = [k for k in configs if k not in homeless]
+        chosen = [k for k in configs if k not in homeless and self._alive(k)]
         if not chosen:
             return {}
         weights = strategy.weights(chosen, strategy.options.weighting)
@@ -468,6 +468,20 @@ class FlowerRunner:
         for k in sorted(set(chosen) - set(results)):
             self.console.print(f"[yellow]round {rnd + 1}: no masked vector from client {k}; it keeps its state[/]")
         return results
+
+    def _alive(self, client: int) -> bool:
+        """Whether ``client``'s node may take part in SecAgg+: it answered its last message, or answers an
+        ``info`` query now. Flower's SecAgg+ (1.42) loses the whole round when a sampled node never answers
+        its first stage, so a node that went silent is asked first, and left out if it stays silent."""
+        fed = self.fed
+        if fed.answered.get(client, True):
+            return True
+        timeout = self.round_timeout or self.node_wait_timeout
+        alive = any(not r.has_error() for r in _query(self.grid, [fed.nodes[client]], {"action": "info"}, timeout))
+        fed.answered[client] = alive
+        if not alive:
+            self.console.print(f"[yellow]client {client}'s node does not answer; it sits out this secure round[/]")
+        return alive
 
     def _clipping_range(self, payloads: Sequence[Tensors], clients: Sequence[int]) -> float:
         """SecAgg+'s clipping range for a round whose ``clients`` start from ``payloads``
