@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from fedtreelora.config import load_config
 from fedtreelora.core import group_means
 from fedtreelora.engines import SimulationEngine
-from fedtreelora.engines.flower.secure import Slots, cluster_means, masked_bytes, slot_vector
+from fedtreelora.engines.flower.secure import Slots, clipping_range, cluster_means, masked_bytes, slot_vector
 from fedtreelora.errors import ConfigError
 
 SECURE = "privacy.secure_aggregation=true"
@@ -94,6 +94,18 @@ def test_counts_that_disagree_with_the_contributors_are_an_error() -> None:
 def test_values_outside_the_clipping_range_are_counted() -> None:
     _, clipped = slot_vector({"l0": torch.tensor([0.5, -3.0]), "l1": torch.tensor([2.5])}, _slots([0, 0], [1, 1]))
     assert clipped == 2
+
+
+def test_the_clipping_range_follows_the_factors_scale_unless_set() -> None:
+    privacy = load_config(overrides=[SECURE]).privacy
+    payloads = [{"a": torch.tensor([0.3, -0.5])}, {"b": torch.tensor([0.1])}]
+    # m = 0.5 (the largest factor sent), AdamW moves a value by about lr per step, 6 noise stds under DP
+    assert clipping_range(privacy, payloads, 0.05, lr=0.01, steps=4) == pytest.approx(2 * (0.5 + 0.04))
+    assert clipping_range(privacy, payloads, 0.05, lr=0.01, steps=4, noise_std=0.1) == pytest.approx(2 * 1.14)
+    # before anything is sent (round 1 of FedIT) the initial A's bound is the scale
+    assert clipping_range(privacy, [{}], 0.05, lr=0.01, steps=4) == pytest.approx(2 * (0.05 + 0.04))
+    fixed = load_config(overrides=[SECURE, "privacy.secure_clipping_range=3"]).privacy
+    assert clipping_range(fixed, payloads, 0.05, lr=0.01, steps=4, noise_std=0.1) == 3.0
 
 
 # --- SecAgg+ in Flower's simulation engine ----------------------------------------------------------------------
