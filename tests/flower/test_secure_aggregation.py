@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from fedtreelora.config import load_config
 from fedtreelora.core import group_means
 from fedtreelora.engines import SimulationEngine
-from fedtreelora.engines.flower.secure import Slots, clipping_range, cluster_means, masked_bytes, slot_vector
+from fedtreelora.engines.flower.slots import Slots, clipping_range, cluster_means, masked_bytes, slot_vector
 from fedtreelora.errors import ConfigError
 
 SECURE = "privacy.secure_aggregation=true"

@@ -32,15 +32,14 @@ from fedtreelora.engines.flower.node import client_id, node_client, node_info
 from fedtreelora.engines.flower.phases import node_phase
 from fedtreelora.engines.flower.records import Tensors, from_array_record, to_array_record
 from fedtreelora.engines.flower.secure import (
-    Slots,
     is_secure,
     read_instructions,
     secure_reply,
     secure_round,
     secure_train_mod,
-    slot_vector,
 )
 from fedtreelora.engines.flower.settings import FlowerRunSettings
+from fedtreelora.engines.flower.slots import Slots, slot_vector
 from fedtreelora.engines.setup import Federation, client_seed
 from fedtreelora.train import ClientResult, run_client_round
 from fedtreelora.train.received import evaluate_received

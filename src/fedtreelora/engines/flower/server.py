@@ -26,16 +26,8 @@ from fedtreelora.config import ExperimentConfig
 from fedtreelora.data import configured_dataset_name, planted_groups
 from fedtreelora.engines.flower.phases import phase_config
 from fedtreelora.engines.flower.records import from_array_record, to_array_record
-from fedtreelora.engines.flower.secure import (
-    Slots,
-    clipping_range,
-    cluster_means,
-    instructions,
-    local_steps,
-    masked_bytes,
-    secure_round,
-    secure_sum,
-)
+from fedtreelora.engines.flower.secure import instructions, secure_round, secure_sum
+from fedtreelora.engines.flower.slots import Slots, clipping_range, cluster_means, local_steps, masked_bytes
 from fedtreelora.engines.runners import ClientRunner, Tensors
 from fedtreelora.engines.setup import (
     FederationView,
