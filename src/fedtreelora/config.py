@@ -355,6 +355,25 @@ class PrivacyConfig(Section):
     """Neighbouring federations differ by one client's whole data: ``add_remove`` (present or absent; the
     sensitivity is S) or ``replace`` (swapped for any other data; the sensitivity is 2S, so the accountant
     sees z / 2)."""
+    secure_aggregation: bool = False
+    """Flower engine only: the server learns only sums. Each node hides its upload in a vector with one slot
+    per cluster of each layer (its own cluster's slot holds its factors, the others zeros) and Flower's
+    SecAgg+ sums those vectors over the round's nodes, so the server sees each cluster's sum and the counts,
+    never one client's upload. Methods: ``fedit`` and ``fedtreelora`` (whose warm-up uploads stay in the
+    clear: the tree is built from them); see docs/privacy.md."""
+    secure_clipping_range: float | None = Field(default=None, gt=0)
+    """With ``secure_aggregation``: SecAgg+ clips every uploaded value to [-range, range] before it quantises
+    it. None (default): chosen each round from the factors' scale, 2 * (m + lr * steps): m the largest
+    magnitude of the factors the server sent this round (at least the initial A's bound 1 / sqrt(d_in)),
+    lr * steps what AdamW can move a value in the round's local steps (plus 6 noise stds under DP)."""
+    secure_quantization_range: int = Field(default=2**22, ge=2)
+    """With ``secure_aggregation``: the levels each value in [-range, range] is quantised to (SecAgg+'s
+    ``quantization_range``); the quantisation step is 2 * clipping range / this. Even, and times
+    ``data.num_clients`` below 2**32 (the sums are taken modulo 2**32)."""
+    secure_reconstruction_threshold: float = Field(default=0.5, gt=0, le=1)
+    """With ``secure_aggregation``: the share of a round's nodes whose key shares rebuild the masks of a node
+    that drops out (SecAgg+'s ``reconstruction_threshold``, at least 2 nodes): higher protects better
+    against colluding nodes, lower survives more dropouts."""
 
     @property
     def enabled(self) -> bool:
@@ -431,6 +450,57 @@ def _check_drift_rounds(data: DataConfig, rounds: int) -> None:
             )
 
 
+SECURE_AGGREGATION_METHODS = ("fedit", "fedtreelora")
+"""Methods whose server needs only sums per cluster (``privacy.secure_aggregation``)."""
+
+
+def _check_secure_aggregation(config: ExperimentBase) -> None:
+    """Raise ValueError naming the setting that needs individual uploads under ``privacy.secure_aggregation``."""
+    fix = "; set privacy.secure_aggregation=false or "
+    if config.method not in SECURE_AGGREGATION_METHODS:
+        why = {
+            "local": "it uploads nothing",
+            "fedalt": "its server builds each client's rest-of-world LoRA from the others' individual uploads",
+            "fedlease": "its server clusters and routes from individual uploads after warm-up",
+        }.get(config.method, "not implemented for it")
+        raise ValueError(
+            f"privacy.secure_aggregation does not support method {config.method!r} ({why}){fix}"
+            f"use one of {list(SECURE_AGGREGATION_METHODS)}"
+        )
+    federation = config.federation
+    if federation.max_update_norm is not None:
+        raise ValueError(
+            f"federation.max_update_norm={federation.max_update_norm:g} checks each client's upload, which the "
+            f"server never sees under privacy.secure_aggregation{fix}unset federation.max_update_norm"
+        )
+    if federation.join:
+        raise ValueError(
+            "federation.join places late clients in the tree by their individual warm-up uploads, which the server "
+            f"never sees under privacy.secure_aggregation{fix}remove federation.join"
+        )
+    options = config.method_options()
+    if getattr(options, "replan_every", None):
+        raise ValueError(
+            f"{config.method}.replan_every rebuilds the tree from every client's latest individual B, which the server "
+            f"never sees under privacy.secure_aggregation{fix}unset {config.method}.replan_every"
+        )
+    n = config.data.num_clients
+    sampled = n if federation.fraction_train >= 1 else max(1, round(federation.fraction_train * n))
+    if sampled < 2:
+        raise ValueError(
+            f"privacy.secure_aggregation sums the uploads of a round's clients, but only {sampled} of "
+            f"data.num_clients={n} is sampled per round (federation.fraction_train={federation.fraction_train:g}); "
+            "raise federation.fraction_train or data.num_clients so that at least 2 clients take part"
+        )
+    levels = config.privacy.secure_quantization_range
+    if levels % 2 or levels * n >= 2**32:
+        raise ValueError(
+            f"privacy.secure_quantization_range={levels} must be even and, times data.num_clients={n}, below 2**32 "
+            f"(zero must quantise exactly, and the sum of {n} values must not wrap modulo 2**32); "
+            f"use an even value below {2**32 // n} (e.g. {2 ** min(22, (2**32 // n).bit_length() - 1)})"
+        )
+
+
 class LoggingConfig(Section):
     tensorboard: bool = True
     """Write per-round scalars (mean and per-client accuracy, loss, communication) to ``OUT/tensorboard``."""
@@ -492,6 +562,8 @@ class ExperimentBase(Section):
                 f"(e.g. {min(1e-5, 0.1 / self.data.num_clients):g})"
             )
 
+        if privacy.secure_aggregation:
+            _check_secure_aggregation(self)
         _check_schedule(self.federation, self.data.num_clients)
         _check_drift_rounds(self.data, self.federation.rounds)
         warmup = getattr(self.method_options(), "warmup_rounds", 0)

@@ -25,6 +25,7 @@ from fedtreelora.engines.round_table import RoundTable
 from fedtreelora.engines.runners import ClientRunner, in_process_runner
 from fedtreelora.engines.setup import Federation, FederationView, build_federation
 from fedtreelora.engines.validation import RejectedUpdate, check_update
+from fedtreelora.errors import ConfigError
 from fedtreelora.headline import best_federated, headline, last_seen, round_mean
 from fedtreelora.progress import progress_bars
 from fedtreelora.runfolder import Convention, RunSummary
@@ -124,6 +125,10 @@ class SimulationEngine:
     :meth:`setup`.
     """
 
+    #: whether this engine can sum uploads securely (``privacy.secure_aggregation``): only on Flower,
+    #: where clients are other machines; in one process there is no server to hide an upload from.
+    secure_aggregation: bool = False
+
     def __init__(
         self,
         config: ExperimentConfig,
@@ -134,6 +139,12 @@ class SimulationEngine:
         report: bool = True,
         console: Console | None = None,
     ) -> None:
+        if config.privacy.secure_aggregation and not self.secure_aggregation:
+            raise ConfigError(
+                "privacy.secure_aggregation=true needs the Flower engine (`fedtreelora flower ...`), where "
+                "clients are separate nodes; in one process there is no server to hide an upload from: "
+                "set privacy.secure_aggregation=false or run on Flower"
+            )
         self.config = config
         self.resume = resume
         self.report = report
@@ -304,13 +315,16 @@ class SimulationEngine:
                 continue
             run.client_states[k] = result.state
             uploads[k] = upload
+            # A runner that sent something else than the upload (a masked vector) says how many bytes.
+            metrics = dict(result.metrics)
+            sent = metrics.pop("uplink_bytes", None)
             records.append(
                 {
                     "round": rnd,
                     "client": k,
                     "phase": phases[k].name,
-                    **result.metrics,
-                    "uplink_bytes": tensor_bytes(upload),
+                    **metrics,
+                    "uplink_bytes": tensor_bytes(upload) if sent is None else int(sent),
                     "downlink_bytes": tensor_bytes(payloads[k]),
                 }
             )

@@ -10,6 +10,9 @@ Messages it answers:
 * ``evaluate``: after the server's step, settle the pending state, then score the committed state plus
   the server's payload in the next round's phase (the received model) and reply with the scores; the
   state does not change;
+* with ``privacy.secure_aggregation``, the ``train`` messages of SecAgg+'s stages
+  (:mod:`.secure`): Flower's ``secaggplus_mod`` answers the key exchanges, and in the stage that collects
+  the masked vectors the node trains as above and its upload leaves only in its cluster's slots, masked;
 * ``query`` with ``action = "finish"``: settle the last pending state and, if asked, send the final
   personal adapters.
 
@@ -28,9 +31,17 @@ from flwr.clientapp import ClientApp
 from fedtreelora.engines.flower.node import client_id, node_client, node_info
 from fedtreelora.engines.flower.phases import node_phase
 from fedtreelora.engines.flower.records import Tensors, from_array_record, to_array_record
+from fedtreelora.engines.flower.secure import (
+    is_secure,
+    read_instructions,
+    secure_reply,
+    secure_round,
+    secure_train_mod,
+)
 from fedtreelora.engines.flower.settings import FlowerRunSettings
+from fedtreelora.engines.flower.slots import Slots, slot_vector
 from fedtreelora.engines.setup import Federation, client_seed
-from fedtreelora.train import run_client_round
+from fedtreelora.train import ClientResult, run_client_round
 from fedtreelora.train.received import evaluate_received
 
 #: keys in the node's context.state
@@ -104,22 +115,29 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def _train(context: Context, cfg: Mapping[str, Any], payload: Tensors) -> tuple[ClientResult, int]:
+    """Settle the last pending state, train on ``payload`` in the round ``cfg`` names, keep the new state
+    pending; returns the result and the node's client id."""
     settings = FlowerRunSettings.from_run_config(context.run_config)
-    cfg: Mapping[str, Any] = msg.content.config_records["config"]
     node = node_client(settings.experiment, context.node_config, list(cfg["label-names"]))
     rnd = int(cfg["round"])
     _settle(context, bool(cfg["accepted"]))
     fed = node.fed
     phase = node_phase(fed.strategy, rnd, cfg, node.client)
-    state = _state(context, fed)
+    if settings.experiment.privacy.secure_aggregation and secure_round(fed.strategy, rnd) != bool(
+        cfg.get("secure", False)
+    ):
+        raise ValueError(
+            f"round {rnd + 1}: privacy.secure_aggregation is on and this round's upload must go "
+            f"{'through SecAgg+' if secure_round(fed.strategy, rnd) else 'in the clear'}, but the server asked "
+            "otherwise; server and nodes must run the same fedtreelora version and experiment config"
+        )
     train_data, val_data = fed.client_data(rnd, node.index)
     result = run_client_round(
         fed.bank,
         fed.classifier.tokenizer,
-        state=state,
-        payload=from_array_record(msg.content.array_records.get("payload")),
+        state=_state(context, fed),
+        payload=payload,
         upload_keys=list(cfg["upload-keys"]),
         train_data=train_data,
         val_data=val_data,
@@ -132,8 +150,27 @@ def train(msg: Message, context: Context) -> Message:
         upload_transforms=fed.upload_transforms,
     )
     context.state[PENDING] = to_array_record(result.state)
+    return result, node.client
+
+
+def _train_secure(msg: Message, context: Context) -> Message:
+    """SecAgg+'s stage that collects the masked vectors: train, then reply with the upload inside its
+    cluster's slots (``secaggplus_mod`` masks it) and the values SecAgg+ will clip counted."""
+    cfg, payload = read_instructions(msg)
+    result, client = _train(context, cfg, payload)
+    arrays, clipped = slot_vector(result.upload, Slots.from_json(cfg["slots"]))
+    metrics = {**_numbers(result.metrics), "client": client, "secure_clipped": clipped}
+    return secure_reply(msg, arrays, metrics)
+
+
+@app.train(mods=[secure_train_mod])
+def train(msg: Message, context: Context) -> Message:
+    if is_secure(msg):
+        return _train_secure(msg, context)
+    cfg: Mapping[str, Any] = msg.content.config_records["config"]
+    result, client = _train(context, cfg, from_array_record(msg.content.array_records.get("payload")))
     metrics = _numbers(result.metrics)
-    metrics["client"] = node.client
+    metrics["client"] = client
     return Message(
         RecordDict({"upload": to_array_record(result.upload), "metrics": MetricRecord(metrics)}), reply_to=msg
     )

@@ -9,12 +9,14 @@ shapes, strategy, a :class:`~fedtreelora.engines.setup.FederationView`); it neve
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from rich.console import Console
@@ -24,6 +26,8 @@ from fedtreelora.config import ExperimentConfig
 from fedtreelora.data import configured_dataset_name, planted_groups
 from fedtreelora.engines.flower.phases import phase_config
 from fedtreelora.engines.flower.records import from_array_record, to_array_record
+from fedtreelora.engines.flower.secure import instructions, secure_round, secure_sum
+from fedtreelora.engines.flower.slots import Slots, clipping_range, cluster_means, local_steps, masked_bytes
 from fedtreelora.engines.runners import ClientRunner, Tensors
 from fedtreelora.engines.setup import (
     FederationView,
@@ -131,6 +135,8 @@ class FlowerEngine(SimulationEngine):
         node_wait_timeout: seconds to wait at start for every client's node.
         collect_states: fetch every client's final personal adapters at the end (for ``export``).
     """
+
+    secure_aggregation = True
 
     def __init__(
         self,
@@ -350,18 +356,27 @@ class FlowerRunner:
         states: Sequence[Tensors],
         tick: Callable[[], None],
     ) -> dict[int, ClientResult]:
-        """Each chosen client trains on its node; a result's ``state`` is empty (the node keeps it)."""
+        """Each chosen client trains on its node; a result's ``state`` is empty (the node keeps it).
+
+        With ``privacy.secure_aggregation`` (outside a clustering method's warm-up), the uploads are
+        summed by SecAgg+ and a result's ``upload`` is the client's cluster mean (:mod:`.secure`)."""
         fed = self.fed
         chosen = list(payloads)
-        messages = []
-        for k in chosen:
-            config: dict[str, Any] = {
+        configs = {
+            k: {
                 "round": rnd,
                 **phase_config(phase),
                 "accepted": fed.accepted.get(k, False),
                 "upload-keys": list(upload_keys[k]),
                 "label-names": fed.label_names,
             }
+            for k in chosen
+        }
+        if fed.config.privacy.secure_aggregation and secure_round(fed.strategy, rnd):
+            return self._train_secure(rnd, configs, payloads, upload_keys, tick)
+        messages = []
+        for k in chosen:
+            config: dict[str, Any] = {**configs[k], "secure": False}
             content = RecordDict({"config": ConfigRecord(config), "payload": to_array_record(payloads[k])})
             messages.append(Message(content, dst_node_id=fed.nodes[k], message_type=MessageType.TRAIN))
         results: dict[int, ClientResult] = {}
@@ -372,6 +387,109 @@ class FlowerRunner:
         for k in sorted(set(chosen) - set(results)):
             self.console.print(f"[yellow]round {rnd + 1}: no reply from client {k} in time; it keeps its state[/]")
         return results
+
+    def _train_secure(
+        self,
+        rnd: int,
+        configs: Mapping[int, dict[str, Any]],
+        payloads: Mapping[int, Tensors],
+        upload_keys: Mapping[int, list[str]],
+        tick: Callable[[], None],
+    ) -> dict[int, ClientResult]:
+        """One round through SecAgg+: each chosen client's slots, the secure sum, then each contributing
+        client's cluster mean as its result's upload. A client without a cluster (it missed the warm-up
+        the tree was built from) sits the round out: it could be placed only by its individual upload."""
+        fed = self.fed
+        strategy = fed.strategy
+        labels = strategy.sharing_labels()
+        assert labels is not None  # secure rounds come after the clusters exist
+        homeless = [k for k in configs if any(labels[strategy.site_of(key).layer, k] < 0 for key in upload_keys[k])]
+        for k in homeless:
+            self.console.print(
+                f"[yellow]round {rnd + 1}: client {k} has no cluster (it missed warm-up) and, under "
+                "privacy.secure_aggregation, cannot be placed; it sits the round out[/]"
+            )
+        chosen = [k for k in configs if k not in homeless and self._alive(k)]
+        if not chosen:
+            return {}
+        weights = strategy.weights(chosen, strategy.options.weighting)
+        relative = np.ones(len(chosen)) if weights is None else weights / weights.max()
+        clip = self._clipping_range([payloads[k] for k in chosen], chosen)
+        slots: dict[int, Slots] = {}
+        for i, k in enumerate(chosen):
+            layers = [strategy.site_of(key).layer for key in upload_keys[k]]
+            slots[k] = Slots(
+                keys=tuple(upload_keys[k]),
+                slot=tuple(int(labels[layer, k]) for layer in layers),
+                clusters=tuple(int(labels[layer].max()) + 1 for layer in layers),
+                weight=float(relative[i]),
+                clipping_range=clip,
+            )
+        fitins = {fed.nodes[k]: instructions({**configs[k], "secure": True}, payloads[k], slots[k]) for k in chosen}
+        privacy = fed.config.privacy
+        summed = secure_sum(self.grid, rnd, fitins, privacy, self.round_timeout)
+        client_of = {n: k for k, n in fed.nodes.items()}
+        contributed = {client_of[node]: metrics for node, metrics in summed.metrics.items()}
+        for k in chosen:
+            fed.answered[k] = k in contributed
+        if not contributed:
+            self.console.print(f"[yellow]round {rnd + 1}: secure aggregation halted (too few nodes); no update[/]")
+            return {}
+        shapes = fed.bank.state_shapes()
+        means = cluster_means(
+            summed.total, {k: slots[k] for k in contributed}, shapes, privacy.secure_quantization_range
+        )
+        clipped = sum(int(m.get("secure_clipped", 0)) for m in contributed.values())
+        if clipped:
+            self.console.print(
+                f"[yellow]round {rnd + 1}: {clipped} uploaded values lay outside SecAgg+'s clipping range "
+                f"{clip:.3g} and were clipped; raise privacy.secure_clipping_range[/]"
+            )
+        results: dict[int, ClientResult] = {}
+        for k, metrics in sorted(contributed.items()):
+            metrics.pop("client", None)
+            metrics.update(
+                {
+                    "uplink_bytes": masked_bytes(slots[k], shapes),
+                    "secure_clipping_range": clip,
+                    "secure_step": 2 * clip / privacy.secure_quantization_range,
+                }
+            )
+            results[k] = ClientResult(state={}, upload=means[k], metrics=metrics)
+            tick()
+        for k in sorted(set(chosen) - set(results)):
+            self.console.print(f"[yellow]round {rnd + 1}: no masked vector from client {k}; it keeps its state[/]")
+        return results
+
+    def _alive(self, client: int) -> bool:
+        """Whether ``client``'s node may take part in SecAgg+: it answered its last message, or answers an
+        ``info`` query now. Flower's SecAgg+ (1.42) loses the whole round when a sampled node never answers
+        its first stage, so a node that went silent is asked first, and left out if it stays silent."""
+        fed = self.fed
+        if fed.answered.get(client, True):
+            return True
+        timeout = self.round_timeout or self.node_wait_timeout
+        alive = any(not r.has_error() for r in _query(self.grid, [fed.nodes[client]], {"action": "info"}, timeout))
+        fed.answered[client] = alive
+        if not alive:
+            self.console.print(f"[yellow]client {client}'s node does not answer; it sits out this secure round[/]")
+        return alive
+
+    def _clipping_range(self, payloads: Sequence[Tensors], clients: Sequence[int]) -> float:
+        """SecAgg+'s clipping range for a round whose ``clients`` start from ``payloads``
+        (:func:`~fedtreelora.engines.flower.secure.clipping_range`)."""
+        fed = self.fed
+        cfg = fed.config
+        steps = max(local_steps(cfg, int(fed.infos[k]["num-train"])) for k in clients)
+        bound = max(1.0 / math.sqrt(site.d_in) for site in fed.bank.sites)
+        noise = 0.0
+        if cfg.privacy.enabled:
+            from fedtreelora.privacy import privacy_settings
+
+            dp = privacy_settings(cfg)
+            assert dp is not None
+            noise = dp.noise_multiplier * dp.clip_norm
+        return clipping_range(cfg.privacy, payloads, bound, cfg.train.lr, steps, noise)
 
     def evaluate_received(
         self, rnd: int, phase: PhaseSpec, payloads: Mapping[int, Tensors], states: Sequence[Tensors]
