@@ -10,6 +10,7 @@ import pytest
 from flower_helpers import in_process, metrics_by_client_round, small_experiment
 from test_messages import LoopbackGrid, task_identity  # noqa: F401  (task_identity: an autouse fixture)
 
+from fedtreelora.config import ExperimentConfig
 from fedtreelora.engines.flower.server import FlowerEngine
 from fedtreelora.engines.flower.settings import FlowerRunSettings
 from fedtreelora.runfolder import trained_record
@@ -28,12 +29,19 @@ def assert_same_records(got: dict, expected: dict) -> None:
                 assert got[key][field] == value, (key, field)
 
 
-def test_every_node_is_scored_each_round_as_in_process(tmp_path: Path) -> None:
-    config = small_experiment("fedtreelora", num_clients=4, federation={"rounds": 3, "fraction_train": 0.5})
+def run_both(config: ExperimentConfig, tmp_path: Path) -> tuple[dict, dict, LoopbackGrid, dict, dict]:
+    """Run ``config`` in process and over Flower's message path (a loopback grid of 4 nodes); returns
+    the in-process summary, the Flower summary, the grid, and both runs' records by (round, client)."""
     reference = in_process(config, tmp_path / "in-process")
     grid = LoopbackGrid(FlowerRunSettings.for_experiment(config), num_nodes=4)
     summary = FlowerEngine(config, grid, tmp_path / "run", quiet=True, report=False).run()
     expected, got = metrics_by_client_round(tmp_path / "in-process"), metrics_by_client_round(tmp_path / "run")
+    return reference, summary, grid, expected, got
+
+
+def test_every_node_is_scored_each_round_as_in_process(tmp_path: Path) -> None:
+    config = small_experiment("fedtreelora", num_clients=4, federation={"rounds": 3, "fraction_train": 0.5})
+    reference, summary, grid, expected, got = run_both(config, tmp_path)
     assert sorted(got) == sorted(expected) == [(r, k) for r in range(3) for k in range(4)]
     assert sum(not trained_record(row) for row in got.values()) == 3 * 2, "half the clients sit each round out"
     assert_same_records(got, expected)
@@ -54,10 +62,7 @@ def test_a_late_and_a_leaving_node_get_the_in_process_metrics(tmp_path: Path) ->
         federation={"rounds": 4, "join": {3: 3}, "leave": {1: 4}},
         fedtreelora={"warmup_rounds": 1, "join_warmup_rounds": 1, "tau": -1.0},
     )
-    reference = in_process(config, tmp_path / "in-process")
-    grid = LoopbackGrid(FlowerRunSettings.for_experiment(config), num_nodes=4)
-    summary = FlowerEngine(config, grid, tmp_path / "run", quiet=True, report=False).run()
-    expected, got = metrics_by_client_round(tmp_path / "in-process"), metrics_by_client_round(tmp_path / "run")
+    reference, summary, grid, expected, got = run_both(config, tmp_path)
     assert sorted(got) == sorted(expected)
     assert (2, 3) in got and (1, 3) not in got and (3, 1) not in got
     assert got[(2, 3)]["phase"] == "warmup" != got[(2, 0)]["phase"]
@@ -123,10 +128,7 @@ def test_a_drifting_group_over_flower_gets_the_in_process_metrics(tmp_path: Path
         federation={"rounds": 4},
         fedtreelora={"warmup_rounds": 1, "replan_every": 1, "tau": -1.0},
     )
-    reference = in_process(config, tmp_path / "in-process")
-    grid = LoopbackGrid(FlowerRunSettings.for_experiment(config), num_nodes=4)
-    summary = FlowerEngine(config, grid, tmp_path / "run", quiet=True, report=False).run()
-    expected, got = metrics_by_client_round(tmp_path / "in-process"), metrics_by_client_round(tmp_path / "run")
+    reference, summary, grid, expected, got = run_both(config, tmp_path)
     assert sorted(got) == sorted(expected)
     assert_same_records(got, expected)
     assert summary["plans"] == reference["plans"]
