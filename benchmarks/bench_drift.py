@@ -6,7 +6,8 @@ For each method and seed, one run of the federation (default: the ``planted-cpu`
 ``swap-in-tweets``: sarcasm, tweets/plain and tweets/swapped, 3 clients each) over ``--rounds`` rounds
 (default 12) in which one group (``--group``; default the first group that has a mirror, another group of
 the same source whose label map swaps its labels: ``tweets/plain``) takes its mirror's labels and name
-at ``--drift-round`` (default the middle round). Methods: FedTreeLoRA as configured (the tree built once),
+at ``--drift-round`` (default the middle round); with ``--drifting N`` only N of its clients do (the rest
+stay, so a tree built before the swap puts the drifted clients with the wrong group). Methods: FedTreeLoRA as configured (the tree built once),
 FedTreeLoRA re-planned every ``--replan-every`` federated rounds, FedIT and local training. Per method, the
 drifted group's received accuracy in the round before the swap, the round of the swap (its clients'
 first round on the new labels) and the last round, and the other clients' in the last round; for
@@ -16,6 +17,7 @@ planted depth), for the plan in force when the labels swap and for the last plan
 
     python benchmarks/bench_drift.py --out runs/drift
     python benchmarks/bench_drift.py --out runs/drift --config quickstart --set federation.rounds=12
+    python benchmarks/bench_drift.py --out runs/drift-part --config quickstart --drifting 1
     python benchmarks/bench_drift.py --out runs/drift-smoke --smoke     # tiny sizes, seed 0: a check
     python benchmarks/bench_drift.py --out runs/drift --no-run          # the table of what is finished
 """
@@ -96,6 +98,41 @@ def mirror_drift(groups: Sequence[Mapping[str, Any]], dataset: str, group: str |
     )
 
 
+def split_drifting(groups: list[dict[str, Any]], drift: Drift, count: int | None) -> tuple[list[dict[str, Any]], Drift]:
+    """Let only ``count`` of the drifting group's clients drift (None or all of them: the whole group).
+
+    A whole group that drifts stays together, so a tree built before the swap still fits it (its clients
+    only miss their new mirror's data); a part that drifts leaves its old cluster wrong for it. The part
+    becomes its own entry ``<group>-drifting`` right after the group (its last ``count`` clients), which
+    takes the mirror's labels and name at the drift's round; the group keeps the rest.
+
+    Args:
+        groups: ``data.groups`` as dicts (not modified).
+        drift: the drift :func:`mirror_drift` chose.
+        count: how many of the group's clients drift.
+
+    Returns:
+        The new groups (with the drift planted) and the drift of the entry that carries it.
+
+    Raises:
+        SystemExit: ``count`` is below 1 or above the group's clients.
+    """
+    out = [dict(g) for g in groups]
+    entry = out[drift.index]
+    clients = int(entry["clients"])
+    count = clients if count is None else count
+    if not 1 <= count <= clients:
+        raise SystemExit(f"bench_drift: --drifting {count} is outside 1..{clients} (group {drift.group!r}'s clients)")
+    planted = {"round": drift.round, "label_map": drift.label_map, "name": drift.name}
+    if count == clients:
+        entry["drift"] = planted
+        return out, drift
+    entry["clients"] = clients - count
+    part = {**entry, "name": f"{drift.group}-drifting", "clients": count, "drift": planted}
+    out.insert(drift.index + 1, part)
+    return out, Drift(drift.index + 1, part["name"], drift.name, drift.round, drift.label_map)
+
+
 def base_config(args: argparse.Namespace, method: str, seed: int) -> ExperimentConfig:
     """The run's config before the drift: the suite's dataset, or ``--config`` (``quickstart``: the default
     experiment), with ``--rounds`` and ``--set`` (and ``--smoke``'s sizes)."""
@@ -117,11 +154,7 @@ def experiment(args: argparse.Namespace, row: str, seed: int) -> tuple[Experimen
     drift = mirror_drift(
         data["data"]["groups"], data["data"]["dataset"], args.group, args.drift_round or rounds // 2 + 1
     )
-    data["data"]["groups"][drift.index]["drift"] = {
-        "round": drift.round,
-        "label_map": drift.label_map,
-        "name": drift.name,
-    }
+    data["data"]["groups"], drift = split_drifting(data["data"]["groups"], drift, args.drifting)
     if row == "fedtreelora-replan":
         data["fedtreelora"]["replan_every"] = args.replan_every
     return validate_config(data), drift
@@ -197,6 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=12, help="federation.rounds")
     parser.add_argument("--drift-round", type=int, default=None, help="1-based; default the middle round")
     parser.add_argument("--group", default=None, help="the drifting group (default: the first with a mirror)")
+    parser.add_argument(
+        "--drifting", type=int, default=None, help="how many of the group's clients drift (default: all of them)"
+    )
     parser.add_argument("--replan-every", type=int, default=1, help="fedtreelora.replan_every of the re-planned row")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 4 rounds, seed 0 (checks the script)")
     parser.add_argument("--no-run", action="store_true", help="only tabulate finished runs")

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from fedtreelora.compare.stats import mean_std
-from fedtreelora.config import ExperimentConfig, load_run_config
+from fedtreelora.config import ExperimentConfig, load_config, load_run_config
 from fedtreelora.data import planted_groups
 
 METHODS = ("fedtreelora", "fedit", "local")
@@ -67,9 +67,19 @@ def scored_round(config: ExperimentConfig, join: int, after: int) -> int:
 
 
 def run_one(config: ExperimentConfig, out: Path) -> dict[str, Any]:
-    """The run's summary (a finished run in ``out`` is read, not run again)."""
+    """The run's summary (a finished run in ``out`` is read, not run again).
+
+    Raises:
+        SystemExit: ``out`` holds a finished run of another config (its ``config.yaml`` differs).
+    """
     summary = out / "summary.json"
     if summary.is_file():
+        saved = out / "config.yaml"
+        if saved.is_file() and load_config(saved) != config:
+            raise SystemExit(
+                f"{out} holds a finished run of another config than this one; pass another --out, or remove "
+                f"{out} to run it again"
+            )
         return json.loads(summary.read_text())
     from fedtreelora.engines import SimulationEngine
 
