@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_upload import _rounds as upload_rounds
 
 from fedtreelora.config import load_config
 from fedtreelora.engines import SimulationEngine, build_federation
 from fedtreelora.engines.round_table import RoundTable
-from fedtreelora.engines.setup import Federation, client_seed
+from fedtreelora.engines.setup import Federation
 from fedtreelora.errors import ConfigError
 from fedtreelora.privacy import (
     GaussianUpdate,
@@ -25,7 +26,7 @@ from fedtreelora.privacy import (
     noise_seed,
     privacy_settings,
 )
-from fedtreelora.train import ClientResult, UploadContext, client_upload, run_client_round, run_clients_round
+from fedtreelora.train import ClientResult, UploadContext, client_upload
 
 Tensors = dict[str, torch.Tensor]
 
@@ -251,28 +252,8 @@ def fed() -> Federation:
 
 
 def _rounds(fed: Federation, clients: list[int], *, together: bool) -> list[ClientResult]:
-    g = torch.Generator().manual_seed(0)
-    states = [{k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in fed.initial_state.items()} for _ in range(K)]
-    payloads = [{k: 0.05 * torch.randn(v.shape, generator=g) for k, v in fed.initial_state.items() if ".cluster." in k}
-                for _ in range(K)]  # fmt: skip
-    keys = [list(fed.strategy.upload_keys(RND, k)) for k in range(K)]
-    seeds = [client_seed(fed.config.seed, RND, k) for k in range(K)]
-    common = {"phase": fed.strategy.phase(RND), "settings": fed.settings, "device": fed.device, "rnd": RND,
-              "upload_transforms": fed.upload_transforms}  # fmt: skip
-    if together:
-        return run_clients_round(
-            fed.bank, fed.classifier.tokenizer, states=[states[k] for k in clients],
-            payloads=[payloads[k] for k in clients], upload_keys=[keys[k] for k in clients],
-            train_data=[fed.train_data[k] for k in clients], val_data=[fed.val_data[k] for k in clients],
-            seeds=[seeds[k] for k in clients], clients=clients, **common,
-        )  # fmt: skip
-    return [
-        run_client_round(
-            fed.bank, fed.classifier.tokenizer, state=states[k], payload=payloads[k], upload_keys=keys[k],
-            train_data=fed.train_data[k], val_data=fed.val_data[k], seed=seeds[k], client=k, **common,
-        )
-        for k in clients
-    ]  # fmt: skip
+    """One federated round of ``clients`` with the federation's own upload chain (test_upload's inputs)."""
+    return upload_rounds(fed, clients, fed.upload_transforms, together=together)
 
 
 @pytest.mark.slow
