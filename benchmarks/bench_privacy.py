@@ -14,6 +14,7 @@ whose folder already holds a finished run, then writes beside the runs:
     python benchmarks/bench_privacy.py runs/privacy                      # planted-cpu, swap-in-tweets
     python benchmarks/bench_privacy.py runs/privacy --epsilons 4,none --seeds 0 --set federation.rounds=2
     python benchmarks/bench_privacy.py runs/privacy --report-only        # tables and plot from the runs there
+    python benchmarks/bench_privacy.py runs/privacy --config quickstart  # the default experiment's federation
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from fedtreelora.compare.stats import mean_std
-from fedtreelora.config import ExperimentConfig
+from fedtreelora.config import ExperimentConfig, load_config, load_run_config
 from fedtreelora.runfolder import RunFolder, RunSummary
 from fedtreelora.suites import load_suite
 
@@ -151,6 +152,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--suite", default="planted-cpu")
     parser.add_argument("--dataset", default="swap-in-tweets")
+    parser.add_argument(
+        "--config", default=None, help="an experiment file instead of the suite ('quickstart': the default)"
+    )
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--epsilons", default=",".join(EPSILONS))
     parser.add_argument("--seeds", default="0,1,2")
@@ -163,20 +167,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     methods = [m for m in args.methods.split(",") if m]
     epsilons = [e for e in args.epsilons.split(",") if e]
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    suite = load_suite(args.suite)
+    suite = load_suite(args.suite) if args.config is None else None
+    dataset = args.dataset if args.config is None else Path(args.config).stem
     if not args.report_only:
         for e in epsilons:
             for m in methods:
                 for s in seeds:
-                    folder = run_folder(args.out, args.dataset, e, m, s)
+                    folder = run_folder(args.out, dataset, e, m, s)
                     if read_summary(folder) is not None:
                         continue
                     extra = [*args.overrides, *privacy_overrides(e, args.clip_norm, args.delta, args.accountant)]
-                    config = suite.resolve(m, args.dataset, s, extra)
+                    if suite is not None:
+                        config = suite.resolve(m, args.dataset, s, extra)
+                    elif args.config == "quickstart":
+                        config = load_run_config(None, extra, method=m, seed=s)
+                    else:
+                        config = load_config(args.config, extra, method=m, seed=s)
                     summary = run_one(config, folder)
                     eps = None if summary.privacy is None else summary.privacy.epsilon
                     print(f"{m} eps={e} seed={s}: {score(summary):.2f}" + ("" if eps is None else f" (eps {eps:.2f})"))
-    print(report(args.out, args.dataset, methods, epsilons, seeds))
+    print(report(args.out, dataset, methods, epsilons, seeds))
 
 
 if __name__ == "__main__":
