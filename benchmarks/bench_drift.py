@@ -8,7 +8,9 @@ For each method and seed, one run of the federation (default: the ``planted-cpu`
 the same source whose label map swaps its labels: ``tweets/plain``) takes its mirror's labels and name
 at ``--drift-round`` (default the middle round); with ``--drifting N`` only N of its clients do (the rest
 stay, so a tree built before the swap puts the drifted clients with the wrong group). Methods: FedTreeLoRA as configured (the tree built once),
-FedTreeLoRA re-planned every ``--replan-every`` federated rounds, FedIT and local training. Per method, the
+FedTreeLoRA re-planned every ``--replan-every`` federated rounds from the clients' B updates
+(``fedtreelora-replan``) and from their latest uploaded B (``fedtreelora-replan-uploads``), FedIT and local
+training. Per method, the
 drifted group's received accuracy in the round before the swap, the round of the swap (its clients'
 first round on the new labels) and the last round, and the other clients' in the last round; for
 FedTreeLoRA, per layer the ARI of the sharing partition with the groups after the drift (the deepest
@@ -44,7 +46,13 @@ from fedtreelora.data import planted_groups
 from fedtreelora.suites import load_suite
 
 #: row -> registered method (the re-planned row adds ``fedtreelora.replan_every`` from --replan-every)
-ROWS = {"fedtreelora": "fedtreelora", "fedtreelora-replan": "fedtreelora", "fedit": "fedit", "local": "local"}
+ROWS = {
+    "fedtreelora": "fedtreelora",
+    "fedtreelora-replan": "fedtreelora",
+    "fedtreelora-replan-uploads": "fedtreelora",
+    "fedit": "fedit",
+    "local": "local",
+}
 SMOKE = (
     "model.num_layers=1",
     "data.n_train=16",
@@ -155,8 +163,9 @@ def experiment(args: argparse.Namespace, row: str, seed: int) -> tuple[Experimen
         data["data"]["groups"], data["data"]["dataset"], args.group, args.drift_round or rounds // 2 + 1
     )
     data["data"]["groups"], drift = split_drifting(data["data"]["groups"], drift, args.drifting)
-    if row == "fedtreelora-replan":
+    if row.startswith("fedtreelora-replan"):
         data["fedtreelora"]["replan_every"] = args.replan_every
+        data["fedtreelora"]["replan_from"] = "uploads" if row.endswith("-uploads") else "updates"
     return validate_config(data), drift
 
 
@@ -279,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"Federation: {source}, {config.data.num_clients} clients, {config.federation.rounds} rounds; group "
             f"{drift.group!r} (clients {[k for k, n in enumerate(planted_groups(config.data) or []) if n == drift.group]}) "
             f"takes the labels of {drift.name!r} ({json.dumps(drift.label_map)}) from round {drift.round}. "
-            f"fedtreelora-replan: replan_every={args.replan_every}. Received accuracy %, mean ± sample std over seeds.",
+            f"fedtreelora-replan(-uploads): replan_every={args.replan_every}, replan_from updates (uploads). Received accuracy %, mean ± sample std over seeds.",
             "",
             f"| method | drifted group, round {drift.round - 1} (before) | round {drift.round} (swap) | "
             f"round {config.federation.rounds} (end) | other clients, round {config.federation.rounds} |",

@@ -211,7 +211,9 @@ def test_a_client_that_left_counts_in_no_share_and_an_emptied_cluster_has_no_exp
 
 def test_a_replan_rebuilds_the_tree_from_the_latest_uploads_and_keeps_every_plan() -> None:
     cls = get_strategy("fedtreelora")
-    strategy = cls(cls.Options(warmup_rounds=1, tau=0.2, window=3, replan_every=2), _context(Membership(N)))
+    strategy = cls(
+        cls.Options(warmup_rounds=1, tau=0.2, window=3, replan_every=2, replan_from="uploads"), _context(Membership(N))
+    )
     strategy.aggregate(0, {c: _upload(PROFILES[c]) for c in range(N)})
     first = strategy.plan.labels.copy()
     info = strategy.aggregate(1, {c: _upload(PROFILES[c]) for c in range(N)})
@@ -229,6 +231,87 @@ def test_a_replan_rebuilds_the_tree_from_the_latest_uploads_and_keeps_every_plan
     again = cls(strategy.options, strategy.context)
     again.load_state_dict(tensors, meta)
     assert again.plans == strategy.plans and again.summary() == strategy.summary()
+
+
+def _upload_b(b: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A client's upload with B = b[layer] (a (2,) vector as the (2, 1) factor) and A = 1."""
+    out = {}
+    for s in SITES:
+        out[f"{s.name}.cluster.lora_A"] = torch.ones(1, 3)
+        out[f"{s.name}.cluster.lora_B"] = b[s.layer].reshape(2, 1).clone()
+    return out
+
+
+def _drift_strategy(replan_from: str, replan_every: int = 1):  # type: ignore[no-untyped-def]
+    """FedTreeLoRA after a one-round warm-up over two groups far apart in B ({0, 1, 2} near 0, {3, 4, 5}
+    near (5, 5)), planned into those two clusters at the deepest layer."""
+    cls = get_strategy("fedtreelora")
+    options = cls.Options(warmup_rounds=1, tau=0.2, window=3, replan_every=replan_every, replan_from=replan_from)
+    strategy = cls(options, _context(Membership(N)))
+    jitter = {c: torch.tensor([0.01 * c, -0.02 * c]) for c in range(N)}
+    far = torch.tensor([5.0, 5.0])
+    strategy.aggregate(
+        0,
+        {c: _upload_b({layer: (far if c >= 3 else 0 * far) + jitter[c] for layer in range(LAYERS)}) for c in range(N)},
+    )
+    deep = strategy.plan.labels[LAYERS - 1]
+    assert deep[0] == deep[1] == deep[2] != deep[3] == deep[4] == deep[5]
+    return strategy
+
+
+def _learn(strategy, rnd: int, directions: dict[int, torch.Tensor]) -> dict:  # type: ignore[no-untyped-def]
+    """One federated round: each client uploads the B it received plus its own step (``directions[c]``,
+    the same at every layer) and a small client-specific wobble; returns the aggregation's info."""
+    uploads = {}
+    for c in range(N):
+        payload = strategy.payload(rnd, c)
+        wobble = torch.tensor([0.003 * c, 0.002 * (N - c)])
+        uploads[c] = _upload_b(
+            {s.layer: payload[f"{s.name}.cluster.lora_B"].flatten() + directions[c] + wobble for s in SITES}
+        )
+    return strategy.aggregate(rnd, uploads)
+
+
+#: after the drift client 2 learns what the far group learns; its B stays near its old cluster's
+LEARN_A, LEARN_B = torch.tensor([0.5, 0.0]), torch.tensor([0.0, 0.5])
+DRIFTED = {0: LEARN_A, 1: LEARN_A, 2: LEARN_B, 3: LEARN_B, 4: LEARN_B, 5: LEARN_B}
+
+
+def test_a_replan_from_updates_follows_a_client_whose_data_changed() -> None:
+    deep = LAYERS - 1
+    by_updates = _drift_strategy("updates")
+    info = _learn(by_updates, 1, DRIFTED)
+    assert info["replanned"] == by_updates.plan.cuts.tolist()
+    now = by_updates.plan.labels[deep]
+    assert now[2] == now[3] == now[4] == now[5] != now[0] == now[1], "the drifted client joins the group it learns with"
+    # the same round re-planned from the uploaded B: client 2's B is its old cluster's mean plus one step
+    by_uploads = _drift_strategy("uploads")
+    _learn(by_uploads, 1, DRIFTED)
+    old = by_uploads.plan.labels[deep]
+    assert old[2] == old[0] == old[1] != old[3], "the latest B keeps it where the shared start put it"
+
+
+def test_updates_sum_over_the_rounds_since_the_last_plan_and_survive_a_checkpoint() -> None:
+    deep = LAYERS - 1
+    strategy = _drift_strategy("updates", replan_every=2)
+    # round 1 (no re-plan yet): client 2 still learns with its group; round 2: it learns with the far group
+    # twice as hard, so the sum of its two updates points to the far group's
+    steady = {c: (LEARN_B if c >= 3 else LEARN_A) for c in range(N)}
+    assert "replanned" not in _learn(strategy, 1, steady)
+    sums = {c: strategy._updates_b[c][f"enc.{deep}.q.cluster.lora_B"].flatten() for c in range(N)}
+    torch.testing.assert_close(sums[0], LEARN_A + torch.tensor([0.0, 0.012]), rtol=0, atol=1e-6)
+    tensors, meta = strategy.state_dict()
+    resumed = get_strategy("fedtreelora")(strategy.options, strategy.context)
+    resumed.load_state_dict(tensors, meta)
+    stronger = {**DRIFTED, 2: 2 * LEARN_B}
+    for run in (strategy, resumed):
+        info = _learn(run, 2, stronger)
+        assert info["replanned"] == run.plan.cuts.tolist()
+        now = run.plan.labels[deep]
+        assert now[2] == now[3] != now[0], "learned (0.5, 0) then (0, 1): nearer the far group's (0, 1)"
+        assert run._updates_b == {}, "a plan empties the sums"
+    np.testing.assert_array_equal(resumed.plan.labels, strategy.plan.labels)
+    assert resumed.plans == strategy.plans
 
 
 def test_participants_are_sampled_among_the_clients_present() -> None:

@@ -481,7 +481,7 @@ def _check_secure_aggregation(config: ExperimentBase) -> None:
     options = config.method_options()
     if getattr(options, "replan_every", None):
         raise ValueError(
-            f"{config.method}.replan_every rebuilds the tree from every client's latest individual B, which the server "
+            f"{config.method}.replan_every rebuilds the tree from every client's individual B (or B update), which the server "
             f"never sees under privacy.secure_aggregation{fix}unset {config.method}.replan_every"
         )
     n = config.data.num_clients

@@ -76,8 +76,9 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
     in the nearest cluster of each layer inside its cluster of the layer above
     (:func:`~fedtreelora.core.placement.place_in_tree`, layer-mean B distance to the members' warm-up
     B), recorded in ``placements``. A client that has left counts in no average or share; a cluster that
-    empties leaves zero experts behind. ``replan_every=R`` rebuilds the tree from the latest uploads every
-    R federated rounds (``plans`` records each).
+    empties leaves zero experts behind. ``replan_every=R`` rebuilds the tree every R federated rounds
+    (``plans`` records each) from the clients' B updates since the last plan (``replan_from="updates"``)
+    or their latest uploaded B (``"uploads"``).
     """
 
     name = "fedtreelora"  # paper, table rank, options: its entry in strategies/registry.py (read without torch)
@@ -98,7 +99,11 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
         # personal_init="warmup": each client's last warm-up adapter, sent back once as its personal expert
         self._personal_start: dict[int, Tensors] = {}
         # with replan_every, every client's latest uploaded B (warm-up or federated): what a re-plan compares
+        # under replan_from="uploads", and the start of a client's next update where no payload replaced it
         self._latest_b: dict[int, Tensors] = {}
+        # with replan_from="updates": each placed client's B update summed over the federated rounds since
+        # the last plan (uploaded B minus the B it trained from); emptied at every plan
+        self._updates_b: dict[int, Tensors] = {}
         # late clients (federation.join) whose own warm-up has had an accepted upload
         self._started: set[int] = set()
         #: where and when each late client was placed: {"client", "round", "joined", "labels"}
@@ -220,6 +225,8 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
 
     def aggregate(self, rnd: int, uploads: Mapping[int, Tensors]) -> dict[str, Any]:
         if self.options.replan_every:  # only a re-plan reads them: other runs' checkpoints stay as they were
+            if self.options.replan_from == "updates":
+                self._add_updates(rnd, uploads)
             remember_b(self._latest_b, uploads)
         if self.remember_warmup(rnd, uploads):
             return {}
@@ -320,21 +327,50 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
         labels[:, members] = plan.labels
         return replace(plan, labels=labels)
 
+    def _add_updates(self, rnd: int, uploads: Mapping[int, Tensors]) -> None:
+        """``replan_from="updates"``: add each placed client's B update of round ``rnd`` (its uploaded B
+        minus the B it trained from: the payload's, else its own previous upload, which it kept) to its
+        sum since the last plan. Warm-up rounds, a late client's own warm-up and a client's first upload
+        after it missed the plan add nothing (there is no plan yet, or the server does not know the start)."""
+        if self.plan is None or self.is_warmup(rnd):
+            return
+        for c, upload in uploads.items():
+            if self.plan.labels[0, c] < 0 or self.in_late_warmup(rnd, c):
+                continue
+            sent, previous = self._payloads.get(c, {}), self._latest_b.get(c, {})
+            update: Tensors = {}
+            for key, value in upload.items():
+                if not key.endswith(".lora_B"):
+                    continue
+                start = sent.get(key, previous.get(key))
+                if start is None:  # the server never saw this client's start: no update this round
+                    update = {}
+                    break
+                update[key] = value - start
+            if not update:
+                continue
+            total = self._updates_b.get(c)
+            self._updates_b[c] = update if total is None else {k: total[k] + v for k, v in update.items()}
+
     def _replan(self, rnd: int) -> bool:
-        """``replan_every``: rebuild the tree and the cuts from the latest B of every placed client still in
-        the federation after round ``rnd`` (personal states stay with the clients; payloads follow the new
-        clusters from this round's averages on). False when fewer than two clients could be compared."""
+        """``replan_every``: rebuild the tree and the cuts from every placed client still in the federation
+        after round ``rnd``: their B updates since the last plan (``replan_from="updates"``) or their latest
+        uploaded B (``"uploads"``); a client with nothing to compare is placed again on its next upload.
+        Personal states stay with the clients; payloads follow the new clusters from this round's averages
+        on. False when fewer than two clients could be compared (the tree stays)."""
         assert self.plan is not None
+        compared = self._updates_b if self.options.replan_from == "updates" else self._latest_b
         membership = self.context.membership
         members = [
             c
             for c in range(self.context.num_clients)
-            if self.plan.labels[0, c] >= 0 and c in self._latest_b and not membership.has_left(rnd + 1, c)
+            if self.plan.labels[0, c] >= 0 and c in compared and not membership.has_left(rnd + 1, c)
         ]
         if len(members) < 2:
             return False
-        self.plan = self._expand(self.build_plan({c: self._latest_b[c] for c in members}), members)
+        self.plan = self._expand(self.build_plan({c: compared[c] for c in members}), members)
         self.tree_clients = members
+        self._updates_b = {}
         self._record_plan(rnd)
         return True
 
@@ -419,6 +455,7 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
         tensors.update({f"warmup/{k}": v for k, v in flatten_by_owner(self._warmup_b).items()})
         tensors.update({f"personal/{k}": v for k, v in flatten_by_owner(self._personal_start).items()})
         tensors.update({f"latest/{k}": v for k, v in flatten_by_owner(self._latest_b).items()})
+        tensors.update({f"updates/{k}": v for k, v in flatten_by_owner(self._updates_b).items()})
         meta = {
             "plan": None if self.plan is None else self.plan.to_dict(),
             "distances": None if self.distances is None else self.distances.tolist(),
@@ -433,7 +470,10 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
         self.plan = None if meta.get("plan") is None else SharingPlan.from_dict(meta["plan"])
         self.distances = None if meta.get("distances") is None else np.asarray(meta["distances"])
         self._payloads = unflatten_by_owner(
-            {k: v for k, v in tensors.items() if not k.startswith(("warmup/", "personal/", "latest/"))}
+            {k: v for k, v in tensors.items() if not k.startswith(("warmup/", "personal/", "latest/", "updates/"))}
+        )
+        self._updates_b = unflatten_by_owner(
+            {k[len("updates/") :]: v for k, v in tensors.items() if k.startswith("updates/")}
         )
         self._latest_b = unflatten_by_owner(
             {k[len("latest/") :]: v for k, v in tensors.items() if k.startswith("latest/")}

@@ -261,8 +261,14 @@ class FedTreeLoRAOptions(StrategyOptions):
     trunk layers (one cluster) when it joins; the initialisation elsewhere."""
     replan_every: int | None = Field(None, ge=1)
     """Beyond the paper (which builds the tree once): every R federated rounds, rebuild the tree and every
-    layer's cut from the clients' latest uploads (each client's personal state is kept); every plan is
-    recorded (``plans`` in the summary). None: never."""
+    layer's cut from what the clients uploaded (``replan_from``; each client's personal state is kept);
+    every plan is recorded (``plans`` in the summary). None: never."""
+    replan_from: Literal["updates", "uploads"] = "updates"
+    """With ``replan_every``: what a re-plan compares. ``updates``: each client's B update summed over the
+    rounds since the last plan (its uploaded B minus the B it trained from: the server's payload, else its
+    own previous upload), what the client learned from its own data lately. ``uploads``: each client's
+    latest uploaded B; every federated round starts from the client's cluster mix, so the shared start
+    dominates it and a client whose data changed stays in its old cluster (benchmarks/README.md, drift)."""
 
     @field_validator("tau", mode="before")
     @classmethod
