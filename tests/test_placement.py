@@ -243,16 +243,19 @@ def _upload_b(b: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _drift_strategy(replan_from: str, replan_every: int = 1):  # type: ignore[no-untyped-def]
-    """FedTreeLoRA after a one-round warm-up over two groups far apart in B ({0, 1, 2} near 0, {3, 4, 5}
-    near (5, 5)), planned into those two clusters at the deepest layer."""
+    """FedTreeLoRA after a one-round warm-up over two groups far apart in B ({0, 1, 2} near (5, 0),
+    {3, 4, 5} near (0, 5)), planned into those two clusters at the deepest layer."""
     cls = get_strategy("fedtreelora")
     options = cls.Options(warmup_rounds=1, tau=0.2, window=3, replan_every=replan_every, replan_from=replan_from)
     strategy = cls(options, _context(Membership(N)))
     jitter = {c: torch.tensor([0.01 * c, -0.02 * c]) for c in range(N)}
-    far = torch.tensor([5.0, 5.0])
+    near_a, near_b = torch.tensor([5.0, 0.0]), torch.tensor([0.0, 5.0])
     strategy.aggregate(
         0,
-        {c: _upload_b({layer: (far if c >= 3 else 0 * far) + jitter[c] for layer in range(LAYERS)}) for c in range(N)},
+        {
+            c: _upload_b({layer: (near_b if c >= 3 else near_a) + jitter[c] for layer in range(LAYERS)})
+            for c in range(N)
+        },
     )
     deep = strategy.plan.labels[LAYERS - 1]
     assert deep[0] == deep[1] == deep[2] != deep[3] == deep[4] == deep[5]
@@ -272,9 +275,24 @@ def _learn(strategy, rnd: int, directions: dict[int, torch.Tensor]) -> dict:  # 
     return strategy.aggregate(rnd, uploads)
 
 
-#: after the drift client 2 learns what the far group learns; its B stays near its old cluster's
+#: each group keeps learning along its cluster's B; after the drift client 2 learns along the other
+#: group's, while its B stays near its old cluster's
 LEARN_A, LEARN_B = torch.tensor([0.5, 0.0]), torch.tensor([0.0, 0.5])
 DRIFTED = {0: LEARN_A, 1: LEARN_A, 2: LEARN_B, 3: LEARN_B, 4: LEARN_B, 5: LEARN_B}
+
+
+def test_update_alignment_is_one_minus_the_cosine_by_hand() -> None:
+    from fedtreelora.strategies.common import update_alignment
+
+    context = _context(Membership(N))
+    update = _upload_b({0: torch.tensor([1.0, 0.0]), 1: torch.tensor([0.0, 2.0]), 2: torch.tensor([3.0, 4.0])})
+    experts = {
+        7: _upload_b({0: torch.tensor([1.0, 1.0]), 1: torch.tensor([0.0, -1.0]), 2: torch.tensor([4.0, -3.0])}),
+        9: _upload_b({0: torch.tensor([2.0, 0.0]), 1: torch.tensor([0.0, 0.0]), 2: torch.tensor([-3.0, -4.0])}),
+    }
+    got = update_alignment(update, experts, [9, 7], context, "cluster")
+    # columns in the order of members: 9 then 7; a zero expert counts as orthogonal (1.0)
+    np.testing.assert_allclose(got, [[0.0, 1 - 2**-0.5], [1.0, 2.0], [2.0, 1.0]], atol=1e-12)
 
 
 def test_a_replan_from_updates_follows_a_client_whose_data_changed() -> None:
@@ -284,6 +302,7 @@ def test_a_replan_from_updates_follows_a_client_whose_data_changed() -> None:
     assert info["replanned"] == by_updates.plan.cuts.tolist()
     now = by_updates.plan.labels[deep]
     assert now[2] == now[3] == now[4] == now[5] != now[0] == now[1], "the drifted client joins the group it learns with"
+    assert by_updates.plan.cuts[deep] == 2 and [p["round"] for p in by_updates.plans] == [0, 1]
     # the same round re-planned from the uploaded B: client 2's B is its old cluster's mean plus one step
     by_uploads = _drift_strategy("uploads")
     _learn(by_uploads, 1, DRIFTED)
@@ -294,8 +313,8 @@ def test_a_replan_from_updates_follows_a_client_whose_data_changed() -> None:
 def test_updates_sum_over_the_rounds_since_the_last_plan_and_survive_a_checkpoint() -> None:
     deep = LAYERS - 1
     strategy = _drift_strategy("updates", replan_every=2)
-    # round 1 (no re-plan yet): client 2 still learns with its group; round 2: it learns with the far group
-    # twice as hard, so the sum of its two updates points to the far group's
+    # round 1 (no re-plan yet): client 2 still learns with its group; round 2: it learns with the other
+    # group twice as hard, so the sum of its two updates points along the other group's expert
     steady = {c: (LEARN_B if c >= 3 else LEARN_A) for c in range(N)}
     assert "replanned" not in _learn(strategy, 1, steady)
     sums = {c: strategy._updates_b[c][f"enc.{deep}.q.cluster.lora_B"].flatten() for c in range(N)}
@@ -308,7 +327,7 @@ def test_updates_sum_over_the_rounds_since_the_last_plan_and_survive_a_checkpoin
         info = _learn(run, 2, stronger)
         assert info["replanned"] == run.plan.cuts.tolist()
         now = run.plan.labels[deep]
-        assert now[2] == now[3] != now[0], "learned (0.5, 0) then (0, 1): nearer the far group's (0, 1)"
+        assert now[2] == now[3] != now[0], "learned (0.5, 0) then (0, 1): along the other group's (0, 5)"
         assert run._updates_b == {}, "a plan empties the sums"
     np.testing.assert_array_equal(resumed.plan.labels, strategy.plan.labels)
     assert resumed.plans == strategy.plans

@@ -84,6 +84,31 @@ def distances_to_members(
     return layer_distances(per_module, metric=metric)[:, -1, :-1]
 
 
+def update_alignment(
+    update: Tensors, experts: Mapping[int, Tensors], members: list[int], context: FederationContext, expert: str
+) -> np.ndarray:
+    """(layers, members) one minus the cosine between a client's B update and the ``expert`` B each member
+    holds, at each layer the mean over target modules: small where the client keeps learning along what
+    the member's cluster shares.
+
+    Args:
+        update: key -> the client's B update (``"{site}.{expert}.lora_B"`` (d_out, rank)).
+        experts: member -> its state or payload holding the same keys (its cluster's expert).
+        members: the members, in the order of the columns.
+    """
+    out = np.zeros((context.num_layers, len(members)))
+    modules = np.zeros(context.num_layers)
+    for site in context.sites:
+        key = f"{site.name}.{expert}.lora_B"
+        u = update[key].double().flatten()
+        for j, m in enumerate(members):
+            e = experts[m][key].double().flatten()
+            norms = float(u.norm() * e.norm())
+            out[site.layer, j] += 1.0 - (float(u @ e) / norms if norms > 0 else 0.0)
+        modules[site.layer] += 1
+    return out / np.maximum(modules, 1)[:, None]
+
+
 def nearest_group(groups: np.ndarray, distances: np.ndarray) -> int:
     """The group with the smallest average distance (the average-linkage criterion).
 

@@ -12,6 +12,7 @@ import torch
 from fedtreelora.adapters import ExpertSpec, PhaseSpec
 from fedtreelora.core import SharingPlan, group_means, group_means_for, layer_distances, plan_sharing
 from fedtreelora.core.placement import place_in_tree
+from fedtreelora.core.tree import relabel_by_first_appearance
 from fedtreelora.strategies.base import FederationContext, Tensors, as_payloads
 from fedtreelora.strategies.common import (
     ClusteredAfterWarmup,
@@ -20,6 +21,7 @@ from fedtreelora.strategies.common import (
     flatten_by_owner,
     remember_b,
     unflatten_by_owner,
+    update_alignment,
 )
 from fedtreelora.strategies.options import FedTreeLoRAOptions
 from fedtreelora.strategies.registry import register
@@ -353,24 +355,61 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
             self._updates_b[c] = update if total is None else {k: total[k] + v for k, v in update.items()}
 
     def _replan(self, rnd: int) -> bool:
-        """``replan_every``: rebuild the tree and the cuts from every placed client still in the federation
-        after round ``rnd``: their B updates since the last plan (``replan_from="updates"``) or their latest
-        uploaded B (``"uploads"``); a client with nothing to compare is placed again on its next upload.
+        """``replan_every`` after round ``rnd``, over the placed clients still in the federation:
+        ``replan_from="updates"`` moves each client to the branches its B updates since the last re-plan
+        point along (:meth:`_realign`); ``"uploads"`` rebuilds the tree and the cuts from their latest
+        uploaded B (a client without one leaves the tree and is placed again on its next upload).
         Personal states stay with the clients; payloads follow the new clusters from this round's averages
-        on. False when fewer than two clients could be compared (the tree stays)."""
+        on. False when fewer than two clients could be compared (the plan stays)."""
         assert self.plan is not None
-        compared = self._updates_b if self.options.replan_from == "updates" else self._latest_b
+        if self.options.replan_from == "updates":
+            return self._realign(rnd)
         membership = self.context.membership
         members = [
             c
             for c in range(self.context.num_clients)
-            if self.plan.labels[0, c] >= 0 and c in compared and not membership.has_left(rnd + 1, c)
+            if self.plan.labels[0, c] >= 0 and c in self._latest_b and not membership.has_left(rnd + 1, c)
         ]
         if len(members) < 2:
             return False
-        self.plan = self._expand(self.build_plan({c: compared[c] for c in members}), members)
+        self.plan = self._expand(self.build_plan({c: self._latest_b[c] for c in members}), members)
         self.tree_clients = members
-        self._updates_b = {}
+        self._record_plan(rnd)
+        return True
+
+    def _realign(self, rnd: int) -> bool:
+        """Keep the tree's branches and move each client to those its learning points along: the client's
+        B update summed since the last re-plan against the cluster expert each member received this round
+        (one minus their cosine, :func:`~fedtreelora.strategies.common.update_alignment`), placed shallow
+        to deep in the nearest cluster inside its cluster of the layer above, by the layer mean as
+        :meth:`_place` places (each layer on its own under ``cut_mode="independent"``). Every client is
+        placed against the clusters as they were, then all move at once; emptied clusters disappear and
+        ids are renumbered by first appearance. A client whose update agrees with its own cluster's expert
+        stays. Returns False when fewer than two members hold a cluster expert (nothing changes then)."""
+        assert self.plan is not None
+        membership = self.context.membership
+        members = [
+            c
+            for c in range(self.context.num_clients)
+            if self.plan.labels[0, c] >= 0 and c in self._payloads and not membership.has_left(rnd + 1, c)
+        ]
+        updates, self._updates_b = self._updates_b, {}
+        movers = [c for c in members if c in updates]
+        if len(members) < 2 or not movers:
+            return False
+        old = self.plan.labels
+        new = old.copy()
+        independent = self.options.cut_mode == "independent"
+        for c in movers:
+            d = update_alignment(updates[c], self._payloads, members, self.context, self.trained_expert)
+            if not independent:
+                d = np.broadcast_to(d.mean(axis=0), d.shape)
+            new[:, c] = place_in_tree(old[:, members], d, nested=not independent)
+        placed = new[0] >= 0
+        for layer in range(new.shape[0]):
+            new[layer, placed] = relabel_by_first_appearance(new[layer, placed])
+        cuts = np.array([len(np.unique(row[placed])) for row in new], dtype=np.int64)
+        self.plan = replace(self.plan, labels=new, cuts=cuts)
         self._record_plan(rnd)
         return True
 

@@ -264,11 +264,14 @@ class FedTreeLoRAOptions(StrategyOptions):
     layer's cut from what the clients uploaded (``replan_from``; each client's personal state is kept);
     every plan is recorded (``plans`` in the summary). None: never."""
     replan_from: Literal["updates", "uploads"] = "updates"
-    """With ``replan_every``: what a re-plan compares. ``updates``: each client's B update summed over the
-    rounds since the last plan (its uploaded B minus the B it trained from: the server's payload, else its
-    own previous upload), what the client learned from its own data lately. ``uploads``: each client's
-    latest uploaded B; every federated round starts from the client's cluster mix, so the shared start
-    dominates it and a client whose data changed stays in its old cluster (benchmarks/README.md, drift)."""
+    """With ``replan_every``: what a re-plan reads. ``updates``: the tree's branches stay and each client
+    moves to the branches its own learning points along: its B update summed over the rounds since the
+    last re-plan (uploaded B minus the B it trained from) against each cluster's expert B (one minus the
+    cosine, layer mean), shallow to deep inside its branch of the layer above; a client that keeps
+    learning along its own cluster's expert stays. ``uploads``: the tree is rebuilt from every client's
+    latest uploaded B; each federated round starts from the client's cluster mix, so that B mostly says
+    which cluster a client was in, and a client whose data changed stays there (benchmarks/README.md,
+    drift)."""
 
     @field_validator("tau", mode="before")
     @classmethod
