@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,3 +35,39 @@ def metrics_by_client_round(run_dir: Path) -> dict[tuple[int, int], dict[str, An
 
 def in_process(config: ExperimentConfig, out: Path) -> dict[str, Any]:
     return SimulationEngine(config, out, quiet=True, report=False).run()
+
+
+@contextlib.contextmanager
+def loopback_deployment(
+    root: Path, config: ExperimentConfig, connection: str, *, nodes: int = 3, spare_keys: int = 0
+) -> Iterator[dict[str, Any]]:
+    """A SuperLink with TLS and SuperNode authentication and ``nodes`` registered SuperNodes (node k holds
+    client k's site), each a separate process logging to ``root/supernode{k}.log``; ``spare_keys`` more
+    node keys are made and never registered. Yields ``root``, ``creds``, ``home``, ``address``,
+    ``processes`` (``"superlink"`` and each node's index) and ``logs``; stops every process on exit."""
+    from fedtreelora.engines.flower import launch
+    from fedtreelora.engines.flower.certs import make_credentials
+    from fedtreelora.engines.flower.sites import write_sites
+
+    creds = make_credentials(root / "certs", num_nodes=nodes + spare_keys)
+    sites = write_sites(config, root / "sites")
+    home, port = root / "home", launch.free_port()
+    address = f"127.0.0.1:{port}"
+    launch.write_connection(home, connection, address, creds.ca_cert)
+    logs = {k: root / f"supernode{k}.log" for k in range(nodes)}
+    processes: dict[Any, Any] = {}
+    try:
+        processes["superlink"] = launch.start_superlink(
+            home, port, credentials=creds, authenticate=True, log=root / "superlink.log"
+        )
+        for k in range(nodes):
+            launch.register_supernode(home, connection, creds.node_public_key(k))
+        for k in range(nodes):
+            processes[k] = launch.start_supernode(
+                home, address, node_config={"client-id": k, "data": str(sites[k])}, port=launch.free_port(),
+                root_certificates=creds.ca_cert, private_key=creds.node_keys[k], log=logs[k],
+            )  # fmt: skip
+        yield {"root": root, "creds": creds, "home": home, "address": address, "processes": processes, "logs": logs}
+    finally:
+        for process in processes.values():
+            launch.stop(process)

@@ -11,13 +11,11 @@ import threading
 import time
 
 import pytest
-from flower_helpers import in_process, metrics_by_client_round, small_experiment
+from flower_helpers import in_process, loopback_deployment, metrics_by_client_round, small_experiment
 
 from fedtreelora.engines.flower import launch
-from fedtreelora.engines.flower.certs import make_credentials
 from fedtreelora.engines.flower.project import write_app
 from fedtreelora.engines.flower.settings import FlowerRunSettings
-from fedtreelora.engines.flower.sites import write_sites
 
 pytestmark = pytest.mark.slow
 CONNECTION = "deployment"
@@ -28,28 +26,8 @@ ROUND_TIMEOUT = 60.0
 def federation(tmp_path_factory):  # type: ignore[no-untyped-def]
     root = tmp_path_factory.mktemp("deployment")
     config = small_experiment("fedtreelora", rounds=3)
-    creds = make_credentials(root / "certs", num_nodes=4)  # key 3 is never registered
-    sites = write_sites(config, root / "sites")
-    home = root / "home"
-    port = launch.free_port()
-    address = f"127.0.0.1:{port}"
-    launch.write_connection(home, CONNECTION, address, creds.ca_cert)
-    processes = {}
-    try:
-        processes["superlink"] = launch.start_superlink(
-            home, port, credentials=creds, authenticate=True, log=root / "superlink.log"
-        )
-        for k in range(3):
-            launch.register_supernode(home, CONNECTION, creds.node_public_key(k))
-        for k in range(3):
-            processes[k] = launch.start_supernode(
-                home, address, node_config={"client-id": k, "data": str(sites[k])}, port=launch.free_port(),
-                root_certificates=creds.ca_cert, private_key=creds.node_keys[k], log=root / f"supernode{k}.log",
-            )  # fmt: skip
-        yield {"root": root, "config": config, "creds": creds, "home": home, "address": address, "processes": processes}
-    finally:
-        for process in processes.values():
-            launch.stop(process)
+    with loopback_deployment(root, config, CONNECTION, spare_keys=1) as deployment:  # key 3 is never registered
+        yield {**deployment, "config": config}
 
 
 def test_tls_authenticated_run_completes_and_survives_a_killed_node(federation, tmp_path):

@@ -16,13 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
-from flower_helpers import metrics_by_client_round, small_experiment
+from flower_helpers import loopback_deployment, metrics_by_client_round, small_experiment
 
 from fedtreelora.engines.flower import launch
-from fedtreelora.engines.flower.certs import make_credentials
 from fedtreelora.engines.flower.project import write_app
 from fedtreelora.engines.flower.settings import FlowerRunSettings
-from fedtreelora.engines.flower.sites import write_sites
 
 pytestmark = [pytest.mark.slow, pytest.mark.secure_deployment]
 CONNECTION = "secure-deployment"
@@ -48,28 +46,12 @@ def sent_train_replies(log: Path) -> int:
 
 def test_a_node_killed_after_its_masked_vector_is_recovered_by_the_threshold(tmp_path: Path) -> None:
     config = small_experiment("fedit", rounds=2, privacy={"secure_aggregation": True})
-    creds = make_credentials(tmp_path / "certs", num_nodes=3)
-    sites = write_sites(config, tmp_path / "sites")
-    home, port = tmp_path / "home", launch.free_port()
-    address = f"127.0.0.1:{port}"
-    launch.write_connection(home, CONNECTION, address, creds.ca_cert)
     out = tmp_path / "run"
     app = write_app(
         FlowerRunSettings.for_experiment(config, out_dir=out, round_timeout=ROUND_TIMEOUT), tmp_path / "app"
     )
-    logs = {k: tmp_path / f"supernode{k}.log" for k in range(3)}
-    processes = {}
-    try:
-        processes["superlink"] = launch.start_superlink(
-            home, port, credentials=creds, authenticate=True, log=tmp_path / "superlink.log"
-        )
-        for k in range(3):
-            launch.register_supernode(home, CONNECTION, creds.node_public_key(k))
-        for k in range(3):
-            processes[k] = launch.start_supernode(
-                home, address, node_config={"client-id": k, "data": str(sites[k])}, port=launch.free_port(),
-                root_certificates=creds.ca_cert, private_key=creds.node_keys[k], log=logs[k],
-            )  # fmt: skip
+    with loopback_deployment(tmp_path, config, CONNECTION) as deployment:
+        home, logs = deployment["home"], deployment["logs"]
         exit_code: list[int] = []
         runner = threading.Thread(
             target=lambda: exit_code.append(
@@ -82,16 +64,13 @@ def test_a_node_killed_after_its_masked_vector_is_recovered_by_the_threshold(tmp
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and runner.is_alive():
             if sent_train_replies(logs[2]) >= MASKED_VECTOR_OF_ROUND_2:
-                os.killpg(processes[2].pid, signal.SIGKILL)
+                os.killpg(deployment["processes"][2].pid, signal.SIGKILL)
                 break
             time.sleep(0.2)
         else:
             pytest.fail(f"node 2 never sent its round-2 masked vector; see {tmp_path}/run.log")
         runner.join(timeout=900)
         assert not runner.is_alive() and exit_code == [0], (exit_code, (tmp_path / "run.log").read_text()[-3000:])
-    finally:
-        for process in processes.values():
-            launch.stop(process)
     assert sent_train_replies(logs[2]) == MASKED_VECTOR_OF_ROUND_2, "node 2 died before the unmasking"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 2
