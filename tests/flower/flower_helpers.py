@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +75,16 @@ def loopback_deployment(
     finally:
         for process in processes.values():
             launch.stop(process)
+
+
+def kill_when(process: Any, ready: Callable[[], bool], runner: threading.Thread, timeout: float) -> bool:
+    """Poll ``ready`` while ``runner`` (the thread running the app) lives; when it holds, SIGKILL
+    ``process``'s group (a SuperNode and its ClientApp processes) and return True. False: the run ended
+    or ``timeout`` seconds passed first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and runner.is_alive():
+        if ready():
+            os.killpg(process.pid, signal.SIGKILL)
+            return True
+        time.sleep(0.2)
+    return False

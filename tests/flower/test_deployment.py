@@ -5,13 +5,11 @@ and stopped by the test."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import threading
 import time
 
 import pytest
-from flower_helpers import in_process, loopback_deployment, metrics_by_client_round, small_experiment
+from flower_helpers import in_process, kill_when, loopback_deployment, metrics_by_client_round, small_experiment
 
 from fedtreelora.engines.flower import launch
 from fedtreelora.engines.flower.project import write_app
@@ -40,16 +38,14 @@ def test_tls_authenticated_run_completes_and_survives_a_killed_node(federation, 
         target=lambda: exit_code.append(launch.run_app(home, app, CONNECTION, timeout=600, log=root / "run.log"))
     )
     runner.start()
+
     # Kill client 2's SuperNode (and its app processes) once round 2 is on disk.
-    deadline = time.monotonic() + 400
-    while time.monotonic() < deadline and runner.is_alive():
+    def round_2_done() -> bool:
         path = out / "metrics.jsonl"
         rounds = [json.loads(line)["round"] for line in path.read_text().splitlines()] if path.exists() else []
-        if rounds.count(1) == 3:
-            os.killpg(federation["processes"][2].pid, signal.SIGKILL)
-            break
-        time.sleep(0.5)
-    else:
+        return rounds.count(1) == 3
+
+    if not kill_when(federation["processes"][2], round_2_done, runner, timeout=400):
         pytest.fail(f"round 2 never finished; see {root}/run.log and {root}/superlink.log")
     runner.join(timeout=600)
     assert not runner.is_alive()

@@ -9,14 +9,11 @@ run (``-m secure_deployment`` runs it; about five minutes)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
-from flower_helpers import loopback_deployment, metrics_by_client_round, small_experiment
+from flower_helpers import kill_when, loopback_deployment, metrics_by_client_round, small_experiment
 
 from fedtreelora.engines.flower import launch
 from fedtreelora.engines.flower.project import write_app
@@ -61,13 +58,8 @@ def test_a_node_killed_after_its_masked_vector_is_recovered_by_the_threshold(tmp
         runner.start()
         # Kill node 2 (and its ClientApp processes) as soon as its masked vector of round 2 has left:
         # it never answers the unmasking, so the server must rebuild its mask from the others' shares.
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and runner.is_alive():
-            if sent_train_replies(logs[2]) >= MASKED_VECTOR_OF_ROUND_2:
-                os.killpg(deployment["processes"][2].pid, signal.SIGKILL)
-                break
-            time.sleep(0.2)
-        else:
+        masked_vector_sent = lambda: sent_train_replies(logs[2]) >= MASKED_VECTOR_OF_ROUND_2  # noqa: E731
+        if not kill_when(deployment["processes"][2], masked_vector_sent, runner, timeout=600):
             pytest.fail(f"node 2 never sent its round-2 masked vector; see {tmp_path}/run.log")
         runner.join(timeout=900)
         assert not runner.is_alive() and exit_code == [0], (exit_code, (tmp_path / "run.log").read_text()[-3000:])
