@@ -345,3 +345,10 @@ def test_participants_are_sampled_among_the_clients_present() -> None:
         chosen = engine.participants(r, 6, present)
         assert len(chosen) == 2 and set(chosen) <= set(present)
         assert chosen == engine.participants(r, 6, present), "fixed by the seed and round"
+
+
+def test_the_report_names_each_replans_deepest_clusters() -> None:
+    from fedtreelora.report.render import deepest
+
+    plan = {"round": 4, "cuts": [1, 2], "labels": [[0, 0, 0, 0, -1], [0, 1, 0, 1, -1]]}
+    assert deepest(plan) == "deepest layer {0, 2} {1, 3}", "client 4 is not placed"

@@ -119,6 +119,7 @@ def test_the_report_shows_joins_placements_and_plans(tmp_path: Path, one_thread:
         "federation.leave={}",
         "fedtreelora.join_warmup_rounds=2",
         "fedtreelora.replan_every=1",
+        "fedtreelora.replan_from=uploads",  # each re-plan rebuilds the tree over the placed clients
         "fedtreelora.tau=-1",
     ]
     summary = SimulationEngine(load_config(overrides=overrides), tmp_path, quiet=True).run()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,8 +84,10 @@ def build_sections(run: RunData) -> list[Section]:
     )
     if len(run.summary.get("plans") or []) > 1:
         tree_section.caption += (
-            " This run re-planned (replan_every): the tree shown is the last plan's; the Federation changes "
-            "table lists every plan's cuts."
+            " This run re-planned (replan_every): the tree shown is the last one built (with replan_from "
+            "updates, the one built after warm-up: re-plans move clients between its branches, so a moved "
+            "client's leaf is where it started); the Federation changes table lists every plan's cuts and "
+            "clusters."
         )
     if tree is not None:
         tree_section.png = plots.figure_png(tree[0])
@@ -376,6 +378,16 @@ CHANGES_NOTE = (
 )
 
 
+def deepest(plan: Mapping[str, Any]) -> str:
+    """A plan's clusters at the deepest layer as ``deepest layer {0, 1} {2, 3, 4}`` (placed clients)."""
+    labels = (plan.get("labels") or [[]])[-1]
+    clusters: dict[int, list[int]] = {}
+    for client, label in enumerate(labels):
+        if int(label) >= 0:
+            clusters.setdefault(int(label), []).append(client)
+    return "deepest layer " + " ".join("{" + ", ".join(map(str, c)) + "}" for c in clusters.values())
+
+
 def federation_change_rows(run: RunData) -> tuple[list[str], list[list[str]]] | None:
     """Header and rows of the federation's changes: joins and leaves by round, each late client's
     placement, and every plan after the first; None when the federation did not change."""
@@ -397,7 +409,9 @@ def federation_change_rows(run: RunData) -> tuple[list[str], list[list[str]]] | 
     plans = s.get("plans") or []
     for plan in plans[1:]:
         cuts = " ".join(str(int(c)) for c in plan.get("cuts") or [])
-        rows.append([str(int(plan["round"]) + 1), "re-planned (after the round)", "all", f"cuts {cuts}"])
+        rows.append(
+            [str(int(plan["round"]) + 1), "re-planned (after the round)", "all", f"cuts {cuts}; {deepest(plan)}"]
+        )
     if not rows:
         return None
     rows.sort(key=lambda r: int(r[0]))
