@@ -278,7 +278,9 @@ def _learn(strategy, rnd: int, directions: dict[int, torch.Tensor]) -> dict:  # 
 #: each group keeps learning along its cluster's B; after the drift client 2 learns along the other
 #: group's, while its B stays near its old cluster's
 LEARN_A, LEARN_B = torch.tensor([0.5, 0.0]), torch.tensor([0.0, 0.5])
-DRIFTED = {0: LEARN_A, 1: LEARN_A, 2: LEARN_B, 3: LEARN_B, 4: LEARN_B, 5: LEARN_B}
+#: (client 2 unlearns its old cluster's direction; client 0 leans toward the other group's but still
+#: learns along its own, so it stays)
+DRIFTED = {0: torch.tensor([0.3, 0.4]), 1: LEARN_A, 2: torch.tensor([-0.3, 0.5]), 3: LEARN_B, 4: LEARN_B, 5: LEARN_B}
 
 
 def test_update_alignment_is_one_minus_the_cosine_by_hand() -> None:
@@ -313,8 +315,8 @@ def test_a_replan_from_updates_follows_a_client_whose_data_changed() -> None:
 def test_updates_sum_over_the_rounds_since_the_last_plan_and_survive_a_checkpoint() -> None:
     deep = LAYERS - 1
     strategy = _drift_strategy("updates", replan_every=2)
-    # round 1 (no re-plan yet): client 2 still learns with its group; round 2: it learns with the other
-    # group twice as hard, so the sum of its two updates points along the other group's expert
+    # round 1 (no re-plan yet): client 2 still learns with its group; round 2: it unlearns it twice as
+    # hard, so the sum of its two updates points away from its expert and along the other group's
     steady = {c: (LEARN_B if c >= 3 else LEARN_A) for c in range(N)}
     assert "replanned" not in _learn(strategy, 1, steady)
     sums = {c: strategy._updates_b[c][f"enc.{deep}.q.cluster.lora_B"].flatten() for c in range(N)}
@@ -322,12 +324,14 @@ def test_updates_sum_over_the_rounds_since_the_last_plan_and_survive_a_checkpoin
     tensors, meta = strategy.state_dict()
     resumed = get_strategy("fedtreelora")(strategy.options, strategy.context)
     resumed.load_state_dict(tensors, meta)
-    stronger = {**DRIFTED, 2: 2 * LEARN_B}
+    stronger = {**DRIFTED, 2: torch.tensor([-1.0, 1.0])}
     for run in (strategy, resumed):
         info = _learn(run, 2, stronger)
         assert info["replanned"] == run.plan.cuts.tolist()
         now = run.plan.labels[deep]
-        assert now[2] == now[3] != now[0], "learned (0.5, 0) then (0, 1): along the other group's (0, 5)"
+        assert now[2] == now[3] != now[0], (
+            "learned (0.5, 0) then (-1, 1): the sum points away from (5, 0), along (0, 5)"
+        )
         assert run._updates_b == {}, "a plan empties the sums"
     np.testing.assert_array_equal(resumed.plan.labels, strategy.plan.labels)
     assert resumed.plans == strategy.plans

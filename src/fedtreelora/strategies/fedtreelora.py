@@ -378,14 +378,15 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
         return True
 
     def _realign(self, rnd: int) -> bool:
-        """Keep the tree's branches and move each client to those its learning points along: the client's
-        B update summed since the last re-plan against the cluster expert each member received this round
-        (one minus their cosine, :func:`~fedtreelora.strategies.common.update_alignment`), placed shallow
-        to deep in the nearest cluster inside its cluster of the layer above, by the layer mean as
-        :meth:`_place` places (each layer on its own under ``cut_mode="independent"``). Every client is
-        placed against the clusters as they were, then all move at once; emptied clusters disappear and
-        ids are renumbered by first appearance. A client whose update agrees with its own cluster's expert
-        stays. Returns False when fewer than two members hold a cluster expert (nothing changes then)."""
+        """Keep the tree's branches and move the clients whose learning turned away from their clusters:
+        a client's B update summed since the last re-plan is compared with the cluster expert each member
+        received this round (one minus their cosine, :func:`~fedtreelora.strategies.common.update_alignment`).
+        A client stays while its update still points along its own clusters' experts (mean cosine over the
+        layers >= 0); else it is placed shallow to deep in the nearest cluster inside its cluster of the
+        layer above, by the layer mean as :meth:`_place` places (each layer on its own under
+        ``cut_mode="independent"``). Every client is placed against the clusters as they were, then all
+        move at once; emptied clusters disappear and ids are renumbered by first appearance. Returns False
+        when fewer than two members hold a cluster expert (nothing changes then)."""
         assert self.plan is not None
         membership = self.context.membership
         members = [
@@ -402,6 +403,8 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
         independent = self.options.cut_mode == "independent"
         for c in movers:
             d = update_alignment(updates[c], self._payloads, members, self.context, self.trained_expert)
+            if d[:, members.index(c)].mean() <= 1.0:  # it still learns along its own clusters' experts
+                continue
             if not independent:
                 d = np.broadcast_to(d.mean(axis=0), d.shape)
             new[:, c] = place_in_tree(old[:, members], d, nested=not independent)

@@ -267,8 +267,8 @@ class FedTreeLoRAOptions(StrategyOptions):
     """With ``replan_every``: what a re-plan reads. ``updates``: the tree's branches stay and each client
     moves to the branches its own learning points along: its B update summed over the rounds since the
     last re-plan (uploaded B minus the B it trained from) against each cluster's expert B (one minus the
-    cosine, layer mean), shallow to deep inside its branch of the layer above; a client that keeps
-    learning along its own cluster's expert stays. ``uploads``: the tree is rebuilt from every client's
+    cosine, layer mean), shallow to deep inside its branch of the layer above, once its update points
+    away from its own clusters' experts (mean cosine < 0); while it still learns along them it stays. ``uploads``: the tree is rebuilt from every client's
     latest uploaded B; each federated round starts from the client's cluster mix, so that B mostly says
     which cluster a client was in, and a client whose data changed stays there (benchmarks/README.md,
     drift)."""
