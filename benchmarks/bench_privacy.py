@@ -20,11 +20,12 @@ whose folder already holds a finished run, then writes beside the runs:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from fedtreelora.compare.stats import mean_std
+from fedtreelora.compare.stats import majority_rate, mean_std
 from fedtreelora.config import ExperimentConfig, load_config, load_run_config
 from fedtreelora.runfolder import RunFolder, RunSummary
 from fedtreelora.suites import load_suite
@@ -84,8 +85,15 @@ def report(out: Path, dataset: str, methods: Sequence[str], epsilons: Sequence[s
         for s in seeds
         if (summary := read_summary(run_folder(out, dataset, e, m, s))) is not None
     }
+    majority = [
+        100.0 * majority_rate(json.loads(partition.read_text()))
+        for s in seeds
+        if (partition := run_folder(out, dataset, epsilons[0], methods[0], s) / "partition.json").is_file()
+    ]
+    floor = f"{mean_std(majority)[0]:.2f}" if majority else "-"
     lines = [f"# Privacy-utility trade-off on {dataset}", "", "Final mean accuracy of the received model, points "
-             "(mean ± sample std over seeds); z: the noise multiplier each target epsilon gave.", "",
+             "(mean ± sample std over seeds); z: the noise multiplier each target epsilon gave. Predicting "
+             f"each client's majority class scores {floor} (mean over seeds).", "",
              "| method | " + " | ".join(f"eps {e}" for e in epsilons) + " |",
              "|---|" + "---|" * len(epsilons)]  # fmt: skip
     curves: dict[str, list[tuple[str, float, float]]] = {}
