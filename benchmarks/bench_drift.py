@@ -12,7 +12,8 @@ FedTreeLoRA re-planned every ``--replan-every`` federated rounds from the client
 (``fedtreelora-replan``) and from their latest uploaded B (``fedtreelora-replan-uploads``), FedIT and local
 training. Per method, the
 drifted group's received accuracy in the round before the swap, the round of the swap (its clients'
-first round on the new labels) and the last round, and the other clients' in the last round; for
+first round on the new labels), the last round and the mean from the swap to the end (how fast it
+recovers), and the other clients' in the last round; for
 FedTreeLoRA, per layer the ARI of the sharing partition with the groups after the drift (the deepest
 planted depth), for the plan in force when the labels swap and for the last plan. Writes ``drift.md``
 (mean ± sample std over seeds, the command, the CPU model, the date and the seeds) into ``--out``.
@@ -267,7 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             others = [k for k in range(len(before)) if k not in drifted]
             r0 = drift.round - 1
             mine = group_scores(folder, drifted, [r0 - 1, r0, rounds - 1])
-            scores.setdefault(row, []).append([*mine, *group_scores(folder, others, [rounds - 1])])
+            recovery = float(np.mean(group_scores(folder, drifted, list(range(r0, rounds)))))
+            scores.setdefault(row, []).append([*mine, recovery, *group_scores(folder, others, [rounds - 1])])
             if row.startswith("fedtreelora"):
                 after = planted_groups(config.data, rounds - 1)
                 assert after is not None
@@ -291,11 +293,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"fedtreelora-replan(-uploads): replan_every={args.replan_every}, replan_from updates (uploads). Received accuracy %, mean ± sample std over seeds.",
             "",
             f"| method | drifted group, round {drift.round - 1} (before) | round {drift.round} (swap) | "
-            f"round {config.federation.rounds} (end) | other clients, round {config.federation.rounds} |",
-            "|---|---:|---:|---:|---:|",
+            f"round {config.federation.rounds} (end) | mean of rounds {drift.round}-{config.federation.rounds} | "
+            f"other clients, round {config.federation.rounds} |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         for row, values in scores.items():
-            lines.append(f"| {row} | " + " | ".join(cell([v[i] for v in values]) for i in range(4)) + " |")
+            lines.append(f"| {row} | " + " | ".join(cell([v[i] for v in values]) for i in range(5)) + " |")
         if ari:
             lines += [
                 "",
