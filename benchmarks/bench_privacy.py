@@ -129,12 +129,16 @@ def report(out: Path, dataset: str, methods: Sequence[str], epsilons: Sequence[s
             lines.append(f"| {m} | {e} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     (out / "privacy.md").write_text(text)
-    _plot(out / "privacy.png", curves, epsilons, dataset)
+    _plot(out / "privacy.png", curves, epsilons, dataset, mean_std(majority)[0] if majority else None)
     return text
 
 
 def _plot(
-    path: Path, curves: Mapping[str, list[tuple[str, float, float]]], epsilons: Sequence[str], title: str
+    path: Path,
+    curves: Mapping[str, list[tuple[str, float, float]]],
+    epsilons: Sequence[str],
+    title: str,
+    majority: float | None = None,
 ) -> None:
     import matplotlib
 
@@ -146,6 +150,8 @@ def _plot(
     for method, points in curves.items():
         xs = [positions[e] for e, _, _ in points]
         ax.errorbar(xs, [m for _, m, _ in points], yerr=[s for _, _, s in points], marker="o", capsize=3, label=method)
+    if majority is not None:
+        ax.axhline(majority, color="gray", linestyle="--", linewidth=1, label="majority class")
     ax.set_xticks(range(len(epsilons)), [f"eps {e}" if e != "none" else "no DP" for e in epsilons])
     ax.set_ylabel("final mean accuracy (received), %")
     ax.set_title(title)
