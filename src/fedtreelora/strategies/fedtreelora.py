@@ -78,9 +78,10 @@ class FedTreeLoRA(ClusteredAfterWarmup[FedTreeLoRAOptions]):
     in the nearest cluster of each layer inside its cluster of the layer above
     (:func:`~fedtreelora.core.placement.place_in_tree`, layer-mean B distance to the members' warm-up
     B), recorded in ``placements``. A client that has left counts in no average or share; a cluster that
-    empties leaves zero experts behind. ``replan_every=R`` rebuilds the tree every R federated rounds
-    (``plans`` records each) from the clients' B updates since the last plan (``replan_from="updates"``)
-    or their latest uploaded B (``"uploads"``).
+    empties leaves zero experts behind. ``replan_every=R`` revisits the plan every R federated rounds
+    (``plans`` records each): it moves clients whose B updates since the last re-plan point away from
+    their clusters' experts (``replan_from="updates"``) or rebuilds the tree from the latest uploaded B
+    (``"uploads"``).
     """
 
     name = "fedtreelora"  # paper, table rank, options: its entry in strategies/registry.py (read without torch)
